@@ -16,6 +16,7 @@ hooked attention.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import time
@@ -104,8 +105,6 @@ def _packaged_gguf(spec: PackagedModel) -> Path:
             )
         return path
     # Chunked packages: assemble the file once into rhlens' cache.
-    import importlib
-
     mod = importlib.import_module(spec.package)
     target = cache_dir() / "gguf" / mod.MODEL_NAME
     if not target.exists():

@@ -186,7 +186,7 @@ class RetrievalScores:
         return path
 
     @classmethod
-    def from_paper_dict(cls, data: dict[str, list[float]], model_name: str,
+    def from_paper_dict(cls, data: dict[str, list], model_name: str,
                         n_kv_heads: int | None = None) -> RetrievalScores:
         """Import the paper's per-head lists. Every list must have the same length."""
         if not isinstance(data, dict) or not data:
@@ -248,6 +248,10 @@ class RetrievalScores:
         if ok.shape[0] == 0:
             raise ConfigError("no successful probe to resample")
         g = torch.Generator().manual_seed(seed)
-        idx = torch.randint(0, ok.shape[0], (n, ok.shape[0]), generator=g)
-        return ok[idx].mean(1)
+        P = ok.shape[0]
+        idx = torch.randint(0, P, (n, P), generator=g)
+        # A resample's mean is a weighted sum: counts [n, P] @ scores [P, L*H]. Indexing
+        # ok[idx] instead would allocate n x P x L x H (GBs for the paper's files).
+        counts = torch.zeros(n, P).scatter_add_(1, idx, torch.ones(n, P))
+        return (counts @ ok.flatten(1) / P).view(n, self.n_layers, self.n_heads)
 

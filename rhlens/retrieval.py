@@ -1,0 +1,321 @@
+"""Retrieval-head detection: which heads copy the needle while the model answers.
+
+At each greedy decode step, for every (layer, query head), the key position of the head's
+top-1 attention is recorded (a ``[head, keys]`` argmax per layer, no Python loop over
+heads, no host sync). After the answer, a head *copies* at a step when that position lies
+in the needle's answer span and the prompt token there equals the token generated at that
+step (Wu et al., 2024, Sec. 2). Per probe:
+
+* ``unique`` (default): distinct needle positions copied / needle length, at most 1
+  (the paper's |g_h ∩ k| / |k|);
+* ``paper``: what the authors' code computes, +1/needle-length at every copying step, so
+  a head that copies one position twice counts twice (can exceed 1).
+
+A probe enters the mean only if the answer's ROUGE-1 recall against the expected answer
+exceeds ``success_threshold`` (0.5, as in the paper).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from rhlens.engine import GenerationConfig, StepState, current_phase, generate_many
+from rhlens.errors import ConfigError, ProbeError
+from rhlens.probe import Probe
+from rhlens.scores import RetrievalScores
+
+__all__ = [
+    "DetectConfig",
+    "TopKeyRecorder",
+    "copy_scores",
+    "detect_retrieval_heads",
+    "rouge1_recall",
+]
+
+
+@dataclass(frozen=True)
+class DetectConfig:
+    """Settings of a detection run.
+
+    Attributes:
+        mode: ``"unique"`` (distinct needle tokens copied, <= 1) or ``"paper"`` (the
+            authors' per-step count).
+        success_threshold: ROUGE-1 recall above which a probe counts (paper: 0.5).
+        max_new_tokens: decode steps at most (paper: 50).
+        stop_at_newline: stop answering at a newline (paper: yes).
+        prefill_chunk: prefill long prompts this many tokens at a time (None: at once).
+        reuse_prefix: reuse the KV cache of the haystack shared by consecutive probes.
+    """
+
+    mode: Literal["unique", "paper"] = "unique"
+    success_threshold: float = 0.5
+    max_new_tokens: int = 50
+    stop_at_newline: bool = True
+    prefill_chunk: int | None = None
+    reuse_prefix: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("unique", "paper"):
+            raise ConfigError(f"mode must be 'unique' or 'paper', got {self.mode!r}")
+        if not 0 <= self.success_threshold < 1:
+            raise ConfigError("success_threshold is a ROUGE recall in [0, 1)")
+        GenerationConfig(max_new_tokens=self.max_new_tokens, prefill_chunk=self.prefill_chunk)
+
+    def generation(self) -> GenerationConfig:
+        return GenerationConfig(max_new_tokens=self.max_new_tokens,
+                                stop_at_newline=self.stop_at_newline,
+                                prefill_chunk=self.prefill_chunk, reuse_prefix=self.reuse_prefix)
+
+
+# ---------------------------------------------------------------------------------------
+# Watching the decode steps
+# ---------------------------------------------------------------------------------------
+class TopKeyRecorder:
+    """Records, at every decode step, each head's top-1 key position (absolute).
+
+    ``hooks()`` gives one ``(name, fn)`` pair per layer on ``hook_pattern``; the engine
+    attaches them. ``positions[:n_steps]`` is ``[step, layer, head]``.
+    """
+
+    def __init__(self, n_layers: int, n_heads: int, max_steps: int, state: StepState,
+                 device: torch.device | str = "cpu") -> None:
+        self.n_layers, self.n_heads, self.state = n_layers, n_heads, state
+        self.positions = torch.full((max_steps, n_layers, n_heads), -1, dtype=torch.long,
+                                    device=device)
+
+    def reset(self) -> None:
+        self.positions.fill_(-1)
+
+    def hooks(self) -> list[tuple[str, Any]]:
+        return [(f"blocks.{layer}.attn.hook_pattern", self._make_hook(layer))
+                for layer in range(self.n_layers)]
+
+    def _make_hook(self, layer: int):
+        def hook(pattern: Tensor, hook=None) -> None:
+            if current_phase() != "decode":
+                return None
+            # pattern: [batch, head, query, key]; the decode query is the last one.
+            B, H, Q, K = pattern.shape
+            top = pattern[0, :, -1].argmax(-1)  # [head]
+            self.positions[self.state.step, layer] = top + self.state.absolute(K)
+            return None
+
+        return hook
+
+
+def copy_mask(positions: Int[Tensor, "step layer head"], generated: Int[Tensor, " step"],
+              prompt: Int[Tensor, " seq"], span: tuple[int, int]) -> torch.Tensor:
+    """``[step, layer, head]``: did the head copy the generated token from the needle?"""
+    start, end = span
+    in_span = (positions >= start) & (positions < end)
+    token_there = prompt[positions.clamp(0, prompt.shape[0] - 1)]
+    return in_span & (token_there == generated[:, None, None])
+
+
+def copy_scores(positions: Int[Tensor, "step layer head"], generated: Int[Tensor, " step"],
+                prompt: Int[Tensor, " seq"], span: tuple[int, int],
+                mode: Literal["unique", "paper"] = "unique") -> Float[Tensor, "layer head"]:
+    """Per-head retrieval score of one answered probe."""
+    start, end = span
+    n = end - start
+    S, L, H = positions.shape
+    copied = copy_mask(positions, generated, prompt, span)  # [S, L, H]
+    if mode == "paper":
+        return copied.sum(0).float() / n
+    if mode != "unique":
+        raise ConfigError(f"mode must be 'unique' or 'paper', got {mode!r}")
+    # Count distinct needle positions: scatter each copying step onto its needle slot.
+    slots = torch.zeros(L, H, n, device=positions.device)
+    index = (positions - start).clamp(0, n - 1).permute(1, 2, 0)  # [L, H, S]
+    slots.scatter_add_(-1, index, copied.permute(1, 2, 0).float())
+    return (slots > 0).sum(-1).float() / n
+
+
+_SCORER = None
+
+
+def rouge1_recall(reference: str, response: str) -> float:
+    """ROUGE-1 recall of ``response`` against ``reference`` (the paper's metric, stemmed)."""
+    global _SCORER
+    if _SCORER is None:
+        from rouge_score import rouge_scorer
+
+        _SCORER = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True)
+    return float(_SCORER.score(reference, response)["rouge1"].recall)
+
+
+# ---------------------------------------------------------------------------------------
+# The analysis
+# ---------------------------------------------------------------------------------------
+def _model_shape(model) -> tuple[int, int, int | None, int | None]:
+    cfg = model.cfg
+    n_kv = getattr(cfg, "n_key_value_heads", None)
+    n_ctx = getattr(cfg, "n_ctx", None)
+    return int(cfg.n_layers), int(cfg.n_heads), (int(n_kv) if n_kv else None), n_ctx
+
+
+def check_probes(probes: Sequence[Probe], max_tokens: int | None, max_new_tokens: int) -> None:
+    """Refuse, before any compute, probes the model cannot take."""
+    if not probes:
+        raise ProbeError("no probes given")
+    for p in probes:
+        if not isinstance(p, Probe):
+            raise ProbeError(f"expected Probe objects, got {type(p).__name__}")
+        if max_tokens is not None and p.n_tokens + max_new_tokens > max_tokens:
+            raise ProbeError(
+                f"probe {p.key} has {p.n_tokens} prompt tokens + {max_new_tokens} new tokens, "
+                f"more than the model's maximum context of {max_tokens}; use shorter lengths"
+            )
+    keys = [p.key for p in probes]
+    if len(set(keys)) != len(keys):
+        raise ProbeError("probes must be distinct (same length, depth and needle given twice)")
+
+
+class _ProbeLog:
+    """Append-only JSONL of finished probes: a killed run resumes where it stopped."""
+
+    def __init__(self, out: Path, header: dict[str, Any]) -> None:
+        self.path = out / "probes.jsonl"
+        self.done: dict[str, dict[str, Any]] = {}
+        out.mkdir(parents=True, exist_ok=True)
+        head_path = out / "run.json"
+        if head_path.exists():
+            old = json.loads(head_path.read_text())
+            if old != header:
+                raise ConfigError(
+                    f"{out} holds a run with other settings ({_diff(old, header)}); "
+                    "resume with the same settings or choose another output directory"
+                )
+        else:
+            from rhlens._result import atomic_write_text
+
+            atomic_write_text(head_path, json.dumps(header, indent=1))
+        if self.path.exists():
+            with self.path.open(encoding="utf-8") as fh:
+                for line in fh:
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a line cut by a crash: that probe runs again
+                    self.done[rec["key"]] = rec
+            # Rewrite without a torn tail so that appends start on a fresh line.
+            text = "".join(json.dumps(r) + "\n" for r in self.done.values())
+            from rhlens._result import atomic_write_text
+
+            atomic_write_text(self.path, text)
+
+    def append(self, record: dict[str, Any]) -> None:
+        import os
+
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.done[record["key"]] = record
+
+
+def _diff(a: dict, b: dict) -> str:
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys[:4])
+
+
+def detect_retrieval_heads(model, probes: Sequence[Probe], *, config: DetectConfig | None = None,
+                           tokenizer=None, out: str | Path | None = None,
+                           progress: bool = False) -> RetrievalScores:
+    """Score every head of ``model`` on ``probes`` (Wu et al., 2024).
+
+    Args:
+        model: a TransformerBridge (``rhlens.load_model``).
+        probes: from :func:`rhlens.probes.build_probes`, or hand-made :class:`Probe` objects.
+        config: :class:`DetectConfig`.
+        tokenizer: defaults to ``model.tokenizer``.
+        out: a directory; each finished probe is appended to ``out/probes.jsonl`` at once,
+            and a rerun with the same ``out`` skips the probes found there.
+        progress: show a tqdm bar.
+
+    Returns:
+        :class:`RetrievalScores`, probes in the order given.
+    """
+    config = config or DetectConfig()
+    tokenizer = tokenizer or getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise ConfigError("pass the tokenizer: the model has none attached")
+    probes = list(getattr(probes, "probes", probes))
+    n_layers, n_heads, n_kv, n_ctx = _model_shape(model)
+    check_probes(probes, n_ctx, config.max_new_tokens)
+    name = getattr(model, "rhlens_name", None) or str(getattr(model.cfg, "model_name", "model"))
+    log = None
+    if out is not None:
+        header = {"model": name, "config": asdict(config)}
+        log = _ProbeLog(Path(out), header)
+
+    device = next(model.parameters()).device
+    state = StepState()
+    recorder = TopKeyRecorder(n_layers, n_heads, config.max_new_tokens, state, device)
+    records: dict[str, dict[str, Any]] = dict(log.done) if log else {}
+    todo = [p for p in probes if p.key not in records]
+    # Probes of one length and needle, deepest first: each shares the haystack before its
+    # needle with the previous one, so the engine prefills only what differs.
+    todo.sort(key=lambda p: (p.length, p.needle_id, p.meta.get("haystack", ""), -p.depth))
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(probes), initial=len(probes) - len(todo), desc="detect", unit="probe")
+    t_last = time.perf_counter()
+    gens = generate_many(model, tokenizer, [p.prompt_ids for p in todo],
+                         config=config.generation(), hooks=recorder.hooks(), state=state,
+                         on_start=lambda i: recorder.reset())
+    for probe, gen in zip(todo, gens):
+        steps = gen.n_steps
+        generated = torch.tensor(gen.response_ids, device=device)
+        prompt = torch.tensor(probe.prompt_ids, device=device)
+        positions = recorder.positions[:steps]
+        scores = copy_scores(positions, generated, prompt, probe.needle_span, config.mode)
+        copies = copy_mask(positions, generated, prompt, probe.needle_span).sum(0)
+        recall = rouge1_recall(probe.real_needle, gen.response)
+        now = time.perf_counter()
+        rec = {
+            "key": probe.key, "length": probe.length, "depth": probe.depth,
+            "needle_id": probe.needle_id, "n_tokens": probe.n_tokens,
+            "prompt_ids": list(probe.prompt_ids), "needle_span": list(probe.needle_span),
+            "response_ids": gen.response_ids, "response": gen.response,
+            "stop_reason": gen.stop_reason, "rouge_recall": recall,
+            "success": recall > config.success_threshold,
+            "scores": [[round(float(x), 6) for x in row] for row in scores.cpu()],
+            "copy_steps": copies.cpu().tolist(), "reused_prefix": gen.reused_prefix,
+            "seconds": round(now - t_last, 3),
+        }
+        t_last = now
+        records[probe.key] = rec
+        if log:
+            log.append(rec)
+        if bar:
+            bar.update(1)
+            bar.set_postfix(ok=sum(r["success"] for r in records.values()))
+    if bar:
+        bar.close()
+    return scores_from_records([records[p.key] for p in probes], name, n_kv, config)
+
+
+def scores_from_records(records: Sequence[dict[str, Any]], model_name: str,
+                        n_kv_heads: int | None, config: DetectConfig) -> RetrievalScores:
+    """Assemble :class:`RetrievalScores` from per-probe records (as in ``probes.jsonl``)."""
+    per_probe = torch.tensor([r["scores"] for r in records], dtype=torch.float32)
+    success = torch.tensor([bool(r["success"]) for r in records])
+    meta_keys = ("key", "length", "depth", "needle_id", "n_tokens", "response", "rouge_recall",
+                 "success", "stop_reason")
+    return RetrievalScores(per_probe=per_probe, success=success, model_name=model_name,
+                           n_kv_heads=n_kv_heads,
+                           probes=[{k: r[k] for k in meta_keys if k in r} for r in records],
+                           config=asdict(config))
