@@ -1,18 +1,48 @@
-"""Head ablation: knocking heads out while the model answers (the paper's masking experiments)."""
+"""Head ablation: knocking heads out while the model answers (the paper's masking experiments).
+
+Three ways to knock a head out, each a TransformerLens hook on the bridge:
+
+* ``uniform`` (the paper's mask): the head's query is zeroed at ``hook_q``, so every score
+  is equal and the head attends uniformly to all keys it can see. Under grouped-query
+  attention only that query head changes; the KV head it shares is untouched.
+* ``zero``: the head's output ``z`` (``hook_z``, before the output projection) is zeroed.
+* ``mean``: ``z`` is replaced by its mean over a reference set (:func:`head_means`).
+
+``phase="decode"`` (what the paper's code does) leaves the prompt's prefill alone and
+masks only while the model answers; ``phase="all"`` masks the prefill too. Hooks are
+attached only inside :func:`ablate_heads`, a context manager, so nothing stays attached.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
 
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from rhlens.engine import HookPair, current_phase, hf_model, native_attention, phase
 from rhlens.errors import ConfigError
 
-__all__ = ["random_heads"]
+__all__ = [
+    "Mask",
+    "ablate_heads",
+    "ablation_hooks",
+    "head_means",
+    "random_heads",
+]
 
 Head = tuple[int, int]
+Mode = Literal["uniform", "zero", "mean"]
+PhaseName = Literal["decode", "all"]
 
 
 def random_heads(n_layers: int, n_heads: int, k: int, *, seed: int = 0,
-                 exclude: list[Head] | None = None) -> list[Head]:
+                 exclude: Sequence[Head] | None = None) -> list[Head]:
     """``k`` distinct (layer, head) pairs drawn uniformly from the model's real grid.
 
     Heads in ``exclude`` (typically the top retrieval heads) are never drawn. The same seed
@@ -24,3 +54,142 @@ def random_heads(n_layers: int, n_heads: int, k: int, *, seed: int = 0,
         raise ConfigError(f"cannot draw {k} random heads: {len(pool)} heads are available "
                           f"({n_layers}x{n_heads} grid, {len(banned)} excluded)")
     return sorted(random.Random(seed).sample(pool, k))
+
+
+@dataclass(frozen=True)
+class Mask:
+    """A set of heads to knock out, and how. ``Mask.none()`` is the unmasked baseline."""
+
+    heads: tuple[Head, ...] = ()
+    mode: Mode = "uniform"
+    phase: PhaseName = "decode"
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "heads", tuple(sorted({(int(a), int(b)) for a, b in self.heads})))
+        if self.mode not in ("uniform", "zero", "mean"):
+            raise ConfigError(f"mode must be uniform, zero or mean, got {self.mode!r}")
+        if self.phase not in ("decode", "all"):
+            raise ConfigError(f"phase must be decode or all, got {self.phase!r}")
+        if not self.label:
+            object.__setattr__(self, "label", f"{len(self.heads)} heads" if self.heads else "none")
+
+    @classmethod
+    def none(cls) -> Mask:
+        return cls((), label="none")
+
+    def to_dict(self) -> dict:
+        return {"heads": [list(h) for h in self.heads], "mode": self.mode, "phase": self.phase,
+                "label": self.label}
+
+
+def _check_heads(model, heads: Sequence[Head]) -> dict[int, list[int]]:
+    n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
+    by_layer: dict[int, list[int]] = {}
+    for item in heads:
+        try:
+            layer, head = (int(x) for x in item)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"heads are (layer, head) pairs, got {item!r}") from exc
+        if not (0 <= layer < n_layers and 0 <= head < n_heads):
+            raise ConfigError(f"head ({layer}, {head}) is outside this model's "
+                              f"{n_layers} layers x {n_heads} heads")
+        by_layer.setdefault(layer, []).append(head)
+    return by_layer
+
+
+def _active(when: PhaseName) -> bool:
+    # "decode": skip only the engine's prompt prefill; a forward run outside the engine
+    # (phase None) is masked, which is what someone calling the model by hand expects.
+    return when == "all" or current_phase() != "prefill"
+
+
+def ablation_hooks(model, heads: Sequence[Head], *, mode: Mode = "uniform",
+                   phase: PhaseName = "decode",
+                   means: Float[Tensor, "layer head d_head"] | None = None) -> list[HookPair]:
+    """The ``(hook name, fn)`` pairs that knock ``heads`` out; attach them with ``model.hooks``."""
+    Mask(tuple(heads), mode, phase)  # validates mode and phase
+    by_layer = _check_heads(model, heads)
+    if mode == "mean" and means is None:
+        raise ConfigError("mode='mean' needs means=head_means(model, tokenizer, prompts)")
+    hooks: list[HookPair] = []
+    for layer, idx in sorted(by_layer.items()):
+        index = torch.tensor(sorted(idx))
+        if mode == "uniform":
+            hooks.append((f"blocks.{layer}.attn.hook_q", _zero_heads(index, phase)))
+        elif mode == "zero":
+            hooks.append((f"blocks.{layer}.attn.hook_z", _zero_heads(index, phase)))
+        else:
+            hooks.append((f"blocks.{layer}.attn.hook_z", _set_heads(index, means[layer], phase)))
+    return hooks
+
+
+def _zero_heads(index: Tensor, when: PhaseName):
+    def hook(x: Float[Tensor, "batch pos head d_head"], hook=None):
+        if not _active(when):
+            return None
+        x = x.clone()  # never write into a tensor another hook or the cache may hold
+        x[:, :, index.to(x.device)] = 0
+        return x
+
+    return hook
+
+
+def _set_heads(index: Tensor, layer_means: Float[Tensor, "head d_head"], when: PhaseName):
+    def hook(x: Float[Tensor, "batch pos head d_head"], hook=None):
+        if not _active(when):
+            return None
+        x = x.clone()
+        idx = index.to(x.device)
+        x[:, :, idx] = layer_means[idx].to(device=x.device, dtype=x.dtype)
+        return x
+
+    return hook
+
+
+@contextlib.contextmanager
+def ablate_heads(model, heads: Sequence[Head] | Mask, *, mode: Mode = "uniform",
+                 phase: PhaseName = "decode",
+                 means: Float[Tensor, "layer head d_head"] | None = None) -> Iterator[None]:
+    """Knock ``heads`` out inside the ``with`` block; the hooks are removed on exit, always.
+
+    Example:
+        >>> with ablate_heads(model, scores.top_heads(20)):
+        ...     gen = generate(model, tok, probe.prompt_ids)
+    """
+    if isinstance(heads, Mask):
+        mode, phase, heads = heads.mode, heads.phase, heads.heads
+    hooks = ablation_hooks(model, heads, mode=mode, phase=phase, means=means)
+    if not hooks:
+        yield
+        return
+    with model.hooks(fwd_hooks=hooks):
+        yield
+
+
+@torch.no_grad()
+def head_means(model, tokenizer,
+               prompts: Sequence[str | Sequence[int]]) -> Float[Tensor, "layer head d_head"]:
+    """Each head's mean output ``z`` over every position of ``prompts`` (for ``mode="mean"``)."""
+    if not prompts:
+        raise ConfigError("head_means needs at least one reference prompt")
+    n_layers = int(model.cfg.n_layers)
+    sums: dict[int, Tensor] = {}
+    count = 0
+
+    def make(layer: int):
+        def hook(z: Float[Tensor, "batch pos head d_head"], hook=None):
+            sums[layer] = sums.get(layer, 0) + z.float().sum((0, 1))
+            return None
+
+        return hook
+
+    hf = hf_model(model)
+    device = next(hf.parameters()).device
+    hooks = [(f"blocks.{layer}.attn.hook_z", make(layer)) for layer in range(n_layers)]
+    with model.hooks(fwd_hooks=hooks), phase("prefill"), native_attention(model):
+        for prompt in prompts:
+            ids = tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else list(prompt)
+            hf(input_ids=torch.tensor([ids], device=device), logits_to_keep=1)
+            count += len(ids)
+    return torch.stack([sums[layer] for layer in range(n_layers)]) / count

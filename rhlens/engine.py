@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -248,10 +248,13 @@ class _CacheReuse:
         self.model = model
         self.cache = None
         self.ids: tuple[int, ...] = ()
+        self.key: Hashable = None  # what the prefill depends on besides the tokens
+        self._cache_key: Hashable = None
 
     def take(self, ids: tuple[int, ...], enabled: bool):
         hf = hf_model(self.model)
-        keep = _common_prefix(self.ids, ids) if (enabled and self.cache is not None) else 0
+        same = enabled and self.cache is not None and self.key == self._cache_key
+        keep = _common_prefix(self.ids, ids) if same else 0
         if keep > 0:
             try:
                 _crop(self.cache, keep)
@@ -263,6 +266,7 @@ class _CacheReuse:
 
     def remember(self, ids: tuple[int, ...]) -> None:
         self.ids = ids
+        self._cache_key = self.key
 
 
 @torch.no_grad()
@@ -316,11 +320,21 @@ def generate(model, tokenizer, prompt_ids: Sequence[int] | Tensor, *,
 def generate_many(model, tokenizer, prompts: Iterable[Sequence[int] | Tensor], *,
                   config: GenerationConfig | None = None, hooks: Iterable[HookPair] = (),
                   state: StepState | None = None,
-                  on_start: Callable[[int], None] | None = None) -> Iterator[Generation]:
+                  on_start: Callable[[int], None] | None = None,
+                  item_hooks: Callable[[int], Sequence[HookPair]] | None = None,
+                  prefill_keys: Sequence[Hashable] | None = None) -> Iterator[Generation]:
     """Greedy-answer prompts one after another, reusing the KV cache of shared prefixes.
 
-    Yields each :class:`Generation` as soon as it is done. ``on_start(i)`` runs before
-    prompt ``i`` (watchers reset their per-prompt buffers there).
+    Yields each :class:`Generation` as soon as it is done.
+
+    Args:
+        hooks: ``(name, fn)`` pairs attached for the whole call.
+        on_start: ``on_start(i)`` runs before prompt ``i`` (watchers reset buffers there).
+        item_hooks: ``item_hooks(i)`` gives extra pairs attached for prompt ``i`` only
+            (e.g. a different head mask per prompt).
+        prefill_keys: one hashable per prompt saying what the prefill depends on besides
+            the tokens (e.g. a mask that also acts on the prefill). The KV cache is reused
+            only between prompts with equal keys; by default all prompts share one key.
     """
     config = config or GenerationConfig()
     state = state or StepState()
@@ -332,7 +346,10 @@ def generate_many(model, tokenizer, prompts: Iterable[Sequence[int] | Tensor], *
             ids = _as_ids(prompt)
             if on_start is not None:
                 on_start(i)
-            yield _answer(model, tokenizer, ids, config, reuse, state)
+            reuse.key = prefill_keys[i] if prefill_keys is not None else None
+            extra = list(item_hooks(i)) if item_hooks is not None else []
+            with model.hooks(fwd_hooks=extra) if extra else contextlib.nullcontext():
+                yield _answer(model, tokenizer, ids, config, reuse, state)
 
 
 def _as_ids(prompt: Sequence[int] | Int[Tensor, " seq"]) -> tuple[int, ...]:

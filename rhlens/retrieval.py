@@ -17,7 +17,6 @@ exceeds ``success_threshold`` (0.5, as in the paper).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -30,6 +29,7 @@ from torch import Tensor
 
 from rhlens.engine import GenerationConfig, StepState, current_phase, generate_many
 from rhlens.errors import ConfigError, ProbeError
+from rhlens.io import ProbeLog
 from rhlens.probe import Probe
 from rhlens.scores import RetrievalScores
 
@@ -180,54 +180,6 @@ def check_probes(probes: Sequence[Probe], max_tokens: int | None, max_new_tokens
         raise ProbeError("probes must be distinct (same length, depth and needle given twice)")
 
 
-class _ProbeLog:
-    """Append-only JSONL of finished probes: a killed run resumes where it stopped."""
-
-    def __init__(self, out: Path, header: dict[str, Any]) -> None:
-        self.path = out / "probes.jsonl"
-        self.done: dict[str, dict[str, Any]] = {}
-        out.mkdir(parents=True, exist_ok=True)
-        head_path = out / "run.json"
-        if head_path.exists():
-            old = json.loads(head_path.read_text())
-            if old != header:
-                raise ConfigError(
-                    f"{out} holds a run with other settings ({_diff(old, header)}); "
-                    "resume with the same settings or choose another output directory"
-                )
-        else:
-            from rhlens._result import atomic_write_text
-
-            atomic_write_text(head_path, json.dumps(header, indent=1))
-        if self.path.exists():
-            with self.path.open(encoding="utf-8") as fh:
-                for line in fh:
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue  # a line cut by a crash: that probe runs again
-                    self.done[rec["key"]] = rec
-            # Rewrite without a torn tail so that appends start on a fresh line.
-            text = "".join(json.dumps(r) + "\n" for r in self.done.values())
-            from rhlens._result import atomic_write_text
-
-            atomic_write_text(self.path, text)
-
-    def append(self, record: dict[str, Any]) -> None:
-        import os
-
-        with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        self.done[record["key"]] = record
-
-
-def _diff(a: dict, b: dict) -> str:
-    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-    return ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys[:4])
-
-
 def detect_retrieval_heads(model, probes: Sequence[Probe], *, config: DetectConfig | None = None,
                            tokenizer=None, out: str | Path | None = None,
                            progress: bool = False) -> RetrievalScores:
@@ -256,7 +208,7 @@ def detect_retrieval_heads(model, probes: Sequence[Probe], *, config: DetectConf
     log = None
     if out is not None:
         header = {"model": name, "config": asdict(config)}
-        log = _ProbeLog(Path(out), header)
+        log = ProbeLog(Path(out), header)
 
     device = next(model.parameters()).device
     state = StepState()

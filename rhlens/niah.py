@@ -1,0 +1,315 @@
+"""Needle-in-a-haystack sweeps under head masks, the K curve, and hallucination classes.
+
+Reproduces the paper's causal experiment (Wu et al., 2024, Sec. 4, Fig. 7): masking the
+top-K retrieval heads breaks NIAH while masking K random heads does not, and the broken
+answers are often fluent inventions rather than refusals.
+
+Work is ordered probe-major: for each probe, every mask that leaves the prefill alone
+(``phase="decode"``) reuses the same prompt KV cache, so a sweep over M masks costs about
+one prefill per probe plus M decodes, not M prefills.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from rhlens.ablation import Mask, ablation_hooks, random_heads
+from rhlens.engine import GenerationConfig, generate_many
+from rhlens.errors import ConfigError
+from rhlens.io import ProbeLog, write_json
+from rhlens.probe import Probe
+from rhlens.retrieval import check_probes, rouge1_recall
+from rhlens.scores import RetrievalScores
+
+__all__ = [
+    "AnswerClass",
+    "MaskSweepResult",
+    "NIAHConfig",
+    "NIAHResult",
+    "classify_answer",
+    "mask_sweep",
+    "niah_sweep",
+    "sweep_masks",
+]
+
+AnswerClass = Literal["correct", "partial", "hallucination", "refusal", "degenerate"]
+
+_REFUSAL = re.compile(
+    r"\b(i (do not|don't|cannot|can't) (know|find|answer|determine)|not (mentioned|stated|"
+    r"provided|specified|given)|no information|unknown|does not (say|mention|specify))\b", re.I)
+
+
+def classify_answer(response: str, reference: str, *, threshold: float = 0.5) -> AnswerClass:
+    """Sort an answer into the paper's outcomes of masking.
+
+    * ``correct``: ROUGE-1 recall of the reference above ``threshold``;
+    * ``partial``: some of the answer's words, not enough (recall in [0.25, threshold]);
+    * ``refusal``: empty, or says the text does not tell;
+    * ``degenerate``: not language (mostly symbols, or one word repeated);
+    * ``hallucination``: a fluent, confident answer not taken from the needle.
+    """
+    recall = rouge1_recall(reference, response)
+    if recall > threshold:
+        return "correct"
+    text = response.strip()
+    if not text or _REFUSAL.search(text):
+        return "refusal"
+    words = re.findall(r"[A-Za-z']+", text)
+    letters = sum(c.isalpha() for c in text)
+    if letters < 0.5 * len(text) or not words:
+        return "degenerate"
+    if len(words) >= 4 and Counter(w.lower() for w in words).most_common(1)[0][1] > 0.5 * len(words):
+        return "degenerate"
+    if recall >= 0.25:
+        return "partial"
+    return "hallucination"
+
+
+@dataclass(frozen=True)
+class NIAHConfig:
+    """Settings of a NIAH sweep (the paper's harness: 50 new tokens, stop at a newline)."""
+
+    max_new_tokens: int = 50
+    stop_at_newline: bool = True
+    success_threshold: float = 0.5
+    prefill_chunk: int | None = None
+
+    def generation(self) -> GenerationConfig:
+        return GenerationConfig(max_new_tokens=self.max_new_tokens,
+                                stop_at_newline=self.stop_at_newline,
+                                prefill_chunk=self.prefill_chunk)
+
+
+@dataclass
+class NIAHResult:
+    """Answers of every probe under every mask.
+
+    ``records`` has one dict per (mask, probe): ``mask``, ``key``, ``length``, ``depth``,
+    ``needle_id``, ``response``, ``rouge_recall``, ``score`` (recall x 100, the paper's NIAH
+    score) and ``answer_class``.
+    """
+
+    records: list[dict[str, Any]]
+    masks: dict[str, dict[str, Any]]
+    model_name: str
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.masks)
+
+    def for_mask(self, label: str) -> list[dict[str, Any]]:
+        if label not in self.masks:
+            raise ConfigError(f"no mask {label!r}; masks: {', '.join(self.masks)}")
+        return [r for r in self.records if r["mask"] == label]
+
+    def score(self, label: str) -> float:
+        """Mean NIAH score (ROUGE-1 recall x 100) under a mask."""
+        rows = self.for_mask(label)
+        return float(np.mean([r["score"] for r in rows])) if rows else float("nan")
+
+    def table(self) -> dict[str, float]:
+        return {label: self.score(label) for label in self.masks}
+
+    def class_counts(self, label: str) -> dict[str, int]:
+        return dict(Counter(r["answer_class"] for r in self.for_mask(label)))
+
+    def examples(self, label: str, baseline: str = "none", n: int = 3,
+                 classes: Sequence[str] = ("hallucination",)) -> list[dict[str, Any]]:
+        """Masked answers of the given classes next to the same probe's baseline answer."""
+        base = {r["key"]: r for r in self.for_mask(baseline)}
+        out = []
+        for r in self.for_mask(label):
+            if r["answer_class"] in classes and r["key"] in base:
+                out.append({"key": r["key"], "question": r.get("question", ""),
+                            "expected": r.get("expected", ""),
+                            "unmasked": base[r["key"]]["response"], "masked": r["response"],
+                            "class": r["answer_class"]})
+            if len(out) >= n:
+                break
+        return out
+
+    def to_dataframe(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.records)
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        write_json(directory / "niah_result.json",
+                   {"kind": "NIAHResult", "model_name": self.model_name, "masks": self.masks,
+                    "config": self.config, "records": self.records})
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> NIAHResult:
+        path = Path(directory) / "niah_result.json"
+        data = json.loads(path.read_text())
+        if data.get("kind") != "NIAHResult":
+            raise ConfigError(f"{path} is not a saved NIAHResult")
+        return cls(records=data["records"], masks=data["masks"], model_name=data["model_name"],
+                   config=data.get("config", {}))
+
+
+def niah_sweep(model, probes: Sequence[Probe], *, masks: Sequence[Mask] = (Mask.none(),),
+               config: NIAHConfig | None = None, tokenizer=None, means=None,
+               out: str | Path | None = None, progress: bool = False) -> NIAHResult:
+    """Answer every probe under every mask; NIAH score = ROUGE-1 recall x 100.
+
+    ``out``: each finished (mask, probe) is appended to ``out/niah.jsonl``; a rerun with the
+    same ``out`` skips what is there.
+    """
+    config = config or NIAHConfig()
+    tokenizer = tokenizer or getattr(model, "tokenizer", None)
+    probes = list(getattr(probes, "probes", probes))
+    check_probes(probes, getattr(model.cfg, "n_ctx", None), config.max_new_tokens)
+    masks = list(masks)
+    labels = [m.label for m in masks]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"mask labels must be unique, got {labels}")
+    hooks = {m.label: ablation_hooks(model, m.heads, mode=m.mode, phase=m.phase, means=means)
+             for m in masks}  # validates every mask before any compute
+    name = getattr(model, "rhlens_name", None) or "model"
+    log = None
+    if out is not None:
+        log = ProbeLog(out, {"model": name, "config": asdict(config),
+                             "masks": [m.to_dict() for m in masks],
+                             "probes": [p.key for p in probes]}, name="niah.jsonl")
+    done = dict(log.done) if log else {}
+    order = sorted(probes, key=lambda p: (p.length, p.needle_id, -p.depth))
+    work = [(p, m) for p in order for m in masks if f"{m.label}|{p.key}" not in done]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        total = len(probes) * len(masks)
+        bar = tqdm(total=total, initial=total - len(work), desc="niah", unit="answer")
+    gens = generate_many(
+        model, tokenizer, [p.prompt_ids for p, _ in work], config=config.generation(),
+        item_hooks=lambda i: hooks[work[i][1].label],
+        prefill_keys=[m.label if (m.phase == "all" and m.heads) else None for _, m in work])
+    for (probe, mask), gen in zip(work, gens):
+        recall = rouge1_recall(probe.real_needle, gen.response)
+        rec = {"key": f"{mask.label}|{probe.key}", "mask": mask.label, "probe": probe.key,
+               "length": probe.length, "depth": probe.depth, "needle_id": probe.needle_id,
+               "question": probe.question, "expected": probe.real_needle,
+               "response": gen.response, "rouge_recall": recall, "score": 100 * recall,
+               "answer_class": classify_answer(gen.response, probe.real_needle,
+                                               threshold=config.success_threshold)}
+        done[rec["key"]] = rec
+        if log:
+            log.append(rec)
+        if bar:
+            bar.update(1)
+    if bar:
+        bar.close()
+    records = [done[f"{m.label}|{p.key}"] for m in masks for p in probes]
+    for r in records:  # keep the probe's own key for per-probe joins
+        r.setdefault("probe", r["key"].split("|", 1)[1])
+    for r in records:
+        r["key"] = r["probe"]
+    return NIAHResult(records=records, masks={m.label: m.to_dict() for m in masks},
+                      model_name=name, config=asdict(config))
+
+
+# ---------------------------------------------------------------------------------------
+# The K curve (Figure 7)
+# ---------------------------------------------------------------------------------------
+def sweep_masks(scores: RetrievalScores, ks: Sequence[int], seeds: int | Sequence[int] = 3, *,
+                mode: str = "uniform", phase: str = "decode",
+                exclude_threshold: float = 0.1) -> list[Mask]:
+    """The masks of a K sweep: none, top-K, and random-K for each seed.
+
+    Random heads are drawn from the model's whole grid minus every head scoring above
+    ``exclude_threshold`` (and minus the top-K), so a random mask never hides a retrieval head.
+    """
+    seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    ks = sorted({int(k) for k in ks})
+    if any(k < 0 for k in ks):
+        raise ConfigError(f"K must be >= 0, got {ks}")
+    n_cells = scores.n_layers * scores.n_heads
+    if ks and ks[-1] > n_cells:
+        raise ConfigError(f"K={ks[-1]} exceeds the model's {n_cells} heads")
+    retrieval = scores.retrieval_heads(exclude_threshold)
+    masks = [Mask((), mode, phase, label="none")]
+    for k in ks:
+        if k == 0:
+            continue
+        top = scores.top_heads(k)
+        masks.append(Mask(tuple(top), mode, phase, label=f"top-{k}"))
+        banned = sorted(set(retrieval) | set(top))
+        for s in seeds:
+            heads = random_heads(scores.n_layers, scores.n_heads, k, seed=s, exclude=banned)
+            masks.append(Mask(tuple(heads), mode, phase, label=f"random-{k}-s{s}"))
+    return masks
+
+
+@dataclass
+class MaskSweepResult:
+    """Mean NIAH score against K for top-K and random-K masks (the paper's Figure 7)."""
+
+    ks: list[int]
+    niah: NIAHResult
+    seeds: list[int]
+
+    def curve(self) -> dict[str, list[float]]:
+        base = self.niah.score("none")
+        top = [base if k == 0 else self.niah.score(f"top-{k}") for k in self.ks]
+        rnd = [[base] * len(self.seeds) if k == 0 else
+               [self.niah.score(f"random-{k}-s{s}") for s in self.seeds] for k in self.ks]
+        return {"k": list(self.ks), "top": top,
+                "random_mean": [float(np.mean(r)) for r in rnd],
+                "random_std": [float(np.std(r)) for r in rnd],
+                "random": rnd}
+
+    def k_below(self, level: float = 50.0) -> int | None:
+        """Smallest K whose top-K mask brings the NIAH score below ``level``."""
+        for k, s in zip(self.ks, self.curve()["top"]):
+            if s < level:
+                return k
+        return None
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        self.niah.save(directory)
+        write_json(directory / "mask_sweep.json", {"kind": "MaskSweepResult", "ks": self.ks,
+                                                   "seeds": self.seeds, "curve": self.curve()})
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> MaskSweepResult:
+        data = json.loads((Path(directory) / "mask_sweep.json").read_text())
+        return cls(ks=data["ks"], niah=NIAHResult.load(directory), seeds=data["seeds"])
+
+
+def mask_sweep(model, probes: Sequence[Probe], scores: RetrievalScores, *,
+               ks: Sequence[int] = (0, 2, 5, 10, 20), seeds: int | Sequence[int] = 3,
+               mode: str = "uniform", phase: str = "decode", config: NIAHConfig | None = None,
+               tokenizer=None, means=None, out: str | Path | None = None,
+               progress: bool = False) -> MaskSweepResult:
+    """NIAH score against K for the top-K retrieval heads and K random heads."""
+    if scores.n_layers != int(model.cfg.n_layers) or scores.n_heads != int(model.cfg.n_heads):
+        raise ConfigError(
+            f"the scores are for a {scores.n_layers}x{scores.n_heads} model, this model is "
+            f"{model.cfg.n_layers}x{model.cfg.n_heads}; use scores detected on this model")
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    masks = sweep_masks(scores, ks, seed_list, mode=mode, phase=phase)
+    result = niah_sweep(model, probes, masks=masks, config=config, tokenizer=tokenizer,
+                        means=means, out=out, progress=progress)
+    ks_all = sorted({0, *(int(k) for k in ks)})
+    return MaskSweepResult(ks=ks_all, niah=result, seeds=seed_list)
+
+
+def grid_by_mask(result: NIAHResult) -> dict[str, list[dict[str, Any]]]:
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in result.records:
+        groups[r["mask"]].append(r)
+    return dict(groups)
