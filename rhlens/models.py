@@ -20,6 +20,7 @@ import importlib
 import importlib.util
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import torch
 
 from rhlens.errors import ModelLoadError
 
-__all__ = ["PACKAGED_MODELS", "PackagedModel", "cache_dir", "load_model", "load_hf"]
+__all__ = ["PACKAGED_MODELS", "PackagedModel", "cache_dir", "load_hf", "load_model"]
 
 
 @dataclass(frozen=True)
@@ -190,9 +191,20 @@ def load_hf(name: str | None = None, *, attn_implementation: str = "sdpa", dtype
     display, source, _ = _resolve(name)
     try:
         tok = AutoTokenizer.from_pretrained(str(source))
-        model = AutoModelForCausalLM.from_pretrained(
-            str(source), attn_implementation=attn_implementation, dtype=dtype or torch.float32
-        )
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(source), attn_implementation=attn_implementation, dtype=dtype or torch.float32
+            )
+        except ValueError as exc:
+            if "scaled_dot_product_attention" not in str(exc):
+                raise
+            # No SDPA kernel for this architecture: prefill falls back to eager attention,
+            # which is quadratic in the prompt; fine for short prompts, slow for long ones.
+            warnings.warn(f"{display}: no SDPA attention, prefill uses eager attention",
+                          RuntimeWarning, stacklevel=2)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(source), attn_implementation="eager", dtype=dtype or torch.float32
+            )
     except OSError as exc:
         raise ModelLoadError(
             f"Could not load {display!r}: it is neither one of rhlens' packaged models "
@@ -251,7 +263,8 @@ def load_model(
     except (ValueError, NotImplementedError, KeyError) as exc:
         raise ModelLoadError(
             f"TransformerLens cannot bridge {name!r} (architecture "
-            f"{getattr(hf_model.config, 'architectures', None)}): {exc}. rhlens needs an "
+            f"{getattr(hf_model.config, 'architectures', None)}): "
+            f"{str(exc).split('. Available')[0]}. rhlens needs an "
             "architecture that transformer_lens.model_bridge supports; see TransformerLens' "
             "list of supported architectures."
         ) from exc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -26,11 +27,11 @@ class Probe:
         meta: anything else worth keeping with results (haystack source, seed, ...).
     """
 
-    prompt_ids: tuple[int, ...]
-    needle_span: tuple[int, int]
+    prompt_ids: Sequence[int]
+    needle_span: Sequence[int]
     real_needle: str
     length: int = 0
-    depth: float = 0.0
+    depth: float | int = 0.0
     needle_id: str = "custom"
     question: str = ""
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
@@ -38,6 +39,7 @@ class Probe:
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompt_ids", tuple(int(t) for t in self.prompt_ids))
         object.__setattr__(self, "needle_span", tuple(int(x) for x in self.needle_span))
+        object.__setattr__(self, "depth", float(self.depth))
         start, end = self.needle_span
         if not self.prompt_ids:
             raise ProbeError("a probe needs a non-empty prompt")

@@ -164,17 +164,17 @@ class DirectoryHaystack(Haystack):
         files = sorted(folder.glob("*.txt"))
         if not files:
             raise ConfigError(f"haystack directory {folder} holds no .txt files")
+        texts = [_clean(f.read_text(encoding="utf-8", errors="replace")) for f in files]
+        texts = [t for t in texts if t]
+        if not texts:
+            raise ConfigError(f"the .txt files in {folder} are all empty")
         parts, total = [], 0
         while total < min_chars:  # cycle through the files when they are short
-            before = total
-            for f in files:
-                chunk = _clean(f.read_text(encoding="utf-8", errors="replace"))
+            for chunk in texts:
                 parts.append(chunk)
                 total += len(chunk) + 1
                 if total >= min_chars:
                     break
-            if total == before:
-                raise ConfigError(f"the .txt files in {folder} are all empty")
         return " ".join(parts)
 
 
@@ -303,8 +303,8 @@ class ProbeConfig:
         haystack_seed: seed of the synthetic haystack.
     """
 
-    lengths: tuple[int, ...] = (500, 1000, 1500, 2000)
-    depths: tuple[float, ...] = (0.0, 25.0, 50.0, 75.0, 100.0)
+    lengths: Sequence[int] = (500, 1000, 1500, 2000)
+    depths: Sequence[float | int] = (0.0, 25.0, 50.0, 75.0, 100.0)
     answer_buffer: int = 200
     chat_template: bool = True
     template: str = DEFAULT_TEMPLATE
@@ -328,7 +328,7 @@ class ProbeConfig:
             raise ConfigError("template must contain {context} and {question}")
 
     @staticmethod
-    def linspace(lo: float, hi: float, count: int, *, integer: bool = True) -> tuple:
+    def linspace(lo: float | int, hi: float | int, count: int, *, integer: bool = True) -> tuple:
         """``count`` values from ``lo`` to ``hi`` inclusive, evenly spaced (the paper's grid)."""
         if count < 1:
             raise ConfigError("count must be >= 1")
@@ -393,7 +393,7 @@ def _needle_tokens(tokenizer, needle: Needle) -> tuple[list[int], tuple[int, int
 
 
 def build_probe(tokenizer, haystack_ids: Sequence[int], needle: Needle, length: int,
-                depth: float, config: ProbeConfig | None = None,
+                depth: float | int, config: ProbeConfig | None = None,
                 meta: dict | None = None) -> Probe:
     """One probe of ``length`` tokens (prompt + answer buffer) with ``needle`` at ``depth``%."""
     config = config or ProbeConfig()
