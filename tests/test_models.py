@@ -98,7 +98,7 @@ def test_unbridgeable_architecture_is_a_clear_error(tmp_path):
     cfg = CTRLConfig(vocab_size=55, n_embd=16, n_layer=1, n_head=2, dff=32, n_positions=64)
     CTRLLMHeadModel(cfg).save_pretrained(tmp_path)
     AutoTokenizer.from_pretrained(TOY_MODEL_DIR).save_pretrained(tmp_path)
-    with pytest.raises(ModelLoadError, match="TransformerLens cannot bridge.*CTRLLMHeadModel"):
+    with pytest.raises(ModelLoadError, match=r"TransformerLens cannot bridge.*CTRLLMHeadModel"):
         load_model(str(tmp_path), device="cpu")
 
 

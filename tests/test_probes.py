@@ -72,7 +72,7 @@ def test_directory_haystack(tok, tmp_path):
 
 
 def test_empty_haystack_directory(tok, tmp_path):
-    with pytest.raises(ConfigError, match="no .txt files"):
+    with pytest.raises(ConfigError, match=r"no \.txt files"):
         build_probes(tok, config=ProbeConfig(lengths=(400,), depths=(0,)), haystack=tmp_path)
     (tmp_path / "a.txt").write_text("   ")
     with pytest.raises(ConfigError, match="empty"):
@@ -107,7 +107,7 @@ def test_needles_file_roundtrip_and_malformed_lines(tmp_path):
         load_needles(bad)
     missing = tmp_path / "missing.jsonl"
     missing.write_text(json.dumps({"needle": "x", "question": "y"}) + "\n")
-    with pytest.raises(ConfigError, match="line 1: missing field.*real_needle"):
+    with pytest.raises(ConfigError, match=r"line 1: missing field.*real_needle"):
         load_needles(missing)
     with pytest.raises(ConfigError, match="does not exist"):
         load_needles(tmp_path / "nope.jsonl")

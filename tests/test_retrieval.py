@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 
-from oracle import naive_retrieval
 from rhlens.errors import ConfigError, ProbeError
 from rhlens.probe import Probe
 from rhlens.retrieval import DetectConfig, copy_scores, detect_retrieval_heads, rouge1_recall
+
+from oracle import naive_retrieval
 from toy import make_toy_probe
 
 
