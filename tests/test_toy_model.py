@@ -6,8 +6,9 @@ import json
 
 import pytest
 import torch
-from toy import TOY_MODEL_DIR, make_toy_probe
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from toy import TOY_MODEL_DIR, make_toy_probe
 
 
 @pytest.fixture(scope="module")
