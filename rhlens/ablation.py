@@ -83,7 +83,7 @@ class Mask:
                 "label": self.label}
 
 
-def _check_heads(model, heads: Sequence[Head]) -> dict[int, list[int]]:
+def _check_heads(model, heads: Sequence[Sequence[int]]) -> dict[int, list[int]]:
     n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
     by_layer: dict[int, list[int]] = {}
     for item in heads:
@@ -104,7 +104,7 @@ def _active(when: PhaseName) -> bool:
     return when == "all" or current_phase() != "prefill"
 
 
-def ablation_hooks(model, heads: Sequence[Head], *, mode: Mode = "uniform",
+def ablation_hooks(model, heads: Sequence[Sequence[int]], *, mode: Mode = "uniform",
                    phase: PhaseName = "decode",
                    means: Float[Tensor, "layer head d_head"] | None = None) -> list[HookPair]:
     """The ``(hook name, fn)`` pairs that knock ``heads`` out; attach them with ``model.hooks``."""
@@ -148,7 +148,7 @@ def _set_heads(index: Tensor, layer_means: Float[Tensor, "head d_head"], when: P
 
 
 @contextlib.contextmanager
-def ablate_heads(model, heads: Sequence[Head] | Mask, *, mode: Mode = "uniform",
+def ablate_heads(model, heads: Sequence[Sequence[int]] | Mask, *, mode: Mode = "uniform",
                  phase: PhaseName = "decode",
                  means: Float[Tensor, "layer head d_head"] | None = None) -> Iterator[None]:
     """Knock ``heads`` out inside the ``with`` block; the hooks are removed on exit, always.
