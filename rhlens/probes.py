@@ -438,8 +438,8 @@ def _haystack_ids(tokenizer, haystack: Haystack, n_tokens: int) -> list[int]:
 
 
 @dataclass
-class ProbeSet:
-    """The probes of a grid plus how they were made (kept with every result)."""
+class ProbeSet(Sequence):
+    """The probes of a grid plus how they were made; a sequence of :class:`Probe`."""
 
     probes: list[Probe]
     config: ProbeConfig

@@ -10,6 +10,7 @@ from rhlens.errors import ConfigError
 from rhlens.niah import classify_answer, niah_sweep, sweep_masks
 from rhlens.probe import Probe
 from rhlens.retrieval import DetectConfig, detect_retrieval_heads
+
 from toy import make_toy_probe
 
 PATTERNS = lambda name: name.endswith(("hook_pattern", "hook_z"))  # noqa: E731
