@@ -22,7 +22,8 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/rhlens detect --lengths 500,1000 --depths 0,50,100 --n-needles 2 \
 		--max-new-tokens 32 --out $(OUT)
-	@echo "Results are in $(OUT)/ (summary.json, head_scores.json, *.png)."
+	$(BIN)/rhlens report $(OUT) --out $(OUT)/report.html
+	@echo "Results are in $(OUT)/: report.html (open it in a browser), report.md, summary.json, head_scores.json, *.png"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -280,6 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_mask_sweep)
+
+    from rhlens.report import add_report_parser
+
+    add_report_parser(sub)
     return parser
 
 

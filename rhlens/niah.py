@@ -260,7 +260,7 @@ class MaskSweepResult:
     niah: NIAHResult
     seeds: list[int]
 
-    def curve(self) -> dict[str, list[float]]:
+    def curve(self) -> dict[str, Any]:
         base = self.niah.score("none")
         top = [base if k == 0 else self.niah.score(f"top-{k}") for k in self.ks]
         rnd = [[base] * len(self.seeds) if k == 0 else
