@@ -113,18 +113,22 @@ def test_masking_the_known_head_breaks_the_toy_model(toy_model):
 
 
 def test_top_k_masking_hurts_more_than_random_k_on_the_default_model(default_model, short_probes):
-    """K = 20 of 270 heads (7%): a share like the paper's top-K masks of 7B models."""
+    """K = 5 of 270 heads (1.9%), the scale of the paper's K = 20 of 1024 heads.
+
+    At K = 20 (7%) masking random heads of this 135M model breaks it too (both drop to
+    ~12 on these probes), so the contrast is measured where random masks are still harmless.
+    """
     model, tok = default_model
     probes = short_probes[:2]
     scores = detect_retrieval_heads(model, probes, config=DetectConfig(max_new_tokens=24))
-    masks = sweep_masks(scores, ks=(20,), seeds=[0])
-    assert [m.label for m in masks] == ["none", "top-20", "random-20-s0"]
+    masks = sweep_masks(scores, ks=(5,), seeds=[0])
+    assert [m.label for m in masks] == ["none", "top-5", "random-5-s0"]
     assert not set(masks[1].heads) & set(masks[2].heads)
     result = niah_sweep(model, probes, masks=masks, config=_short())
     base, top, rnd = (result.score(m.label) for m in masks)
     assert base > 60
     assert top < rnd - 30, result.table()
-    for r in result.for_mask("top-20"):
+    for r in result.for_mask("top-5"):
         assert r["answer_class"] != "correct" or r["rouge_recall"] > 0.5
 
 
