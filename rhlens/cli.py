@@ -231,6 +231,48 @@ def cmd_mask_sweep(args) -> int:
     return 0
 
 
+def cmd_cot(args) -> int:
+    from rhlens.ablation import Mask
+    from rhlens.cot.experiment import CoTConfig, cot_ablation
+    from rhlens.cot.tasks import get_task
+    from rhlens.niah import sweep_masks
+    from rhlens.plotting import plot_cot_bars
+    from rhlens.runs import save_figure
+    from rhlens.scores import RetrievalScores
+
+    tasks = [get_task(t) for t in args.task]
+    if args.n_items:
+        tasks = [t.head(args.n_items) for t in tasks]
+    if args.k > 0 and not args.scores:
+        from rhlens.errors import ConfigError
+
+        raise ConfigError("--k > 0 needs --scores (a detection run or a paper JSON file)")
+    model, tok = _load(args)
+    if args.k > 0:
+        scores = RetrievalScores.from_any(args.scores)
+        masks = sweep_masks(scores, ks=[args.k], seeds=args.seeds, mode=args.mode)
+    else:
+        masks = [Mask.none()]
+    config = CoTConfig(max_new_tokens_cot=args.max_new_tokens_cot,
+                       max_new_tokens_direct=args.max_new_tokens_direct)
+    results = []
+    for task in tasks:
+        res = cot_ablation(model, task, masks=masks, config=config, tokenizer=tok,
+                           out=args.out, progress=not args.quiet)
+        res.save(args.out)
+        results.append(res)
+        _say(f"\n{task.name} ({task.kind}, {len(task)} items)")
+        _say(f"  {'mask':>10} {'mode':>6}  accuracy [95% CI]      drop [95% CI]")
+        for row in res.table():
+            drop = (f"{100 * row['drop']:+6.1f} [{100 * row['drop_low']:+.0f}, "
+                    f"{100 * row['drop_high']:+.0f}]") if "drop" in row else ""
+            _say(f"  {row['mask']:>10} {row['mode']:>6}  {100 * row['accuracy']:5.1f} "
+                 f"[{100 * row['low']:4.0f}, {100 * row['high']:4.0f}]   {drop}")
+    save_figure(plot_cot_bars(results), Path(args.out) / "cot_bars.png")
+    _say(f"wrote {args.out}/cot_*.json, cot_*.jsonl, cot_bars.png")
+    return 0
+
+
 def _add_mask_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=("uniform", "zero", "mean"), default="uniform",
                    help="uniform: zero the query (the paper's mask); zero: zero z; mean: mean z")
@@ -281,8 +323,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_mask_sweep)
 
+    p = sub.add_parser("cot", help="chain of thought vs direct answers under retrieval-head masks")
+    _add_model_args(p)
+    p.add_argument("--task", action="append", required=True,
+                   help="built-in task name or a GSM8K/MMLU/MuSiQue file (repeatable)")
+    p.add_argument("--scores", default=None, help="detection run dir or paper-format JSON")
+    p.add_argument("--k", type=int, default=20, help="mask the top-K heads (and K random)")
+    p.add_argument("--seeds", type=int, default=3, help="random-K masks")
+    p.add_argument("--mode", choices=("uniform", "zero"), default="uniform")
+    p.add_argument("--n-items", type=int, default=None, help="only the first N items per task")
+    p.add_argument("--max-new-tokens-cot", type=int, default=160)
+    p.add_argument("--max-new-tokens-direct", type=int, default=24)
+    p.add_argument("--out", required=True)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_cot)
+
+    from rhlens.patching_cli import add_patch_parser
     from rhlens.report import add_report_parser
 
+    add_patch_parser(sub)
     add_report_parser(sub)
     return parser
 
