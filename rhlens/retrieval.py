@@ -52,8 +52,12 @@ class DetectConfig:
         success_threshold: ROUGE-1 recall above which a probe counts (paper: 0.5).
         max_new_tokens: decode steps at most (paper: 50).
         stop_at_newline: stop answering at a newline (paper: yes).
-        prefill_chunk: prefill long prompts this many tokens at a time (None: at once).
+        prefill_chunk: prefill this many tokens at a time (None: 4096); a reused haystack
+            prefix is cut back to a multiple of it, so reuse changes no result.
         reuse_prefix: reuse the KV cache of the haystack shared by consecutive probes.
+        batch_size: decode up to this many probes of equal length together (fewer on a GPU
+            when their KV caches would not fit; 1: one at a time). Each probe's answer and
+            scores are those it gets alone, up to float rounding of batched matrix products.
     """
 
     mode: Literal["unique", "paper"] = "unique"
@@ -62,18 +66,21 @@ class DetectConfig:
     stop_at_newline: bool = True
     prefill_chunk: int | None = None
     reuse_prefix: bool = True
+    batch_size: int = 8
 
     def __post_init__(self) -> None:
         if self.mode not in ("unique", "paper"):
             raise ConfigError(f"mode must be 'unique' or 'paper', got {self.mode!r}")
         if not 0 <= self.success_threshold < 1:
             raise ConfigError("success_threshold is a ROUGE recall in [0, 1)")
-        GenerationConfig(max_new_tokens=self.max_new_tokens, prefill_chunk=self.prefill_chunk)
+        GenerationConfig(max_new_tokens=self.max_new_tokens, prefill_chunk=self.prefill_chunk,
+                         batch_size=self.batch_size)
 
     def generation(self) -> GenerationConfig:
         return GenerationConfig(max_new_tokens=self.max_new_tokens,
                                 stop_at_newline=self.stop_at_newline,
-                                prefill_chunk=self.prefill_chunk, reuse_prefix=self.reuse_prefix)
+                                prefill_chunk=self.prefill_chunk, reuse_prefix=self.reuse_prefix,
+                                batch_size=self.batch_size)
 
 
 # ---------------------------------------------------------------------------------------
@@ -83,17 +90,25 @@ class TopKeyRecorder:
     """Records, at every decode step, each head's top-1 key position (absolute).
 
     ``hooks()`` gives one ``(name, fn)`` pair per layer on ``hook_pattern``; the engine
-    attaches them. ``positions[:n_steps]`` is ``[step, layer, head]``.
+    attaches them. ``positions[:n_steps]`` is ``[step, layer, head]`` (batch row 0);
+    ``row(r)[:n_steps]`` the same for row ``r`` when ``max_batch`` prompts are decoded
+    together. The hook is a batched argmax and an indexed write on the device: no host sync.
     """
 
     def __init__(self, n_layers: int, n_heads: int, max_steps: int, state: StepState,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", max_batch: int = 1) -> None:
         self.n_layers, self.n_heads, self.state = n_layers, n_heads, state
-        self.positions = torch.full((max_steps, n_layers, n_heads), -1, dtype=torch.long,
-                                    device=device)
+        # [step, layer, row, head]: each hook call writes one contiguous [row, head] block.
+        self._buf = torch.full((max_steps, n_layers, max_batch, n_heads), -1, dtype=torch.long,
+                               device=device)
+        self.positions = self._buf[:, :, 0]
+
+    def row(self, r: int) -> Tensor:
+        """``[step, layer, head]`` of batch row ``r``."""
+        return self._buf[:, :, r]
 
     def reset(self) -> None:
-        self.positions.fill_(-1)
+        self._buf.fill_(-1)
 
     def hooks(self) -> list[tuple[str, Any]]:
         return [(f"blocks.{layer}.attn.hook_pattern", self._make_hook(layer))
@@ -105,8 +120,12 @@ class TopKeyRecorder:
                 return None
             # pattern: [batch, head, query, key]; the decode query is the last one.
             B, H, Q, K = pattern.shape
-            top = pattern[0, :, -1].argmax(-1)  # [head]
-            self.positions[self.state.step, layer] = top + self.state.absolute(K)
+            slot = self._buf[self.state.step, layer, :B]  # [batch, head]
+            offset = self.state.absolute(K)
+            if offset:
+                torch.add(pattern[:, :, -1].argmax(-1), offset, out=slot)
+            else:
+                torch.argmax(pattern[:, :, -1], dim=-1, out=slot)
             return None
 
         return hook
@@ -207,16 +226,20 @@ def detect_retrieval_heads(model, probes: Sequence[Probe], *, config: DetectConf
     name = getattr(model, "rhlens_name", None) or str(getattr(model.cfg, "model_name", "model"))
     log = None
     if out is not None:
-        header = {"model": name, "config": asdict(config)}
+        # How many probes share a batch changes the cost, not the experiment.
+        settings = {k: v for k, v in asdict(config).items() if k != "batch_size"}
+        header = {"model": name, "config": settings}
         log = ProbeLog(Path(out), header)
 
     device = next(model.parameters()).device
     state = StepState()
-    recorder = TopKeyRecorder(n_layers, n_heads, config.max_new_tokens, state, device)
+    recorder = TopKeyRecorder(n_layers, n_heads, config.max_new_tokens, state, device,
+                              max_batch=config.batch_size)
     records: dict[str, dict[str, Any]] = dict(log.done) if log else {}
     todo = [p for p in probes if p.key not in records]
     # Probes of one length and needle, deepest first: each shares the haystack before its
-    # needle with the previous one, so the engine prefills only what differs.
+    # needle with the previous one, so the engine prefills only what differs; probes of
+    # equal token count (one length and needle) are decoded together, batch_size at a time.
     todo.sort(key=lambda p: (p.length, p.needle_id, p.meta.get("haystack", ""), -p.depth))
 
     bar = None
@@ -224,37 +247,43 @@ def detect_retrieval_heads(model, probes: Sequence[Probe], *, config: DetectConf
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(probes), initial=len(probes) - len(todo), desc="detect", unit="probe")
-    t_last = time.perf_counter()
     gens = generate_many(model, tokenizer, [p.prompt_ids for p in todo],
                          config=config.generation(), hooks=recorder.hooks(), state=state,
                          on_start=lambda i: recorder.reset())
-    for probe, gen in zip(todo, gens):
-        steps = gen.n_steps
-        generated = torch.tensor(gen.response_ids, device=device)
-        prompt = torch.tensor(probe.prompt_ids, device=device)
-        positions = recorder.positions[:steps]
-        scores = copy_scores(positions, generated, prompt, probe.needle_span, config.mode)
-        copies = copy_mask(positions, generated, prompt, probe.needle_span).sum(0)
-        recall = rouge1_recall(probe.real_needle, gen.response)
-        now = time.perf_counter()
-        rec = {
-            "key": probe.key, "length": probe.length, "depth": probe.depth,
-            "needle_id": probe.needle_id, "n_tokens": probe.n_tokens,
-            "prompt_ids": list(probe.prompt_ids), "needle_span": list(probe.needle_span),
-            "response_ids": gen.response_ids, "response": gen.response,
-            "stop_reason": gen.stop_reason, "rouge_recall": recall,
-            "success": recall > config.success_threshold,
-            "scores": [[round(float(x), 6) for x in row] for row in scores.cpu()],
-            "copy_steps": copies.cpu().tolist(), "reused_prefix": gen.reused_prefix,
-            "seconds": round(now - t_last, 3),
-        }
-        t_last = now
-        records[probe.key] = rec
-        if log:
-            log.append(rec)
-        if bar:
-            bar.update(1)
-            bar.set_postfix(ok=sum(r["success"] for r in records.values()))
+    t_last = time.perf_counter()
+    per_probe = 0.0
+    try:
+        for probe, gen in zip(todo, gens):
+            steps = gen.n_steps
+            generated = torch.tensor(gen.response_ids, device=device)
+            prompt = torch.tensor(probe.prompt_ids, device=device)
+            positions = recorder.row(gen.info.get("batch_row", 0))[:steps]
+            scores = copy_scores(positions, generated, prompt, probe.needle_span, config.mode)
+            copies = copy_mask(positions, generated, prompt, probe.needle_span).sum(0)
+            recall = rouge1_recall(probe.real_needle, gen.response)
+            now = time.perf_counter()
+            if gen.info.get("batch_row", 0) == 0:  # a batch's time, shared by its probes
+                per_probe = (now - t_last) / gen.info.get("batch_size", 1)
+            rec = {
+                "key": probe.key, "length": probe.length, "depth": probe.depth,
+                "needle_id": probe.needle_id, "n_tokens": probe.n_tokens,
+                "prompt_ids": list(probe.prompt_ids), "needle_span": list(probe.needle_span),
+                "response_ids": gen.response_ids, "response": gen.response,
+                "stop_reason": gen.stop_reason, "rouge_recall": recall,
+                "success": recall > config.success_threshold,
+                "scores": [[round(float(x), 6) for x in row] for row in scores.cpu()],
+                "copy_steps": copies.cpu().tolist(), "reused_prefix": gen.reused_prefix,
+                "seconds": round(per_probe, 3),
+            }
+            t_last = now
+            records[probe.key] = rec
+            if log:
+                log.append(rec)
+            if bar:
+                bar.update(1)
+                bar.set_postfix(ok=sum(r["success"] for r in records.values()))
+    finally:
+        gens.close()  # end the engine's generator now, not whenever it is collected
     if bar:
         bar.close()
     return scores_from_records([records[p.key] for p in probes], name, n_kv, config)

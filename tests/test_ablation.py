@@ -140,7 +140,7 @@ def _short():
 
 @pytest.mark.parametrize(("response", "expected"), [
     ("The password is amber falcon seventeen.", "correct"),
-    ("The password is amber falcon.", "partial"),
+    ("The password is amber.", "partial"),
     ("The password is blue river nine.", "hallucination"),
     ("I don't know the password.", "refusal"),
     ("", "refusal"),

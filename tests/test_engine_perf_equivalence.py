@@ -1,0 +1,250 @@
+"""The engine's fast paths give exactly what the plain paths give (toy model, MHA).
+
+Fast paths: batched decode of equal-length probes, prefix KV reuse, chunked prefill with a
+lower-right causal bias instead of a dense mask, preallocated KV buffers, and the lean decode
+step (HF modules + the bridge's attention hooks, without the bridge's wrappers).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from rhlens import engine
+from rhlens.ablation import ablation_hooks
+from rhlens.engine import GenerationConfig, StepState, generate_many
+from rhlens.probe import Probe
+from rhlens.retrieval import DetectConfig, TopKeyRecorder, detect_retrieval_heads
+
+from toy import ASK, BOS, END, FILLER_WORDS, KEY, VALUE_WORDS
+
+
+def shared_haystack_probes(tok, n_filler: int, depths, seed: int) -> list[Probe]:
+    """Probes of one haystack with the needle moved, like a NIAH grid: equal lengths, and
+    each shares the filler before its needle with the deeper ones."""
+    rng = random.Random(seed)
+    filler = [rng.choice(FILLER_WORDS) for _ in range(n_filler)]
+    values = rng.sample(VALUE_WORDS, 5)
+    out = []
+    for d in depths:
+        at = round(n_filler * d / 100)
+        words = [BOS, *filler[:at], KEY, *values, END, *filler[at:], ASK]
+        ids = [int(i) for i in tok.convert_tokens_to_ids(words)]
+        out.append(Probe(prompt_ids=ids, needle_span=(at + 2, at + 7), real_needle=" ".join(values),
+                         length=len(ids), depth=float(d), needle_id=f"toy{seed}"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def grid(toy_model):
+    _, tok = toy_model
+    return (shared_haystack_probes(tok, 90, (0, 20, 40, 60, 80, 100), seed=1)
+            + shared_haystack_probes(tok, 130, (10, 50, 90), seed=2))
+
+
+@pytest.fixture
+def batch_sizes(monkeypatch):
+    """Records the size of every batch the engine decodes."""
+    seen: list[int] = []
+    run = engine._Runner.run
+
+    def spy(self, items, on_start):
+        seen.append(len(items))
+        return run(self, items, on_start)
+
+    monkeypatch.setattr(engine._Runner, "run", spy)
+    return seen
+
+
+def _records(path):
+    import json
+
+    return {r["key"]: r for r in map(json.loads, (path / "probes.jsonl").read_text().splitlines())}
+
+
+def test_batched_prefix_reusing_detection_equals_one_probe_at_a_time(toy_model, grid, tmp_path,
+                                                                   batch_sizes):
+    model, tok = toy_model
+    # 16-token prefill chunks: the ~100-token toy prompts then reuse whole chunks of haystack.
+    alone = detect_retrieval_heads(model, grid, config=DetectConfig(
+        max_new_tokens=8, batch_size=1, reuse_prefix=False, prefill_chunk=16),
+        out=tmp_path / "alone")
+    assert set(batch_sizes) == {1}
+    batch_sizes.clear()
+    fast = detect_retrieval_heads(model, grid, config=DetectConfig(
+        max_new_tokens=8, batch_size=4, reuse_prefix=True, prefill_chunk=16),
+        out=tmp_path / "fast")
+    assert sorted(batch_sizes) == [2, 3, 4]  # 6 probes of one length (4 + 2), 3 of another
+    assert torch.equal(fast.per_probe, alone.per_probe)
+    assert [p["response"] for p in fast.probes] == [p["response"] for p in alone.probes]
+    a, f = _records(tmp_path / "alone"), _records(tmp_path / "fast")
+    for key in a:
+        assert f[key]["response_ids"] == a[key]["response_ids"]
+        assert f[key]["copy_steps"] == a[key]["copy_steps"]
+        assert a[key]["reused_prefix"] == 0
+    reused = [r["reused_prefix"] for r in f.values()]
+    assert sum(x > 0 for x in reused) >= 5 and all(x % 16 == 0 for x in reused)
+    # Not vacuous: every probe was answered, and the known head (L1H2) copied.
+    assert fast.n_successful == len(grid)
+    assert fast.top(1)[0][:2] == (1, 2)
+
+
+def _decode_all(model, tok, prompts, config, extra_hooks=()):
+    """Tokens and recorded top-key positions of every prompt."""
+    state = StepState()
+    rec = TopKeyRecorder(model.cfg.n_layers, model.cfg.n_heads, config.max_new_tokens, state,
+                         max_batch=config.batch_size)
+    out = []
+    for gen in generate_many(model, tok, prompts, config=config,
+                             hooks=[*rec.hooks(), *extra_hooks], state=state,
+                             on_start=lambda i: rec.reset()):
+        row = rec.row(gen.info["batch_row"])[:gen.n_steps].clone()
+        out.append((gen.response_ids, row))
+    return out
+
+
+def _assert_same(a, b):
+    assert len(a) == len(b)
+    for (ta, pa), (tb, pb) in zip(a, b):
+        assert ta == tb
+        assert torch.equal(pa, pb)
+
+
+def test_batched_decode_rows_equal_prompts_alone(toy_model, grid):
+    model, tok = toy_model
+    prompts = [p.prompt_ids for p in grid]
+    base = GenerationConfig(max_new_tokens=8, stop_at_newline=False, reuse_prefix=False)
+    alone = _decode_all(model, tok, prompts, base)
+    for bs in (2, 5):
+        cfg = GenerationConfig(max_new_tokens=8, stop_at_newline=False, batch_size=bs,
+                               prefill_chunk=16)
+        _assert_same(_decode_all(model, tok, prompts, cfg), alone)
+    for rows in (0, 2):  # one product for the batch; norms row by row as well
+        old, engine._LeanAttention.rows = engine._LeanAttention.rows, rows
+        try:
+            cfg = GenerationConfig(max_new_tokens=8, stop_at_newline=False, batch_size=5)
+            _assert_same(_decode_all(model, tok, prompts, cfg), alone)
+        finally:
+            engine._LeanAttention.rows = old
+
+
+def test_chunked_prefill_gives_the_same_tokens_and_builds_no_dense_mask(toy_model, grid,
+                                                                       monkeypatch):
+    import transformers.masking_utils as mu
+
+    model, tok = toy_model
+    prompts = [p.prompt_ids for p in grid[:4]]
+    plain = _decode_all(model, tok, prompts, GenerationConfig(max_new_tokens=8,
+                                                              reuse_prefix=False))
+    # From here on no [query, key] mask may be built, and attention never receives one.
+    def no_dense_mask(*a, **k):
+        raise AssertionError("a dense causal mask was built")
+
+    monkeypatch.setattr(mu, "sdpa_mask", no_dense_mask)
+    seen = []
+    from transformers import AttentionInterface
+
+    impl = engine._register_impl()
+
+    def spy(module, q, k, v, mask, **kw):
+        seen.append((q.shape[2], k.shape[2], mask is None))
+        return engine._rhlens_sdpa(module, q, k, v, mask, **kw)
+
+    AttentionInterface.register(impl, spy)
+    try:
+        for chunk in (7, 32):
+            for reuse in (False, True):
+                cfg = GenerationConfig(max_new_tokens=8, prefill_chunk=chunk, reuse_prefix=reuse)
+                _assert_same(_decode_all(model, tok, prompts, cfg), plain)
+    finally:
+        AttentionInterface.register(impl, engine._rhlens_sdpa)
+    assert seen and all(no_mask for _, _, no_mask in seen)
+    assert any(1 < q < kv for q, kv, _ in seen)  # chunks after cached keys were exercised
+
+
+def test_lean_decode_equals_bridge_decode_with_hooks(toy_model, grid):
+    model, tok = toy_model
+    prompts = [p.prompt_ids for p in grid[:3]]
+    mask = ablation_hooks(model, [(0, 1), (1, 3)], mode="uniform")  # hook_q, decode only
+    zero = ablation_hooks(model, [(1, 0)], mode="zero")  # hook_z
+    for hooks in ((), mask, mask + zero):
+        runs = [_decode_all(model, tok, prompts, GenerationConfig(
+            max_new_tokens=8, lean_decode=lean, batch_size=2), hooks) for lean in (True, False)]
+        _assert_same(*runs)
+
+
+def test_sdpa_attention_output_and_pattern_edits(toy_model, grid, monkeypatch):
+    """On GPUs the lean step takes the attention output from SDPA while no hook edits the
+    scores or the pattern; forced here on the CPU: same answers and recorded positions. A
+    hook that edits the pattern (in place or by returning a tensor) gets pattern @ V."""
+    model, tok = toy_model
+    prompts = [p.prompt_ids for p in grid[:3]]
+    bridge = _decode_all(model, tok, prompts, GenerationConfig(max_new_tokens=8, lean_decode=False))
+    monkeypatch.setattr(engine._LeanAttention, "sdpa_output", True)
+    _assert_same(_decode_all(model, tok, prompts, GenerationConfig(max_new_tokens=8)), bridge)
+
+    def in_place(p, hook):
+        p[:, 2] = 1.0 / p.shape[-1]  # flatten the copy head (L1H2)
+
+    def returned(p, hook):
+        p = p.clone()
+        p[:, 2] = 1.0 / p.shape[-1]
+        return p
+
+    for edit in (in_place, returned):
+        hooks = [("blocks.1.attn.hook_pattern", edit)]
+        runs = [_decode_all(model, tok, prompts, GenerationConfig(
+            max_new_tokens=8, lean_decode=lean), hooks) for lean in (True, False)]
+        _assert_same(*runs)
+        assert runs[0][0][0] != bridge[0][0]  # the edit changed the answer
+
+
+def test_lean_decode_is_used_only_when_exact(toy_model):
+    model, _ = toy_model
+    rec = TopKeyRecorder(model.cfg.n_layers, model.cfg.n_heads, 4, StepState())
+    with model.hooks(fwd_hooks=rec.hooks() + ablation_hooks(model, [(0, 0)])):
+        assert isinstance(engine._decode_step(model, True), engine._LeanDecoder)
+    resid = [("blocks.0.hook_resid_pre", lambda x, hook: None)]
+    with model.hooks(fwd_hooks=rec.hooks() + resid):
+        # A residual hook needs the bridge's own forward.
+        assert not isinstance(engine._decode_step(model, True), engine._LeanDecoder)
+
+
+def test_lean_decode_step_is_bit_identical_to_the_bridge(toy_model, grid):
+    """One decode step: same logits and same pattern, to the bit (MHA: identical ops)."""
+    model, _ = toy_model
+    hf = engine.hf_model(model)
+    ids = grid[0].prompt_ids
+    results = []
+    for lean in (True, False):
+        cache = engine._new_cache(hf)
+        engine.prefill(model, ids[:-1], cache)
+        patterns = []
+        hook = ("blocks.1.attn.hook_pattern", lambda p, hook: patterns.append(p.clone()))
+        with model.hooks(fwd_hooks=[hook]), engine.phase("decode"), torch.no_grad():
+            step = engine._decode_step(model, lean)
+            assert isinstance(step, engine._LeanDecoder) == lean
+            logits = step(torch.tensor([[ids[-1]]]), cache, len(ids) - 1)
+        results.append((logits, patterns[0]))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+
+
+def test_buffer_cache_holds_what_a_dynamic_cache_holds(toy_model, grid):
+    model, _ = toy_model
+    hf = engine.hf_model(model)
+    ids = grid[1].prompt_ids
+    plain = engine._new_cache(hf)
+    engine.prefill(model, ids, plain)
+    layers = engine._plain_cache_layers(hf)
+    pool = engine._KVPool(hf, layers)
+    pool.ensure(2, len(ids) + 4, tuple(ids), None, True, 4096)
+    pool.fill(model, 1, tuple(ids), None, True, chunk=4096)
+    buf = pool.decode_cache(2, len(ids))
+    for a, b in zip(plain.layers, buf.layers):
+        assert torch.allclose(a.keys[0], b.keys[1], atol=1e-6)
+        assert torch.allclose(a.values[0], b.values[1], atol=1e-6)
+    buf.crop(-3)
+    assert buf.get_seq_length() == len(ids) - 3
