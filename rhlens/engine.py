@@ -703,11 +703,9 @@ class _LeanAttention:
         out = None
         if not changed and self._use_sdpa(q):
             out = self._sdpa(q, k, v, split)
-        if out is None:
-            if g > 1:
-                out = mm(weights.reshape(b, h // g, g, n), v).reshape(b, h, 1, -1)
-            else:
-                out = mm(weights, v)
+        if out is None:  # grouped heads share their K/V: one matmul per group, no repeat_kv
+            out = mm(weights.reshape(b, h // g, g, n), v).reshape(b, h, 1, -1) if g > 1 \
+                else mm(weights, v)
         return self._output(out, b, lin)
 
     def _output(self, out: Tensor, b: int, lin) -> Tensor:

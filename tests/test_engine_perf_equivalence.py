@@ -222,7 +222,8 @@ def test_lean_decode_step_is_bit_identical_to_the_bridge(toy_model, grid):
         cache = engine._new_cache(hf)
         engine.prefill(model, ids[:-1], cache)
         patterns = []
-        hook = ("blocks.1.attn.hook_pattern", lambda p, hook: patterns.append(p.clone()))
+        hook = ("blocks.1.attn.hook_pattern",
+                lambda p, hook, patterns=patterns: patterns.append(p.clone()))
         with model.hooks(fwd_hooks=[hook]), engine.phase("decode"), torch.no_grad():
             step = engine._decode_step(model, lean)
             assert isinstance(step, engine._LeanDecoder) == lean

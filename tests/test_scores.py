@@ -65,7 +65,7 @@ def test_paper_json_errors(tmp_path):
     with pytest.raises(ConfigError, match="not '<layer>-<head>'"):
         RetrievalScores.from_paper_json(bad)
     bad.write_text(json.dumps({"0-0": [0.1], "1-1": [0.2]}))
-    with pytest.raises(ConfigError, match="2 .* keys .* missing"):
+    with pytest.raises(ConfigError, match=r"2 .* keys .* missing"):
         RetrievalScores.from_paper_json(bad)
     bad.write_text("{oops")
     with pytest.raises(ConfigError, match="not valid JSON"):
