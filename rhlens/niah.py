@@ -128,7 +128,9 @@ class NIAHResult:
         base = {r["key"]: r for r in self.for_mask(baseline)}
         out = []
         for r in self.for_mask(label):
-            if r["answer_class"] in classes and r["key"] in base:
+            # Only answers the mask broke: the same probe was answered right without it.
+            if (r["answer_class"] in classes and r["key"] in base
+                    and base[r["key"]]["answer_class"] == "correct"):
                 out.append({"key": r["key"], "question": r.get("question", ""),
                             "expected": r.get("expected", ""),
                             "unmasked": base[r["key"]]["response"], "masked": r["response"],
