@@ -18,17 +18,23 @@ keys]``. So the engine
   context is allocated;
 * decodes token by token with every TransformerLens attention hook firing on every decode
   step, reusing the prefill's KV cache. When only attention hooks are attached (retrieval
-  recording, head ablation), the step runs the HF modules directly and a lean copy of the
-  bridge's attention that fires the same hook points on the same tensors, skipping the
-  bridge's per-module wrappers and the copy of K/V for every query head under
-  grouped-query attention (:class:`_LeanAttention`). With any other hook attached the step
-  runs through the bridge itself;
+  recording, head ablation), the step is :class:`_LeanDecoder`: the same tensor operations
+  on the same HF modules' weights, without HF's and the bridge's per-module call
+  machinery (the decode step is bound by Python, not by the GPU), with a lean copy of the
+  bridge's attention that fires the same hook points on the same tensors and does not copy
+  K/V for every query head under grouped-query attention (:class:`_LeanAttention`). With
+  any other hook attached the step runs through the bridge itself;
 * keeps the KV cache in preallocated buffers (:class:`_BufferLayer`): a decode step writes
   one position instead of re-concatenating the whole cache, and consecutive prompts that
-  share a prefix (NIAH probes of one haystack) reuse its keys and values;
+  share a prefix (NIAH probes of one haystack) reuse its keys and values. Prefill runs in
+  chunks of :data:`DEFAULT_PREFILL_CHUNK` tokens counted from the prompt's start and a
+  reused prefix is cut back to a chunk boundary, so reuse computes exactly what the prompt
+  alone computes;
 * answers prompts of equal length together when ``batch_size > 1`` (one forward per step
-  for the whole batch); rows never interact, so each row's answer is that of the prompt
-  alone up to floating-point rounding of the batched matrix products;
+  for the whole batch). Matrix products run row by row (``_LeanAttention.rows``): BLAS
+  picks kernels, and so rounding, by shape, and this keeps every row bit-identical to the
+  prompt answered alone while the rest of the step (norms, elementwise work, hooks, Python)
+  is shared;
 * marks which phase is running (:func:`current_phase`), so that a hook can choose to act
   only while the model answers, as the paper's masking code does.
 
@@ -147,22 +153,15 @@ def _rhlens_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
     from torch.nn.attention.bias import causal_lower_right
 
     groups = getattr(module, "num_key_value_groups", 1)
-    bias = causal_lower_right(q_len, kv_len)
-    out = None
-    if groups > 1 and query.is_cuda:
-        try:  # flash attention takes fewer K/V heads than query heads as they are
-            out = torch.nn.functional.scaled_dot_product_attention(
-                query, key, value, attn_mask=bias, dropout_p=dropout, scale=scaling,
-                enable_gqa=True)
-        except (RuntimeError, TypeError):
-            out = None
-    if out is None:
-        if groups > 1:
-            from transformers.models.llama.modeling_llama import repeat_kv
+    if groups > 1:
+        # The lower-right causal flash kernel takes equal head counts: K/V are expanded for
+        # this call (a transient copy of one layer, linear in the context).
+        from transformers.models.llama.modeling_llama import repeat_kv
 
-            key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=bias, dropout_p=dropout, scale=scaling)
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=causal_lower_right(q_len, kv_len), dropout_p=dropout,
+        scale=scaling)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -452,8 +451,12 @@ class _KVPool:
         """How many rows of ``capacity`` tokens fit on the device (at most ``want``)."""
         if want <= 1 or self.device.type != "cuda":
             return max(1, want)
-        free, _ = torch.cuda.mem_get_info(self.device)
-        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        allocated = torch.cuda.memory_allocated(self.device)
+        free += torch.cuda.memory_reserved(self.device) - allocated
+        fraction = getattr(torch.cuda.memory, "get_per_process_memory_fraction", None)
+        if fraction is not None:  # a process capped below the card's memory
+            free = min(free, int(total * fraction(self.device)) - allocated)
         free += sum(t.numel() * t.element_size() for t in self.k + self.v)
         hidden = self.n_kv * self.head_dim  # a lower bound; the activations below dominate
         tokens = min(capacity, chunk or capacity)
@@ -544,6 +547,10 @@ def _row_matmul(a: Tensor, b: Tensor) -> Tensor:
     return torch.cat([torch.matmul(a[r:r + 1], b[r:r + 1]) for r in range(a.shape[0])])
 
 
+def _row_apply2(fn: Callable[[Tensor, Tensor], Tensor], a: Tensor, b: Tensor) -> Tensor:
+    return torch.cat([fn(a[r:r + 1], b[r:r + 1]) for r in range(a.shape[0])])
+
+
 def _row_apply(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     return torch.cat([fn(x[r:r + 1]) for r in range(x.shape[0])])
 
@@ -572,11 +579,16 @@ class _LeanAttention:
     # (bit-identical to the prompt alone: BLAS libraries pick kernels, and so rounding, by
     # shape); 2 = also the RMSNorm reductions row by row.
     rows = 1
-    # The attention output from SDPA (flash decoding) instead of pattern @ V, whose
-    # [group, keys] @ [keys, d_head] product (huge reduction, tiny output) cuBLAS runs at a
-    # few GB/s on long contexts. Only while no hook changed the scores or the pattern (then
-    # the output is pattern @ V, as the bridge computes it). None: on CUDA, not with expand_kv.
-    sdpa_output: bool | None = None
+    # How the output pattern @ V is computed. "mm": one batched product, as the bridge does
+    # (bit-identical to it in float32). Under GQA its [group, keys] @ [keys, d_head] shape (a
+    # huge reduction into a tiny output) gets slow cuBLAS kernels on long contexts (1 ms a
+    # layer at 32K keys on an H200), so there "split" sums blocks of 1024 keys, one product
+    # per block, in float32. "sdpa": the output from SDPA itself, used only while no hook
+    # edited the scores or the pattern. None: "split" on CUDA under GQA from
+    # split_from keys on, else "mm" (the fastest of the three in BENCHMARKS.md).
+    av: str | None = None
+    split_from = 16384
+    av_block = 1024
 
     def __init__(self, bridge: torch.nn.Module) -> None:
         native = bridge.original_component
@@ -604,11 +616,32 @@ class _LeanAttention:
         self.rot_k = hooked(getattr(b, "hook_rot_k", None))
         self.scores, self.pattern = hooked(b.hook_attn_scores), hooked(b.hook_pattern)
 
-    def _use_sdpa(self, q: Tensor) -> bool:
-        flag = type(self).sdpa_output
-        if flag is None:
-            flag = q.is_cuda and not self.expand_kv
-        return bool(flag) and not _LeanAttention._sdpa_failed
+    def _av_mode(self, q: Tensor, n: int) -> str:
+        mode = type(self).av
+        if mode is None:
+            mode = "split" if (q.is_cuda and not self.expand_kv and self.groups > 1
+                               and n >= self.split_from) else "mm"
+        if mode == "sdpa" and _LeanAttention._sdpa_failed:
+            mode = "mm"
+        return mode
+
+    def _use_sdpa(self, q: Tensor, n: int) -> bool:
+        return self._av_mode(q, n) == "sdpa"
+
+    def _split_av(self, weights: Tensor, v: Tensor) -> Tensor:
+        """``[b, kv, g, n] @ [b, kv, n, d]`` in blocks of keys, partial sums in float32."""
+        b, kv, g, n = weights.shape
+        c = self.av_block
+        m = n // c
+        if m < 2:
+            return torch.matmul(weights, v)
+        main = m * c
+        w = weights[..., :main].reshape(b, kv, g, m, c).transpose(2, 3)  # [b, kv, m, g, c]
+        parts = torch.matmul(w, v[:, :, :main].reshape(b, kv, m, c, v.shape[-1]))
+        out = parts.sum(2, dtype=torch.float32)
+        if main < n:
+            out += torch.matmul(weights[..., main:], v[:, :, main:])
+        return out.to(weights.dtype)
 
     _sdpa_failed = False
 
@@ -679,7 +712,7 @@ class _LeanAttention:
             from transformers.models.llama.modeling_llama import repeat_kv
 
             k, v, g = repeat_kv(k, g), repeat_kv(v, g), 1
-        if not (self.scores or self.pattern) and self._use_sdpa(q):
+        if not (self.scores or self.pattern) and self._use_sdpa(q, n):
             out = self._sdpa(q, k, v, split)  # nobody looks at the pattern: skip it
             if out is not None:
                 return self._output(out, b, lin)
@@ -701,11 +734,14 @@ class _LeanAttention:
             changed = changed or hooked is not weights or weights._version != version
             weights = hooked
         out = None
-        if not changed and self._use_sdpa(q):
+        if not changed and self._use_sdpa(q, n):
             out = self._sdpa(q, k, v, split)
-        if out is None:  # grouped heads share their K/V: one matmul per group, no repeat_kv
-            out = mm(weights.reshape(b, h // g, g, n), v).reshape(b, h, 1, -1) if g > 1 \
-                else mm(weights, v)
+        if out is None:  # grouped heads share their K/V: one product per group, no repeat_kv
+            av = self._split_av if self._av_mode(q, n) == "split" else torch.matmul
+            if split:
+                av = functools.partial(_row_apply2, av)
+            out = av(weights.reshape(b, h // g, g, n), v).reshape(b, h, 1, -1) if g > 1 \
+                else av(weights, v)
         return self._output(out, b, lin)
 
     def _output(self, out: Tensor, b: int, lin) -> Tensor:

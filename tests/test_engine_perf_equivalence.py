@@ -176,14 +176,19 @@ def test_lean_decode_equals_bridge_decode_with_hooks(toy_model, grid):
 
 
 def test_sdpa_attention_output_and_pattern_edits(toy_model, grid, monkeypatch):
-    """On GPUs the lean step takes the attention output from SDPA while no hook edits the
-    scores or the pattern; forced here on the CPU: same answers and recorded positions. A
-    hook that edits the pattern (in place or by returning a tensor) gets pattern @ V."""
+    """On GPUs the lean step sums pattern @ V over blocks of keys (or takes it from SDPA
+    while no hook edits the scores or the pattern); forced here on the CPU: same answers and
+    recorded positions. A hook that edits the pattern (in place or by returning a tensor)
+    changes the output exactly as it does through the bridge."""
     model, tok = toy_model
     prompts = [p.prompt_ids for p in grid[:3]]
     bridge = _decode_all(model, tok, prompts, GenerationConfig(max_new_tokens=8, lean_decode=False))
-    monkeypatch.setattr(engine._LeanAttention, "sdpa_output", True)
-    _assert_same(_decode_all(model, tok, prompts, GenerationConfig(max_new_tokens=8)), bridge)
+    monkeypatch.setattr(engine._LeanAttention, "av_block", 16)  # toy prompts: ~100 keys
+    for av in ("split", "sdpa"):  # the GPU defaults, forced on the CPU
+        monkeypatch.setattr(engine._LeanAttention, "av", av)
+        for bs in (1, 3):
+            cfg = GenerationConfig(max_new_tokens=8, batch_size=bs)
+            _assert_same(_decode_all(model, tok, prompts, cfg), bridge)
 
     def in_place(p, hook):
         p[:, 2] = 1.0 / p.shape[-1]  # flatten the copy head (L1H2)
