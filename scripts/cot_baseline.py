@@ -9,9 +9,17 @@ decoding (no bridge, no hooks) and is what the built-in tasks' difficulty was tu
     python scripts/cot_baseline.py --tasks path/to/gsm8k.jsonl --limit 20
     python scripts/cot_baseline.py --out baseline.jsonl # every output, for inspection
 
-Prompts are batched with left padding; generation of a CoT answer stops once its
-"Answer: ..." line is complete (``--no-stop-at-answer`` to turn off), which changes
-nothing the extractor reads but saves most of the 128-token budget.
+Prompts are batched (32 a batch, left padding: on 2 CPU cores a batch of 30 costs little
+more per step than one prompt; padding can flip a rare near-tie of greedy decoding
+against unbatched runs). A CoT generation stops once its "Answer: ..." line is complete
+(``--no-stop-at-answer`` to turn off): the extractor reads the same answer unless the
+model would have gone on to write a second "Answer:" line, and most of the 128-token
+budget is saved.
+
+Measured on SmolLM2-135M-Instruct, seed 0, 30 items per task, CoT 128 / direct 16 new
+tokens: arithmetic 37% / 40%, lookup 93% / 80%, capitals 80% / 93%, counts 33% / 67%
+(CoT / direct). About 5 minutes on 2 otherwise idle cores (20 on busy shared ones),
+plus the one-off model conversion.
 """
 
 from __future__ import annotations

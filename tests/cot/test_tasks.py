@@ -67,10 +67,11 @@ def test_builtin_items_well_formed(name: str) -> None:
 
 def test_arithmetic_answer_follows_from_context() -> None:
     """Recompute every gold total from the sentences of the prompt."""
-    for steps, ops in ((1, "add"), (2, "add"), (1, "mixed"), (3, "mixed")):
-        for item in get_task("arithmetic", n=25, seed=7, steps=steps, ops=ops):
+    for steps, ops, top in ((1, "add", 5), (2, "add", 9), (1, "mixed", 5), (3, "mixed", 9)):
+        for item in get_task("arithmetic", n=25, seed=7, steps=steps, ops=ops, max_operand=top):
             numbers = [int(x) for x in re.findall(r"\d+", item.context)]
             assert len(numbers) == steps + 1
+            assert 2 <= numbers[0] <= top and all(1 <= k <= top for k in numbers[1:])
             total = numbers[0]
             clauses = item.context.split(". ")[1:]
             for k, clause in zip(numbers[1:], clauses):
@@ -79,7 +80,7 @@ def test_arithmetic_answer_follows_from_context() -> None:
                 total += k if gains else -k
                 assert total >= 0
             assert str(total) == item.answer
-            assert item.metadata == {"steps": steps, "ops": ops}
+            assert item.metadata == {"steps": steps, "ops": ops, "max_operand": top}
 
 
 def test_lookup_answer_is_the_chained_country() -> None:
@@ -98,6 +99,8 @@ def test_builtin_options_validated() -> None:
         get_task("capitals", n=10_000)
     with pytest.raises(ConfigError, match="steps"):
         get_task("arithmetic", steps=0)
+    with pytest.raises(ConfigError, match="max_operand"):
+        get_task("arithmetic", max_operand=1)
     with pytest.raises(ConfigError, match="ops"):
         get_task("arithmetic", ops="multiply")
 
