@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -124,27 +124,66 @@ def ablation_hooks(model, heads: Sequence[Sequence[int]], *, mode: Mode = "unifo
     return hooks
 
 
-def _zero_heads(index: Tensor, when: PhaseName):
-    def hook(x: Float[Tensor, "batch pos head d_head"], hook=None):
-        if not _active(when):
-            return None
-        x = x.clone()  # never write into a tensor another hook or the cache may hold
-        x[:, :, index.to(x.device)] = 0
-        return x
+def _head_mask(index: Tensor):
+    """``mask(x)``: a bool ``[head, 1]`` selecting ``index``, kept on ``x``'s device.
 
+    Built once per device: moving a CPU index to the GPU at every call would cost a host
+    sync per hook per decode step (benchmarks/bench_detect.py, masked runs).
+    """
+    made: dict[tuple[torch.device, int], Tensor] = {}
+
+    def mask(x: Tensor) -> Tensor:
+        key = (x.device, x.shape[-2])
+        if key not in made:
+            m = torch.zeros(x.shape[-2], 1, dtype=torch.bool)
+            m[index] = True
+            made[key] = m.to(x.device)
+        return made[key]
+
+    return mask
+
+
+def _with_flat(hook, edit: Callable[[Tensor], Tensor], when: PhaseName):
+    """Give ``hook`` a ``rhlens_flat`` twin: the same edit on the ``[batch, pos, head * d_head]``
+    tensor the model holds, which the engine's decode step calls directly (skipping the hook
+    point's reshapes and call machinery, which cost more than the edit on a GPU)."""
+
+    def flat(x: Tensor, n_heads: int, d_head: int) -> Tensor:
+        if not _active(when):
+            return x
+        b, p, _ = x.shape
+        return edit(x.view(b, p, n_heads, d_head)).view(b, p, n_heads * d_head)
+
+    hook.rhlens_flat = flat
     return hook
+
+
+def _zero_heads(index: Tensor, when: PhaseName):
+    mask = _head_mask(index)
+
+    def edit(x: Tensor) -> Tensor:
+        return x.masked_fill(mask(x), 0)  # a new tensor: the cache's own stays as it was
+
+    def hook(x: Float[Tensor, "batch pos head d_head"], hook=None):
+        return edit(x) if _active(when) else None
+
+    return _with_flat(hook, edit, when)
 
 
 def _set_heads(index: Tensor, layer_means: Float[Tensor, "head d_head"], when: PhaseName):
-    def hook(x: Float[Tensor, "batch pos head d_head"], hook=None):
-        if not _active(when):
-            return None
-        x = x.clone()
-        idx = index.to(x.device)
-        x[:, :, idx] = layer_means[idx].to(device=x.device, dtype=x.dtype)
-        return x
+    mask = _head_mask(index)
+    cast: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
-    return hook
+    def edit(x: Tensor) -> Tensor:
+        key = (x.device, x.dtype)
+        if key not in cast:
+            cast[key] = layer_means.to(device=x.device, dtype=x.dtype)
+        return torch.where(mask(x), cast[key], x)
+
+    def hook(x: Float[Tensor, "batch pos head d_head"], hook=None):
+        return edit(x) if _active(when) else None
+
+    return _with_flat(hook, edit, when)
 
 
 @contextlib.contextmanager

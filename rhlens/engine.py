@@ -270,8 +270,12 @@ def _new_cache(hf: torch.nn.Module):
 
 # Prompts are prefilled in chunks of this many tokens, counted from the prompt's start, and a
 # reused prefix is cut back to a chunk boundary: a probe that reuses another's prefix then runs
-# exactly the chunks (same shapes, same kernels, same rounding) it runs alone.
-DEFAULT_PREFILL_CHUNK = 4096
+# exactly the chunks (same shapes, same kernels, same rounding) it runs alone. Large, because a
+# chunk that follows cached keys runs flash attention at about half the rate of one causal pass
+# over the whole prompt (benchmarks/prefill_attention.py: 5.9 ms for the last 4096 of 32768
+# tokens of one Llama-3-8B layer on an H100): prompts up to 32K tokens prefill in one pass, as
+# HF generate does, and longer ones in chunks that bound the activations' memory.
+DEFAULT_PREFILL_CHUNK = 32768
 
 
 @torch.no_grad()
@@ -551,8 +555,47 @@ def _row_apply2(fn: Callable[[Tensor, Tensor], Tensor], a: Tensor, b: Tensor) ->
     return torch.cat([fn(a[r:r + 1], b[r:r + 1]) for r in range(a.shape[0])])
 
 
-def _row_apply(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-    return torch.cat([fn(x[r:r + 1]) for r in range(x.shape[0])])
+def _pad_rows(x: Tensor, rows: int) -> Tensor:
+    """``x`` with zero rows appended up to ``rows`` (dimension 0)."""
+    if x.shape[0] == rows:
+        return x
+    return torch.cat((x, x.new_zeros((rows - x.shape[0], *x.shape[1:]))))
+
+
+def _slab_linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """``F.linear`` on blocks of exactly ``_LeanAttention.slab`` rows (``x`` is padded to them)."""
+    slab = _LeanAttention.slab
+    if x.shape[0] == slab:
+        return torch.nn.functional.linear(x, w, b)
+    return torch.cat([torch.nn.functional.linear(x[i:i + slab], w, b)
+                      for i in range(0, x.shape[0], slab)])
+
+
+class _FlatHooks:
+    """The head edits of rhlens's own hooks (``rhlens_flat``, from :mod:`rhlens.ablation`)
+    attached to a per-head hook point (``hook_q``, ``hook_z``), applied straight to the
+    ``[batch, 1, head * d_head]`` tensor: the same values the hook point would produce through
+    its reshape to ``[batch, 1, head, d_head]`` and back, without the call machinery."""
+
+    def __init__(self, edits: list[Callable[[Tensor, int, int], Tensor]], n_heads: int, d_head: int) -> None:
+        self.edits, self.n_heads, self.d_head = edits, n_heads, d_head
+
+    def __call__(self, x: Tensor) -> Tensor:
+        for edit in self.edits:
+            x = edit(x, self.n_heads, self.d_head)
+        return x
+
+
+def _flat_hooks(point, n_heads: int, d_head: int):
+    """``point`` itself, or a :class:`_FlatHooks` when everything on it is an rhlens head edit."""
+    if point is None:
+        return None
+    handles = list(getattr(point, "fwd_hooks", ()))
+    edits = [getattr(h.user_hook, "rhlens_flat", None) for h in handles]
+    if (not handles or not all(edits) or len(handles) != len(point._forward_hooks)
+            or point._forward_pre_hooks or getattr(point, "_forward_hooks_with_kwargs", None)):
+        return point
+    return _FlatHooks(edits, n_heads, d_head)
 
 
 class _LeanAttention:
@@ -575,10 +618,19 @@ class _LeanAttention:
     """
 
     expand_kv = False
-    # Batched rows: 0 = one product for the whole batch; 1 = matrix products row by row
-    # (bit-identical to the prompt alone: BLAS libraries pick kernels, and so rounding, by
-    # shape); 2 = also the RMSNorm reductions row by row.
-    rows = 1
+    # How the prompts of a batch share a decode step's weight products (BLAS libraries pick a
+    # kernel, and so the rounding of every row, from the product's shape):
+    # "slab": every product runs on blocks of exactly `slab` rows, the batch padded with zero
+    #   rows and a lone prompt too, so a row's rounding never depends on the batch: each
+    #   prompt bit-identical to itself answered alone, one product per block. On a GPU a
+    #   product of 16 rows costs what one row costs (benchmarks/batch_invariance.py).
+    # "row": products row by row (bit-identical too, one product per row; on a CPU, where a
+    #   product costs by the row, the cheaper way).
+    # "batch": one product for the whole batch (rows may round differently from alone).
+    # None: "slab" on CUDA, "row" elsewhere. In both exact modes the attention products (each
+    # row against its own keys) run row by row.
+    rows: str | None = None
+    slab = 16
     # How the output pattern @ V is computed. "mm": one batched product, as the bridge does
     # (bit-identical to it in float32). Under GQA its [group, keys] @ [keys, d_head] shape (a
     # huge reduction into a tiny output) gets slow cuBLAS kernels on long contexts (1 ms a
@@ -606,11 +658,13 @@ class _LeanAttention:
             return point if point is not None and point.has_hooks() else None
 
         b = bridge
+        n_heads = int(native.config.num_attention_heads)
         self.h_in, self.h_out = hooked(b.hook_in), hooked(b.hook_out)
-        self.q_in, self.q_out = hooked(b.q.hook_in), hooked(b.q.hook_out)
+        self.q_in, self.q_out = hooked(b.q.hook_in), _flat_hooks(hooked(b.q.hook_out), n_heads, self.head_dim)
         self.k_in, self.k_out = hooked(b.k.hook_in), hooked(b.k.hook_out)
         self.v_in, self.v_out = hooked(b.v.hook_in), hooked(b.v.hook_out)
-        self.o_in, self.o_out = hooked(b.o.hook_in), hooked(b.o.hook_out)
+        self.o_in = _flat_hooks(hooked(b.o.hook_in), n_heads, self.head_dim)
+        self.o_out = hooked(b.o.hook_out)
         self.cos, self.sin = hooked(getattr(b, "hook_cos", None)), hooked(getattr(b, "hook_sin", None))
         self.rot_q = hooked(getattr(b, "hook_rot_q", None))
         self.rot_k = hooked(getattr(b, "hook_rot_k", None))
@@ -663,6 +717,13 @@ class _LeanAttention:
             _LeanAttention._sdpa_failed = True
             return None
 
+    @classmethod
+    def batch_mode(cls, device: torch.device, rows: int) -> str:
+        mode = cls.rows or ("slab" if device.type == "cuda" else "row")
+        if mode not in ("slab", "row", "batch"):
+            raise ConfigError(f"_LeanAttention.rows must be 'slab', 'row', 'batch' or None, got {mode!r}")
+        return mode if rows > 1 or mode == "slab" else "batch"
+
     @staticmethod
     def hook_points(bridge: torch.nn.Module) -> list[torch.nn.Module]:
         names = ("hook_in", "hook_out", "hook_cos", "hook_sin", "hook_rot_q", "hook_rot_k",
@@ -672,16 +733,36 @@ class _LeanAttention:
             points += [getattr(bridge, sub).hook_in, getattr(bridge, sub).hook_out]
         return points
 
-    def forward(self, hidden_states: Tensor, cos: Tensor, sin: Tensor, cache) -> Tensor:
-        """``[batch, 1, d_model]`` -> the attention output (after ``o_proj``)."""
+    def forward(self, hidden_states: Tensor, cos: Tensor, sin: Tensor, cache,
+                rows: int | None = None) -> Tensor:
+        """``[batch, 1, d_model]`` -> the attention output (after ``o_proj``).
+
+        With ``rows`` ("slab" mode) ``hidden_states`` holds ``rows`` prompts padded to whole
+        slabs; the hooks and the attention see the ``rows`` real ones, the products all of
+        them, and the output is padded like the input.
+        """
         from transformers.models.llama.modeling_llama import rotate_half
 
         F = torch.nn.functional
-        x = self.h_in(hidden_states) if self.h_in else hidden_states
-        b = x.shape[0]
-        split = b > 1 and self.rows >= 1
-        lin = _row_linear if split else F.linear
+        padded = hidden_states.shape[0]
+        b = padded if rows is None else rows
+        x = self.h_in(hidden_states[:b]) if self.h_in else hidden_states
+        if rows is not None:
+            mode = "slab"
+        else:  # called on its own: no padding here
+            mode = "row" if type(self).batch_mode(x.device, b) == "row" else "batch"
+        # Each row's attention products (over its own keys) run row by row in "row" and "slab"
+        # modes: cuBLAS picks their kernels by the number of rows too (scores at 12 of 141 key
+        # counts round differently for 1 and 10 rows on an H100, benchmarks/batch_invariance.py).
+        split = b > 1 and mode in ("row", "slab")
+        if mode == "slab":
+            def lin(t: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+                return _slab_linear(_pad_rows(t, padded), w, bias)[:b]
+        else:
+            lin = _row_linear if split else F.linear
         mm = _row_matmul if split else torch.matmul
+        if mode == "slab" and (self.q_in or self.k_in or self.v_in):
+            x = x[:b]  # the input hooks see the real rows
         q = lin(self.q_in(x) if self.q_in else x, self.wq, self.bq)
         q = self.q_out(q) if self.q_out else q
         k = lin(self.k_in(x) if self.k_in else x, self.wk, self.bk)
@@ -715,7 +796,7 @@ class _LeanAttention:
         if not (self.scores or self.pattern) and self._use_sdpa(q, n):
             out = self._sdpa(q, k, v, split)  # nobody looks at the pattern: skip it
             if out is not None:
-                return self._output(out, b, lin)
+                return self._output(out, b, padded if mode == "slab" else None)
         if g > 1:
             scores = mm(q.reshape(b, h // g, g, self.head_dim), k.transpose(-2, -1))
             scores = scores.reshape(b, h, 1, n) * self.scaling
@@ -738,23 +819,41 @@ class _LeanAttention:
             out = self._sdpa(q, k, v, split)
         if out is None:  # grouped heads share their K/V: one product per group, no repeat_kv
             av = self._split_av if self._av_mode(q, n) == "split" else torch.matmul
-            if split:
+            # The blocked product stays batched in "slab" mode: on an H100 it rounded each row
+            # as alone at all 141 key counts tried (1K-33K), where the scores product did not.
+            if split and not (mode == "slab" and av == self._split_av):
                 av = functools.partial(_row_apply2, av)
             out = av(weights.reshape(b, h // g, g, n), v).reshape(b, h, 1, -1) if g > 1 \
                 else av(weights, v)
-        return self._output(out, b, lin)
+        return self._output(out, b, padded if mode == "slab" else None)
 
-    def _output(self, out: Tensor, b: int, lin) -> Tensor:
-        """``[batch, head, 1, d_head]`` -> ``hook_z`` -> ``o_proj`` -> ``hook_out``."""
+    def _output(self, out: Tensor, b: int, padded: int | None) -> Tensor:
+        """``[batch, head, 1, d_head]`` -> ``hook_z`` -> ``o_proj`` -> ``hook_out``.
+
+        ``padded``: "slab" mode, the output padded to that many rows (see :meth:`forward`).
+        """
         out = out.transpose(1, 2).contiguous().reshape(b, 1, -1)
         if self.wo.dtype.is_floating_point and out.dtype != self.wo.dtype:
             out = out.to(dtype=self.wo.dtype)
-        out = lin(self.o_in(out) if self.o_in else out, self.wo, self.bo)
+        out = self.o_in(out) if self.o_in else out
+        if padded is not None:
+            out = _slab_linear(_pad_rows(out, padded), self.wo, self.bo)
+            if not (self.o_out or self.h_out):
+                return out
+            out = out[:b]
+        elif self.rows_split(b, out.device):
+            out = _row_linear(out, self.wo, self.bo)
+        else:
+            out = torch.nn.functional.linear(out, self.wo, self.bo)
         if self.o_out:
             out = self.o_out(out)
         if self.h_out:
             out = self.h_out(out)
-        return out
+        return out if padded is None else _pad_rows(out, padded)
+
+    @classmethod
+    def rows_split(cls, b: int, device: torch.device) -> bool:
+        return cls.batch_mode(device, b) == "row"
 
 
 class _LeanDecoder:
@@ -805,19 +904,22 @@ class _LeanDecoder:
         return len(model.blocks) == int(hf.config.num_hidden_layers)
 
     def __call__(self, input_ids: Tensor, cache, position: int) -> Tensor:
-        F = torch.nn.functional
-        rows = _LeanAttention.rows if input_ids.shape[0] > 1 else 0
-        lin = _row_linear if rows >= 1 else F.linear
-        h = self.embed.forward(input_ids)
+        B = input_ids.shape[0]
+        mode = _LeanAttention.batch_mode(input_ids.device, B)
+        h = self.embed.forward(input_ids)  # [B, 1, d_model]
         pos = torch.full((1, 1), position, dtype=torch.long, device=input_ids.device)
         cos, sin = self.rotary(h, pos)
+        rows = None
+        if mode == "slab":  # the residual stream padded to whole slabs; zero rows stay finite
+            lin, rows = _slab_linear, B
+            h = _pad_rows(h, -(-B // _LeanAttention.slab) * _LeanAttention.slab)
+        else:
+            lin = _row_linear if mode == "row" else torch.nn.functional.linear
         for ln1, attn, ln2, (gw, gb), (uw, ub), (dw, db), act in self.layers:
-            x = _row_apply(ln1, h) if rows >= 2 else ln1(h)
-            h = h + attn.forward(x, cos, sin, cache)
-            x = _row_apply(ln2, h) if rows >= 2 else ln2(h)
+            h = h + attn.forward(ln1(h), cos, sin, cache, rows=rows)
+            x = ln2(h)
             h = h + lin(act(lin(x, gw, gb)) * lin(x, uw, ub), dw, db)
-        h = _row_apply(self.norm.forward, h) if rows >= 2 else self.norm.forward(h)
-        return lin(h, self.lm_w, self.lm_b)
+        return lin(self.norm.forward(h), self.lm_w, self.lm_b)[:B]
 
 
 def _is_output_capture(fn) -> bool:
@@ -905,7 +1007,7 @@ class GenerationConfig:
         stop_at_newline: stop at the first generated token containing a newline.
         stop_at_eos: stop at the tokenizer's end-of-sequence token(s).
         prefill_chunk: prefill this many tokens at a time (``None``:
-            :data:`DEFAULT_PREFILL_CHUNK`, 4096). Bounds activation memory on long prompts;
+            :data:`DEFAULT_PREFILL_CHUNK`, 32768). Bounds activation memory on long prompts;
             a reused prefix is cut back to a multiple of it, so that reuse changes no result.
         reuse_prefix: in :func:`generate_many`, keep the KV cache of the tokens a prompt
             shares with the previous one instead of prefilling them again.

@@ -52,12 +52,14 @@ class DetectConfig:
         success_threshold: ROUGE-1 recall above which a probe counts (paper: 0.5).
         max_new_tokens: decode steps at most (paper: 50).
         stop_at_newline: stop answering at a newline (paper: yes).
-        prefill_chunk: prefill this many tokens at a time (None: 4096); a reused haystack
+        prefill_chunk: prefill this many tokens at a time (None: 32768); a reused haystack
             prefix is cut back to a multiple of it, so reuse changes no result.
         reuse_prefix: reuse the KV cache of the haystack shared by consecutive probes.
         batch_size: decode up to this many probes of equal length together (fewer on a GPU
-            when their KV caches would not fit; 1: one at a time). Each probe's answer and
-            scores are those it gets alone, up to float rounding of batched matrix products.
+            when their KV caches would not fit; 1: one at a time). Where the lean decode
+            step runs (Llama-family models, only attention hooks attached), each probe's
+            answer and scores are bit-identical to those it gets alone; elsewhere they agree up
+            to float rounding of batched matrix products.
     """
 
     mode: Literal["unique", "paper"] = "unique"
@@ -294,8 +296,8 @@ def scores_from_records(records: Sequence[dict[str, Any]], model_name: str,
     """Assemble :class:`RetrievalScores` from per-probe records (as in ``probes.jsonl``)."""
     per_probe = torch.tensor([r["scores"] for r in records], dtype=torch.float32)
     success = torch.tensor([bool(r["success"]) for r in records])
-    meta_keys = ("key", "length", "depth", "needle_id", "n_tokens", "response", "rouge_recall",
-                 "success", "stop_reason")
+    meta_keys = ("key", "length", "depth", "needle_id", "n_tokens", "response", "response_ids",
+                 "rouge_recall", "success", "stop_reason")
     return RetrievalScores(per_probe=per_probe, success=success, model_name=model_name,
                            n_kv_heads=n_kv_heads,
                            probes=[{k: r[k] for k in meta_keys if k in r} for r in records],

@@ -121,13 +121,44 @@ def test_batched_decode_rows_equal_prompts_alone(toy_model, grid):
         cfg = GenerationConfig(max_new_tokens=8, stop_at_newline=False, batch_size=bs,
                                prefill_chunk=16)
         _assert_same(_decode_all(model, tok, prompts, cfg), alone)
-    for rows in (0, 2):  # one product for the batch; norms row by row as well
-        old, engine._LeanAttention.rows = engine._LeanAttention.rows, rows
-        try:
-            cfg = GenerationConfig(max_new_tokens=8, stop_at_newline=False, batch_size=5)
-            _assert_same(_decode_all(model, tok, prompts, cfg), alone)
-        finally:
-            engine._LeanAttention.rows = old
+    old = engine._LeanAttention.rows
+    try:
+        engine._LeanAttention.rows = "batch"  # one product for the whole batch
+        cfg = GenerationConfig(max_new_tokens=8, stop_at_newline=False, batch_size=5)
+        _assert_same(_decode_all(model, tok, prompts, cfg), alone)
+    finally:
+        engine._LeanAttention.rows = old
+
+
+@pytest.mark.parametrize("slab", [2, 8])
+def test_slab_products_make_batched_rows_equal_prompts_alone(toy_model, grid, monkeypatch, slab):
+    """The GPU default: products on fixed blocks of rows, lone prompts padded too."""
+    model, tok = toy_model
+    prompts = [p.prompt_ids for p in grid]
+    rows_alone = _decode_all(model, tok, prompts, GenerationConfig(
+        max_new_tokens=8, stop_at_newline=False, reuse_prefix=False))
+    monkeypatch.setattr(engine._LeanAttention, "rows", "slab")
+    monkeypatch.setattr(engine._LeanAttention, "slab", slab)
+    padded = []
+    real = engine._pad_rows
+    monkeypatch.setattr(engine, "_pad_rows", lambda x, n: padded.append((x.shape[0], n)) or real(x, n))
+    alone = _decode_all(model, tok, prompts, GenerationConfig(
+        max_new_tokens=8, stop_at_newline=False, reuse_prefix=False))
+    assert padded and all(n % slab == 0 for _, n in padded)  # the lone prompt ran padded
+    for bs in (3, 5):  # batches of 3 (less than a slab, or more) and 5 (over two slabs)
+        cfg = GenerationConfig(max_new_tokens=8, stop_at_newline=False, batch_size=bs,
+                               prefill_chunk=16)
+        _assert_same(_decode_all(model, tok, prompts, cfg), alone)
+    # and the padded products answer what the plain ones answer
+    assert [t for t, _ in alone] == [t for t, _ in rows_alone]
+
+
+def test_batch_mode_is_validated(monkeypatch):
+    from rhlens.errors import ConfigError
+
+    monkeypatch.setattr(engine._LeanAttention, "rows", "rowz")
+    with pytest.raises(ConfigError, match="'slab', 'row', 'batch'"):
+        engine._LeanAttention.batch_mode(torch.device("cpu"), 2)
 
 
 def test_chunked_prefill_gives_the_same_tokens_and_builds_no_dense_mask(toy_model, grid,
@@ -164,15 +195,38 @@ def test_chunked_prefill_gives_the_same_tokens_and_builds_no_dense_mask(toy_mode
     assert any(1 < q < kv for q, kv, _ in seen)  # chunks after cached keys were exercised
 
 
-def test_lean_decode_equals_bridge_decode_with_hooks(toy_model, grid):
+def test_lean_decode_equals_bridge_decode_with_hooks(toy_model, grid, monkeypatch):
     model, tok = toy_model
     prompts = [p.prompt_ids for p in grid[:3]]
     mask = ablation_hooks(model, [(0, 1), (1, 3)], mode="uniform")  # hook_q, decode only
     zero = ablation_hooks(model, [(1, 0)], mode="zero")  # hook_z
-    for hooks in ((), mask, mask + zero):
+    d_head = model.cfg.d_model // model.cfg.n_heads
+    means = torch.randn(model.cfg.n_layers, model.cfg.n_heads, d_head)
+    mean = ablation_hooks(model, [(0, 2)], mode="mean", means=means)
+    flat_calls = []
+    real = engine._FlatHooks.__call__
+    monkeypatch.setattr(engine._FlatHooks, "__call__",
+                        lambda self, x: flat_calls.append(len(self.edits)) or real(self, x))
+    for hooks in ((), mask, mask + zero, mean + zero):
+        flat_calls.clear()
         runs = [_decode_all(model, tok, prompts, GenerationConfig(
             max_new_tokens=8, lean_decode=lean, batch_size=2), hooks) for lean in (True, False)]
         _assert_same(*runs)
+        # the lean step applied the masks straight to the flat tensors
+        assert bool(flat_calls) == bool(hooks)
+
+
+def test_lean_decode_fires_a_foreign_hook_next_to_a_mask(toy_model, grid):
+    """A user's own hook on the same point keeps the hook point's full call path."""
+    model, tok = toy_model
+    prompts = [p.prompt_ids for p in grid[:2]]
+    seen = []
+    spy = ("blocks.0.attn.hook_q", lambda x, hook=None: seen.append(tuple(x.shape)))
+    hooks = [*ablation_hooks(model, [(0, 1)], mode="uniform"), spy]
+    runs = [_decode_all(model, tok, prompts, GenerationConfig(
+        max_new_tokens=4, lean_decode=lean, stop_at_newline=False), hooks) for lean in (True, False)]
+    _assert_same(*runs)
+    assert seen and all(len(s) == 4 for s in seen)  # [batch, pos, head, d_head], as TL gives it
 
 
 def test_sdpa_attention_output_and_pattern_edits(toy_model, grid, monkeypatch):
