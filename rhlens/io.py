@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rhlens._result import atomic_write_text
 from rhlens.errors import ConfigError
 
-__all__ = ["ProbeLog", "read_jsonl", "write_json"]
+__all__ = ["ProbeLog", "Records", "read_jsonl", "write_json"]
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
@@ -68,6 +69,37 @@ class ProbeLog:
             fh.flush()
             os.fsync(fh.fileno())
         self.done[record["key"]] = record
+
+
+class Records:
+    """A sweep's finished records: kept by key, appended to the run's log when there is one,
+    counted on a progress bar when asked. ``done`` starts with what a resumed log holds."""
+
+    def __init__(self, log: ProbeLog | None, *, progress: bool, total: int, desc: str,
+                 unit: str = "answer", initial: int | None = None) -> None:
+        self.log = log
+        self.done: dict[str, dict[str, Any]] = dict(log.done) if log else {}
+        self.bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=len(self.done) if initial is None else initial,
+                            desc=desc, unit=unit)
+
+    def add(self, record: dict[str, Any],
+            postfix: Callable[[], dict[str, Any]] | None = None) -> None:
+        """Keep ``record``; ``postfix()`` (shown on the bar) is called only when there is one."""
+        self.done[record["key"]] = record
+        if self.log:
+            self.log.append(record)
+        if self.bar:
+            self.bar.update(1)
+            if postfix is not None:
+                self.bar.set_postfix(**postfix())
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.close()
 
 
 def _diff(a: dict, b: dict) -> str:

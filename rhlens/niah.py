@@ -24,7 +24,7 @@ import numpy as np
 from rhlens.ablation import Mask, ablation_hooks, random_heads
 from rhlens.engine import GenerationConfig, generate_many
 from rhlens.errors import ConfigError
-from rhlens.io import ProbeLog, write_json
+from rhlens.io import ProbeLog, Records, write_json
 from rhlens.probe import Probe
 from rhlens.retrieval import check_probes, rouge1_recall
 from rhlens.scores import RetrievalScores
@@ -185,15 +185,11 @@ def niah_sweep(model, probes: Sequence[Probe], *, masks: Sequence[Mask] = (Mask.
         log = ProbeLog(out, {"model": name, "config": asdict(config),
                              "masks": [m.to_dict() for m in masks],
                              "probes": [p.key for p in probes]}, name="niah.jsonl")
-    done = dict(log.done) if log else {}
+    finished = log.done if log else {}
     order = sorted(probes, key=lambda p: (p.length, p.needle_id, -p.depth))
-    work = [(p, m) for p in order for m in masks if f"{m.label}|{p.key}" not in done]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        total = len(probes) * len(masks)
-        bar = tqdm(total=total, initial=total - len(work), desc="niah", unit="answer")
+    work = [(p, m) for p in order for m in masks if f"{m.label}|{p.key}" not in finished]
+    total = len(probes) * len(masks)
+    sink = Records(log, progress=progress, total=total, desc="niah", initial=total - len(work))
     gens = generate_many(
         model, tokenizer, [p.prompt_ids for p, _ in work], config=config.generation(),
         item_hooks=lambda i: hooks[work[i][1].label],
@@ -206,14 +202,9 @@ def niah_sweep(model, probes: Sequence[Probe], *, masks: Sequence[Mask] = (Mask.
                "response": gen.response, "rouge_recall": recall, "score": 100 * recall,
                "answer_class": classify_answer(gen.response, probe.real_needle,
                                                threshold=config.success_threshold)}
-        done[rec["key"]] = rec
-        if log:
-            log.append(rec)
-        if bar:
-            bar.update(1)
-    if bar:
-        bar.close()
-    records = [done[f"{m.label}|{p.key}"] for m in masks for p in probes]
+        sink.add(rec)
+    sink.close()
+    records = [sink.done[f"{m.label}|{p.key}"] for m in masks for p in probes]
     for r in records:  # keep the probe's own key for per-probe joins
         r.setdefault("probe", r["key"].split("|", 1)[1])
     for r in records:

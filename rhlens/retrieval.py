@@ -29,7 +29,7 @@ from torch import Tensor
 
 from rhlens.engine import GenerationConfig, StepState, current_phase, generate_many
 from rhlens.errors import ConfigError, ProbeError
-from rhlens.io import ProbeLog
+from rhlens.io import ProbeLog, Records
 from rhlens.probe import Probe
 from rhlens.scores import RetrievalScores
 
@@ -237,18 +237,16 @@ def detect_retrieval_heads(model, probes: Sequence[Probe], *, config: DetectConf
     state = StepState()
     recorder = TopKeyRecorder(n_layers, n_heads, config.max_new_tokens, state, device,
                               max_batch=config.batch_size)
-    records: dict[str, dict[str, Any]] = dict(log.done) if log else {}
-    todo = [p for p in probes if p.key not in records]
+    finished = log.done if log else {}
+    todo = [p for p in probes if p.key not in finished]
     # Probes of one length and needle, deepest first: each shares the haystack before its
     # needle with the previous one, so the engine prefills only what differs; probes of
     # equal token count (one length and needle) are decoded together, batch_size at a time.
     todo.sort(key=lambda p: (p.length, p.needle_id, p.meta.get("haystack", ""), -p.depth))
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(probes), initial=len(probes) - len(todo), desc="detect", unit="probe")
+    sink = Records(log, progress=progress, total=len(probes), desc="detect", unit="probe",
+                   initial=len(probes) - len(todo))
+    records = sink.done
     gens = generate_many(model, tokenizer, [p.prompt_ids for p in todo],
                          config=config.generation(), hooks=recorder.hooks(), state=state,
                          on_start=lambda i: recorder.reset())
@@ -278,16 +276,10 @@ def detect_retrieval_heads(model, probes: Sequence[Probe], *, config: DetectConf
                 "seconds": round(per_probe, 3),
             }
             t_last = now
-            records[probe.key] = rec
-            if log:
-                log.append(rec)
-            if bar:
-                bar.update(1)
-                bar.set_postfix(ok=sum(r["success"] for r in records.values()))
+            sink.add(rec, postfix=lambda: {"ok": sum(r["success"] for r in records.values())})
     finally:
         gens.close()  # end the engine's generator now, not whenever it is collected
-    if bar:
-        bar.close()
+    sink.close()
     return scores_from_records([records[p.key] for p in probes], name, n_kv, config)
 
 

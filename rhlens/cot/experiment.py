@@ -24,7 +24,7 @@ from rhlens.ablation import Mask, ablation_hooks
 from rhlens.cot.tasks import Task, get_task
 from rhlens.engine import GenerationConfig, chat_prompt, generate_many
 from rhlens.errors import ConfigError
-from rhlens.io import ProbeLog, write_json
+from rhlens.io import ProbeLog, Records, write_json
 
 __all__ = ["CoTConfig", "CoTResult", "cot_ablation"]
 
@@ -204,13 +204,9 @@ def cot_ablation(model, task: Task | str, *, masks: Sequence[Mask] = (Mask.none(
         log = ProbeLog(out, {"model": name, "task": task.name, "items": [it.id for it in task],
                              "config": asdict(config), "masks": [m.to_dict() for m in masks]},
                        name=f"cot_{task.name}.jsonl")
-    done = dict(log.done) if log else {}
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        total = len(task) * len(masks) * len(config.prompting)
-        bar = tqdm(total=total, initial=len(done), desc=f"cot {task.name}", unit="answer")
+    sink = Records(log, progress=progress, total=len(task) * len(masks) * len(config.prompting),
+                   desc=f"cot {task.name}")
+    done = sink.done
     for mode in config.prompting:
         work = [(it, m) for it in task for m in masks if f"{m.label}|{mode}|{it.id}" not in done]
         prompts = {it.id: chat_prompt(tokenizer, it.prompt(mode), chat_template=config.chat_template)
@@ -225,13 +221,8 @@ def cot_ablation(model, task: Task | str, *, masks: Sequence[Mask] = (Mask.none(
                    "group": _group(mask.label), "mode": mode, "id": item.id, "gold": item.answer,
                    "output": gen.response, "extracted": extracted,
                    "correct": bool(task.scorer(extracted, item)), "stop": gen.stop_reason}
-            done[rec["key"]] = rec
-            if log:
-                log.append(rec)
-            if bar:
-                bar.update(1)
-    if bar:
-        bar.close()
+            sink.add(rec)
+    sink.close()
     records = [done[f"{m.label}|{mode}|{it.id}"] for mode in config.prompting for m in masks
                for it in task]
     return CoTResult(task=task.name, kind=task.kind, model_name=name, records=records,
