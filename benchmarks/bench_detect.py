@@ -260,8 +260,8 @@ def step_profile(model, probe: Probe, n_steps: int = 30, kernels: bool = False) 
                 return hf(input_ids=x, past_key_values=c, use_cache=True).logits
         else:
             pool = engine._KVPool(hf, engine._plain_cache_layers(hf))
-            pool.ensure(1, len(ids) + n_steps + 10, tuple(ids), None, False, 4096)
-            pool.fill(model, 0, tuple(ids), None, False, 4096)
+            pool.ensure(1, len(ids) + n_steps + 10, tuple(ids), None, False, engine.DEFAULT_PREFILL_CHUNK)
+            pool.fill(model, 0, tuple(ids), None, False, engine.DEFAULT_PREFILL_CHUNK)
             cache = pool.decode_cache(1, len(ids))
             if "recorder" in mode:
                 ctx.enter_context(model.hooks(fwd_hooks=rec.hooks()))
@@ -313,8 +313,8 @@ def prefill_seconds(model, probe: Probe) -> dict:
                    use_cache=True, logits_to_keep=1)
         else:
             pool = engine._KVPool(hf, engine._plain_cache_layers(hf))
-            pool.ensure(1, len(ids) + 40, tuple(ids), None, False, 4096)
-            pool.fill(model, 0, tuple(ids), None, False, 4096)
+            pool.ensure(1, len(ids) + 40, tuple(ids), None, False, engine.DEFAULT_PREFILL_CHUNK)
+            pool.fill(model, 0, tuple(ids), None, False, engine.DEFAULT_PREFILL_CHUNK)
         _sync()
         out[mode] = time.perf_counter() - t  # the second of each pair (warm)
         cache = pool = None

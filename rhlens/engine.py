@@ -641,6 +641,11 @@ class _LeanAttention:
     av: str | None = None
     split_from = 16384
     av_block = 1024
+    # Under GQA the scores of a KV group's queries, [group, d] @ [d, keys], are a tiny-M
+    # product that cuBLAS runs slowly at many key counts (156 us a layer at 32799 keys on an
+    # H100, against 36 us for the same dot products as [keys, d] @ [d, group]:
+    # benchmarks/decode_scores.py). True: keys first; None: keys first on CUDA.
+    keys_first: bool | None = None
 
     def __init__(self, bridge: torch.nn.Module) -> None:
         native = bridge.original_component
@@ -678,6 +683,10 @@ class _LeanAttention:
         if mode == "sdpa" and _LeanAttention._sdpa_failed:
             mode = "mm"
         return mode
+
+    def _keys_first(self, q: Tensor) -> bool:
+        flag = type(self).keys_first
+        return q.is_cuda if flag is None else bool(flag)
 
     def _use_sdpa(self, q: Tensor, n: int) -> bool:
         return self._av_mode(q, n) == "sdpa"
@@ -798,7 +807,11 @@ class _LeanAttention:
             if out is not None:
                 return self._output(out, b, padded if mode == "slab" else None)
         if g > 1:
-            scores = mm(q.reshape(b, h // g, g, self.head_dim), k.transpose(-2, -1))
+            qg = q.reshape(b, h // g, g, self.head_dim)
+            if self._keys_first(q):  # the same dot products as [keys, d] @ [d, group]
+                scores = mm(k, qg.transpose(-2, -1)).transpose(-2, -1)
+            else:
+                scores = mm(qg, k.transpose(-2, -1))
             scores = scores.reshape(b, h, 1, n) * self.scaling
         else:
             scores = mm(q, k.transpose(-2, -1)) * self.scaling
