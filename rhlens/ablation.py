@@ -155,6 +155,7 @@ def _with_flat(hook, edit: Callable[[Tensor], Tensor], when: PhaseName):
         return edit(x.view(b, p, n_heads, d_head)).view(b, p, n_heads * d_head)
 
     hook.rhlens_flat = flat
+    hook.rhlens_prefill_inert = when == "decode"  # does nothing while the prompt is read
     return hook
 
 

@@ -130,6 +130,7 @@ class TopKeyRecorder:
                 torch.argmax(pattern[:, :, -1], dim=-1, out=slot)
             return None
 
+        hook.rhlens_prefill_inert = True  # records decode steps only
         return hook
 
 

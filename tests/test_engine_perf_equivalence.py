@@ -308,3 +308,37 @@ def test_buffer_cache_holds_what_a_dynamic_cache_holds(toy_model, grid):
         assert torch.allclose(a.values[0], b.values[1], atol=1e-6)
     buf.crop(-3)
     assert buf.get_seq_length() == len(ids) - 3
+
+
+def test_prefill_runs_plain_hf_modules_only_when_no_hook_would_act(toy_model, grid, monkeypatch):
+    model, _ = toy_model
+    hf = engine.hf_model(model)
+    ids = grid[1].prompt_ids
+    state = StepState()
+    recorder = TopKeyRecorder(model.cfg.n_layers, model.cfg.n_heads, 4, state)
+    decode_mask = ablation_hooks(model, [(0, 1)], mode="uniform", phase="decode")
+    all_mask = ablation_hooks(model, [(0, 1)], mode="uniform", phase="all")
+    seen = []
+    user = ("blocks.0.hook_resid_pre", lambda x, hook=None: seen.append(x.shape))
+
+    def silent(hooks) -> bool:
+        with model.hooks(fwd_hooks=list(hooks)):
+            return engine._prefill_is_silent(model)
+
+    assert silent([])
+    assert silent([*recorder.hooks(), *decode_mask])
+    assert not silent(all_mask)  # the mask acts in the prefill: the bridge path keeps it
+    assert not silent([user])  # a user's hook sees the prompt
+    paths = []
+    real = engine.native_modules
+    monkeypatch.setattr(engine, "native_modules",
+                        lambda *a, **k: paths.append("plain") or real(*a, **k))
+    quiet = engine._new_cache(hf)
+    engine.prefill(model, ids, quiet)
+    assert paths == ["plain"]
+    bridged = engine._new_cache(hf)
+    with model.hooks(fwd_hooks=[user]):
+        engine.prefill(model, ids, bridged)
+    assert paths == ["plain"] and seen  # the bridge path ran, and the user's hook fired
+    for a, b in zip(quiet.layers, bridged.layers):  # the same operations on the same weights
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
