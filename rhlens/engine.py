@@ -850,7 +850,7 @@ class _LeanAttention:
         if not (self.scores or self.pattern) and self._use_sdpa(q, n):
             out = self._sdpa(q, k, v, split)  # nobody looks at the pattern: skip it
             if out is not None:
-                return self._output(out, b, padded if mode == "slab" else None)
+                return self._output(out, b, lin, padded if mode == "slab" else None)
         if g > 1:
             qg = q.reshape(b, h // g, g, self.head_dim)
             if self._keys_first(q):  # the same dot products as [keys, d] @ [d, group]
@@ -883,12 +883,13 @@ class _LeanAttention:
                 av = functools.partial(_row_apply2, av)
             out = av(weights.reshape(b, h // g, g, n), v).reshape(b, h, 1, -1) if g > 1 \
                 else av(weights, v)
-        return self._output(out, b, padded if mode == "slab" else None)
+        return self._output(out, b, lin, padded if mode == "slab" else None)
 
-    def _output(self, out: Tensor, b: int, padded: int | None) -> Tensor:
+    def _output(self, out: Tensor, b: int, lin, padded: int | None) -> Tensor:
         """``[batch, head, 1, d_head]`` -> ``hook_z`` -> ``o_proj`` -> ``hook_out``.
 
-        ``padded``: "slab" mode, the output padded to that many rows (see :meth:`forward`).
+        ``lin``: the step's weight product; ``padded``: "slab" mode, the output padded to that
+        many rows (see :meth:`forward`).
         """
         out = out.transpose(1, 2).contiguous().reshape(b, 1, -1)
         if self.wo.dtype.is_floating_point and out.dtype != self.wo.dtype:
@@ -899,19 +900,13 @@ class _LeanAttention:
             if not (self.o_out or self.h_out):
                 return out
             out = out[:b]
-        elif self.rows_split(b, out.device):
-            out = _row_linear(out, self.wo, self.bo)
         else:
-            out = torch.nn.functional.linear(out, self.wo, self.bo)
+            out = lin(out, self.wo, self.bo)
         if self.o_out:
             out = self.o_out(out)
         if self.h_out:
             out = self.h_out(out)
         return out if padded is None else _pad_rows(out, padded)
-
-    @classmethod
-    def rows_split(cls, b: int, device: torch.device) -> bool:
-        return cls.batch_mode(device, b) == "row"
 
 
 class _LeanDecoder:
