@@ -21,10 +21,10 @@ import argparse
 import json
 import random
 import sys
-import time
 from pathlib import Path
 
 import torch
+from gpu_timing import mean_seconds
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -71,15 +71,6 @@ def main() -> None:
     class _Blocks:
         av_block = 1024
 
-    def timed(fn, repeats: int = 50) -> float:
-        fn()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        torch.cuda.synchronize()
-        return (time.perf_counter() - t) / repeats
-
     def count(name: str, ok: bool) -> None:
         r = results.setdefault(name, {"identical": 0, "of": 0})
         r["identical"] += int(ok)
@@ -125,7 +116,7 @@ def main() -> None:
             w = rand(n_out, n_in)
             for m in (1, 8, pad):
                 x = rand(m, n_in)
-                us = 1e6 * timed(lambda x=x, w=w: F.linear(x, w))
+                us = 1e6 * mean_seconds(lambda x=x, w=w: F.linear(x, w))
                 timings[f"linear {n_out}x{n_in}, M={m} (us)"] = round(us, 1)
     info = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
             "torch": torch.__version__, "shape": args.shape, "dtype": args.dtype,

@@ -165,6 +165,18 @@ def timed_pair(fa, fb, repeats: int, warmup: int = 1):
     return tuple((statistics.median(x["times"]), x["times"], x["peak"], x["last"]) for x in out)
 
 
+def timed_with(setting: str, value, fn, repeats: int):
+    """:func:`timed` with ``_LeanAttention.<setting> = value``, restored afterwards."""
+    from rhlens.engine import _LeanAttention
+
+    old = getattr(_LeanAttention, setting)
+    setattr(_LeanAttention, setting, value)
+    try:
+        return timed(fn, repeats)
+    finally:
+        setattr(_LeanAttention, setting, old)
+
+
 def timed(fn, repeats: int, warmup: int = 1):
     """(median seconds, all seconds, peak GiB, last result)."""
     for _ in range(warmup):
@@ -566,8 +578,6 @@ def main(argv=None) -> int:
     res["weights_gib"] = weights_gib
 
     if args.chunk_study:
-        from rhlens.engine import _LeanAttention
-
         study = res["chunk_study"] = {}
         for n in lengths:
             probe = make([n], [50.0])[0]
@@ -575,12 +585,8 @@ def main(argv=None) -> int:
             study[n] = {"hf_s": hf_s}
             for chunk in (4096, 16384, 1 << 20):
                 for av in ("split", "mm"):
-                    _LeanAttention.av = av
-                    try:
-                        t = timed(lambda p=probe, c=chunk: detect(model, tok_n, [p], n_new, chunk=c),
-                                  args.repeats)[0]
-                    finally:
-                        _LeanAttention.av = None
+                    t = timed_with("av", av, lambda p=probe, c=chunk: detect(
+                        model, tok_n, [p], n_new, chunk=c), args.repeats)[0]
                     study[n][f"chunk{chunk}_{av}"] = t / hf_s
                 print(n, chunk, json.dumps({k: round(v, 3) for k, v in study[n].items()}), flush=True)
             save()
@@ -637,26 +643,14 @@ def main(argv=None) -> int:
                        tokens_compared=cut)
             if args.expand_variant and model.cfg.n_key_value_heads not in (None, model.cfg.n_heads):
                 # The bridge's way under GQA: K/V copied per query head at every step.
-                from rhlens.engine import _LeanAttention
-
-                _LeanAttention.expand_kv = True
-                try:
-                    med_x, times_x, peak_x, sx = timed(lambda p=probe: detect(model, tok_n, [p], n_new),
-                                                       args.repeats)
-                finally:
-                    _LeanAttention.expand_kv = False
+                med_x, times_x, peak_x, sx = timed_with(
+                    "expand_kv", True, lambda p=probe: detect(model, tok_n, [p], n_new), args.repeats)
                 row.update(expand_s=med_x, expand_all=times_x, expand_peak_gib=peak_x,
                            expand_ratio=med_x / med,
                            expand_same=same_results(sx, sc))
             for av in [x for x in args.av_variants.split(",") if x]:
-                from rhlens.engine import _LeanAttention
-
-                _LeanAttention.av = av
-                try:
-                    med_v, times_v, _, sv = timed(lambda p=probe: detect(model, tok_n, [p], n_new),
-                                                  args.repeats)
-                finally:
-                    _LeanAttention.av = None
+                med_v, times_v, _, _ = timed_with(
+                    "av", av, lambda p=probe: detect(model, tok_n, [p], n_new), args.repeats)
                 row.update({f"av_{av}_s": med_v, f"av_{av}_all": times_v,
                             f"av_{av}_ratio": med_v / med})
             if n <= args.paper_max:

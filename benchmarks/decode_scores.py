@@ -14,19 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
-
-
-def timed(fn, repeats: int = 50) -> float:
-    fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / repeats
+from gpu_timing import mean_seconds
 
 
 def main() -> None:
@@ -52,8 +42,8 @@ def main() -> None:
         def k_q_contiguous(k_q=k_q):
             return k_q().contiguous()
 
-        out[n] = {"q@K^T us": 1e6 * timed(q_k), "K@q^T us": 1e6 * timed(k_q),
-                  "K@q^T then contiguous us": 1e6 * timed(k_q_contiguous),
+        out[n] = {"q@K^T us": 1e6 * mean_seconds(q_k), "K@q^T us": 1e6 * mean_seconds(k_q),
+                  "K@q^T then contiguous us": 1e6 * mean_seconds(k_q_contiguous),
                   "identical": bool(torch.equal(q_k(), k_q())),
                   "max_abs_diff": float((q_k().float() - k_q().float()).abs().max())}
     print(json.dumps(out, indent=1))

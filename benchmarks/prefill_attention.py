@@ -21,21 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
-
-
-def timed(fn, repeats: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+from gpu_timing import median_seconds
 
 
 def main() -> None:
@@ -73,11 +61,11 @@ def main() -> None:
            "chunk": c, "heads": h, "head_dim": d}
     for name, fn in (("sdpa_lower_right", lower_right), ("flash_op", flash_op)):
         out = fn()
-        res[name] = {"ms": 1000 * timed(fn, args.repeats),
+        res[name] = {"ms": 1000 * median_seconds(fn, args.repeats),
                      "max_abs_err": float((out[:, :, -tail:].float() - ref).abs().max())}
     res["sdpa_vs_flash_identical"] = bool(torch.equal(lower_right(), flash_op()))
     qa = torch.randn(1, h, n, d, device=dev, dtype=dt, generator=g)
-    res["one_shot_ms_per_chunk"] = 1000 * timed(
+    res["one_shot_ms_per_chunk"] = 1000 * median_seconds(
         lambda: sdpa(qa, k, v, is_causal=True, scale=scale), args.repeats) / (n // c)
     print(json.dumps(res))
 
