@@ -1,0 +1,309 @@
+"""One way to save and load every result, and configs that save as the configs they are.
+
+A saved result is a directory::
+
+    result.json           {"kind", "schema_version", "rhlens_version", "fields": {...}}
+    tensors.safetensors   every tensor field (only when there is one)
+    <field>/              a nested result (itself saved this way)
+
+A result class is a dataclass that inherits :class:`Result`; its fields are saved by type,
+with no per-class code:
+
+* a ``torch.Tensor``: into ``tensors.safetensors`` (dtype kept, bool included);
+* a :class:`Config` (frozen settings): as ``{"__config__": {"type": ..., fields}}`` and loaded
+  back as that config class, validated again by its ``__post_init__``;
+* a :class:`Result`, or a list of them: into sub-directories;
+* anything JSON can hold (numbers, strings, lists, dicts); tuples come back as tuples where
+  the field is annotated ``tuple``.
+
+``kind`` is the class name unless the class sets it; :func:`load_result` opens any saved
+result by its kind. A class that changes its fields raises ``schema_version`` and overrides
+:meth:`Result.upgrade` to read the older files (version 0 is a file written before this
+protocol existed, when the class had its own format).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import torch
+
+from rhlens.errors import ConfigError, RhlensError
+
+__all__ = [
+    "Config",
+    "Result",
+    "ResultError",
+    "atomic_write_text",
+    "load_result",
+    "read_json",
+    "write_json",
+]
+
+RESULT_FILE = "result.json"
+TENSOR_FILE = "tensors.safetensors"
+
+R = TypeVar("R", bound="Result")
+C = TypeVar("C", bound="Config")
+
+
+class ResultError(RhlensError):
+    """A saved result is missing, damaged, of another kind, or from a newer rhlens."""
+
+
+# ---- files -----------------------------------------------------------------------------------
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write a file so that a crash leaves either the old content or the new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        # mkstemp makes owner-only files; results are meant to be shared like any other file.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """``obj`` as indented JSON, written atomically."""
+    return atomic_write_text(path, json.dumps(obj, indent=1, allow_nan=True))
+
+
+def read_json(path: str | Path, what: str = "file") -> Any:
+    """A JSON file, or a :class:`ResultError` that names it (never a bare traceback)."""
+    path = Path(path)
+    if not path.exists():
+        raise ResultError(f"{path} does not exist")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ResultError(f"{path} is damaged ({what} is not valid JSON: {exc}); "
+                          "delete it or rerun the command that wrote it") from exc
+
+
+# ---- configs ---------------------------------------------------------------------------------
+class Config:
+    """Mixin for frozen settings dataclasses: ``to_dict()`` / ``from_dict()``, by class name."""
+
+    _configs: ClassVar[dict[str, type]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        Config._configs[cls.__name__] = cls
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"type": class name, field: value, ...}``, JSON-ready."""
+        out: dict[str, Any] = {"type": type(self).__name__}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            out[f.name] = _plain(getattr(self, f.name), f"{type(self).__name__}.{f.name}")
+        return out
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+        """The config ``data`` describes (its ``type`` must be ``cls`` or a subclass)."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"expected a {cls.__name__} as a JSON object, got {type(data).__name__}")
+        name = data.get("type", cls.__name__)
+        target = Config._configs.get(name)
+        if target is None or not issubclass(target, cls):
+            raise ConfigError(f"{name!r} is not a {cls.__name__}")
+        names = {f.name: f for f in dataclasses.fields(target)}  # type: ignore[arg-type]
+        unknown = sorted(k for k in data if k != "type" and k not in names)
+        if unknown:
+            raise ConfigError(f"{name} has no setting(s) {', '.join(unknown)} "
+                              "(written by a newer rhlens?)")
+        kwargs = {k: _restore(v, str(names[k].type)) for k, v in data.items() if k in names}
+        return target(**kwargs)
+
+
+# ---- results ---------------------------------------------------------------------------------
+class Result:
+    """Mixin for result dataclasses: ``save(dir)`` and ``load(dir)``, one protocol for all."""
+
+    kind: ClassVar[str] = ""
+    schema_version: ClassVar[int] = 1
+    _results: ClassVar[dict[str, type]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.__dict__.get("kind"):
+            cls.kind = cls.__name__
+        Result._results[cls.kind] = cls
+
+    # -- writing --
+    def save(self, directory: str | Path) -> Path:
+        """Write this result into ``directory`` (created; files replaced atomically)."""
+        from safetensors.torch import save_file
+
+        from rhlens import __version__
+
+        directory = Path(directory)
+        if directory.exists() and not directory.is_dir():
+            raise ResultError(f"cannot save into {directory}: it is a file, not a directory")
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, torch.Tensor] = {}
+        fields: dict[str, Any] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                tensors[f.name] = value.detach().cpu().contiguous()
+                fields[f.name] = {"__tensor__": f.name}
+            elif isinstance(value, Result):
+                value.save(directory / f.name)
+                fields[f.name] = {"__result__": f.name}
+            elif isinstance(value, list) and value and all(isinstance(v, Result) for v in value):
+                for i, v in enumerate(value):
+                    v.save(directory / f.name / str(i))
+                fields[f.name] = {"__results__": f.name, "n": len(value)}
+            else:
+                fields[f.name] = _plain(value, f"{type(self).__name__}.{f.name}")
+        if tensors:
+            tmp = directory / f".{TENSOR_FILE}.tmp"
+            save_file(tensors, str(tmp))
+            os.replace(tmp, directory / TENSOR_FILE)
+        doc = {"kind": self.kind, "schema_version": self.schema_version,
+               "rhlens_version": __version__, "fields": fields}
+        write_json(directory / RESULT_FILE, doc)
+        return directory
+
+    # -- reading --
+    @classmethod
+    def load(cls: type[R], directory: str | Path) -> R:
+        """The result saved in ``directory``; it must be a ``cls`` (or a subclass)."""
+        directory = Path(directory)
+        doc = _read_doc(directory, cls)
+        target = Result._results.get(doc.get("kind", ""))
+        if target is None or not issubclass(target, cls):
+            raise ResultError(f"{directory} holds a {doc.get('kind')!r} result, not a {cls.kind}")
+        version = doc.get("schema_version", 0)
+        if not isinstance(version, int) or version > target.schema_version:
+            raise ResultError(f"{directory} was written by a newer rhlens (schema {version} of "
+                              f"{target.kind}; this one reads up to {target.schema_version}); "
+                              "upgrade rhlens")
+        if version < target.schema_version:
+            doc = target.upgrade(doc, version, directory)
+        return target._from_doc(doc, directory)
+
+    @classmethod
+    def upgrade(cls, doc: dict[str, Any], version: int, directory: Path) -> dict[str, Any]:
+        """Turn a document of an older ``version`` into the current one (override to support
+        older files; version 0 is a file from before this protocol, ``doc`` then holds the
+        old ``meta.json``)."""
+        raise ResultError(f"{directory} holds a {cls.kind} in an old format (schema {version}) "
+                          "that this rhlens cannot read; rerun the command that wrote it")
+
+    @classmethod
+    def _from_doc(cls: type[R], doc: dict[str, Any], directory: Path) -> R:
+        fields = doc.get("fields")
+        if not isinstance(fields, dict):
+            raise ResultError(f"{directory / RESULT_FILE} has no 'fields' object (damaged?)")
+        tensors = None
+        kwargs: dict[str, Any] = {}
+        known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        for name, value in fields.items():
+            if name not in known:
+                continue  # a field this version dropped
+            if isinstance(value, dict) and "__tensor__" in value:
+                if tensors is None:
+                    tensors = _read_tensors(directory)
+                if value["__tensor__"] not in tensors:
+                    raise ResultError(f"{directory / TENSOR_FILE} lacks tensor {value['__tensor__']!r}")
+                kwargs[name] = tensors[value["__tensor__"]]
+            elif isinstance(value, dict) and "__result__" in value:
+                kwargs[name] = load_result(directory / value["__result__"])
+            elif isinstance(value, dict) and "__results__" in value:
+                kwargs[name] = [load_result(directory / value["__results__"] / str(i))
+                                for i in range(int(value["n"]))]
+            else:
+                kwargs[name] = _restore(value, str(known[name].type))
+        try:
+            return cls(**kwargs)
+        except (TypeError, RhlensError) as exc:
+            raise ResultError(f"{directory} does not hold a valid {cls.kind}: {exc}") from exc
+
+
+def load_result(directory: str | Path) -> Result:
+    """Whatever result is saved in ``directory``, as its own class."""
+    return Result.load(directory)
+
+
+def _read_doc(directory: Path, cls: type) -> dict[str, Any]:
+    if not directory.exists():
+        raise ResultError(f"{directory} does not exist")
+    if not directory.is_dir():
+        raise ResultError(f"{directory} is a file; a saved result is a directory")
+    path = directory / RESULT_FILE
+    if path.exists():
+        doc = read_json(path, "result.json")
+        if not isinstance(doc, dict):
+            raise ResultError(f"{path} is damaged (not a JSON object)")
+        return doc
+    legacy = directory / "meta.json"  # the format before this protocol (schema 0)
+    if legacy.exists():
+        meta = read_json(legacy, "meta.json")
+        if isinstance(meta, dict):
+            return {"kind": meta.get("kind"), "schema_version": 0, "meta": meta}
+    raise ResultError(f"{directory} holds no saved rhlens result (no {RESULT_FILE})")
+
+
+def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = directory / TENSOR_FILE
+    if not path.exists():
+        raise ResultError(f"{path} is missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ResultError(f"{path} is damaged ({exc}); rerun the command that wrote it") from exc
+
+
+# ---- JSON values -----------------------------------------------------------------------------
+def _plain(value: Any, where: str) -> Any:
+    """``value`` as JSON can hold it; a Config is tagged so it loads back as one."""
+    if isinstance(value, Config):
+        return {"__config__": value.to_dict()}
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else {"__float__": repr(value)}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, where) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v, where) for k, v in value.items()}
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        return _plain(value.item(), where)
+    raise ResultError(f"{where}: cannot save a {type(value).__name__} (not JSON-able)")
+
+
+def _restore(value: Any, annotation: str = "") -> Any:
+    if isinstance(value, dict):
+        if "__config__" in value and len(value) == 1:
+            return Config.from_dict(value["__config__"])
+        if "__float__" in value and len(value) == 1:
+            return float(value["__float__"])
+        return {k: _restore(v) for k, v in value.items()}
+    if isinstance(value, list):
+        items = [_restore(v) for v in value]
+        return tuple(items) if annotation.startswith(("tuple", "Tuple")) else items
+    return value
