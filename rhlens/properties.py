@@ -16,7 +16,6 @@ Analyses never print or plot; figures live in :mod:`rhlens.plotting.properties`.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,20 +23,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from einops import rearrange, reduce
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from rhlens._result import atomic_write_text, load_bundle, save_bundle
+from rhlens import stats
 from rhlens.errors import ConfigError
+from rhlens.results import Config, Result, ResultError, read_json
 from rhlens.scores import Head, RetrievalScores
 
 __all__ = [
     "DynamicResult",
     "IntrinsicResult",
+    "PropertySettings",
     "SparsityResult",
     "StabilityResult",
     "UniversalRow",
     "UniversalTable",
+    "detection_properties",
     "dynamic",
     "intrinsic",
     "jaccard",
@@ -50,6 +53,12 @@ __all__ = [
 ]
 
 RETRIEVAL_THRESHOLD = 0.1  # the paper's cut between retrieval heads and the rest
+
+# The one home of each rule is rhlens.stats; these names stay importable from here.
+top_k_heads = stats.top_k_heads
+jaccard = stats.jaccard
+pearson = stats.pearson
+spearman = stats.spearman
 
 
 # ---- shared helpers ---------------------------------------------------------------------------
@@ -88,109 +97,26 @@ def _check_positive_int(value: int, name: str) -> int:
     return value
 
 
-def top_k_heads(mean: Float[Tensor, "layer head"], k: int) -> list[Head]:
-    """The ``k`` best heads of a score grid, best first, ties broken by (layer, head) order.
-
-    Unlike ``torch.topk`` the tie-break is deterministic, which matters here: most heads of
-    a real model score exactly 0, so a top-K that reaches into them (or two heads with equal
-    scores at the K-th place) would otherwise make overlaps depend on the kernel.
-    """
-    n_heads = mean.shape[1]
-    k = _check_k(k, mean.numel())
-    order = torch.sort(mean.flatten(), descending=True, stable=True).indices[:k]
-    return [(int(i) // n_heads, int(i) % n_heads) for i in order]
-
-
 def _heads_in_order(mask: Tensor, mean: Float[Tensor, "layer head"]) -> list[Head]:
-    """Heads where ``mask`` holds, best mean score first (stable for ties)."""
-    n_heads = mean.shape[1]
-    order = torch.sort(mean.flatten(), descending=True, stable=True).indices
-    flat_mask = mask.flatten()
-    return [(int(i) // n_heads, int(i) % n_heads) for i in order if bool(flat_mask[i])]
+    """Heads where ``mask`` holds, best mean score first (the one ranking rule)."""
+    return [(la, h) for la, h in stats.rank_heads(mean) if bool(mask[la, h])]
 
 
-def jaccard(a: Sequence[Head], b: Sequence[Head]) -> float:
-    """|A ∩ B| / |A ∪ B| of two head sets (1.0 for two empty sets)."""
-    sa, sb = {tuple(h) for h in a}, {tuple(h) for h in b}
-    union = sa | sb
-    return 1.0 if not union else len(sa & sb) / len(union)
-
-
-def pearson(x: Float[Tensor, " n"], y: Float[Tensor, " n"]) -> float:
-    """Pearson correlation; NaN when either vector is constant (correlation undefined)."""
-    x, y = x.double(), y.double()
-    x, y = x - x.mean(), y - y.mean()
-    denom = float(x.norm() * y.norm())
-    if denom == 0.0 or not math.isfinite(denom):
-        return float("nan")
-    return float((x * y).sum()) / denom
-
-
-def _average_ranks(x: Float[Tensor, " n"]) -> Float[Tensor, " n"]:
-    """1-based ranks, tied values sharing the average of their ranks (as Spearman needs)."""
-    n = x.shape[0]
-    order = torch.sort(x, stable=True).indices
-    ordered = x[order]
-    starts = torch.ones(n, dtype=torch.bool)
-    starts[1:] = ordered[1:] != ordered[:-1]
-    group = torch.cumsum(starts.long(), 0) - 1
-    n_groups = int(group[-1]) + 1 if n else 0
-    position = torch.arange(1, n + 1, dtype=torch.float64)
-    sums = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, group, position)
-    sizes = torch.bincount(group, minlength=n_groups).double()
-    ranks = torch.empty(n, dtype=torch.float64)
-    ranks[order] = (sums / sizes)[group]
-    return ranks
-
-
-def spearman(x: Float[Tensor, " n"], y: Float[Tensor, " n"]) -> float:
-    """Spearman rank correlation with average ranks for ties (no scipy needed).
-
-    Ties matter for retrieval scores: most heads score exactly 0 on every probe.
-    """
-    return pearson(_average_ranks(x.double()), _average_ranks(y.double()))
-
-
-def _quantiles(x: Float[Tensor, "sample ..."], qs: Sequence[float]) -> Float[Tensor, "q ..."]:
-    """Linear-interpolation quantiles along dim 0, by sorting (no size limit unlike quantile)."""
-    ordered = torch.sort(x, dim=0).values
-    n = ordered.shape[0]
-    out = []
-    for q in qs:
-        pos = q * (n - 1)
-        lo, hi = math.floor(pos), math.ceil(pos)
-        frac = pos - lo
-        out.append(ordered[lo] * (1 - frac) + ordered[hi] * frac)
-    return torch.stack(out)
-
-
-def _heads_to_json(heads: Sequence[Head]) -> list[list[int]]:
-    return [[int(la), int(h)] for la, h in heads]
-
-
-def _heads_from_json(data: Sequence[Sequence[int]]) -> list[Head]:
-    return [(int(la), int(h)) for la, h in data]
-
-
-def _write_json(directory: str | Path, name: str, kind: str, payload: dict[str, Any]) -> Path:
-    directory = Path(directory)
-    atomic_write_text(directory / name, json.dumps({"kind": kind, **payload}, indent=1))
-    return directory
-
-
-def _read_json(directory: str | Path, name: str, kind: str) -> dict[str, Any]:
-    path = Path(directory) / name
-    if not path.exists():
-        raise FileNotFoundError(f"{directory} holds no saved {kind} (no {name})")
-    data = json.loads(path.read_text())
-    if data.get("kind") != kind:
-        raise ValueError(f"{path} holds a {data.get('kind')!r} result, not {kind!r}")
-    return data
+def _bundle_doc(cls: type[Result], doc: dict[str, Any], directory: Path,
+                tensors: Sequence[str]) -> dict[str, Any]:
+    """A schema-0 result (``meta.json`` + ``tensors.safetensors``, each field in one of
+    them under its own name) as a current document."""
+    meta = {k: v for k, v in doc["meta"].items() if k != "kind"}
+    missing = [f for f in cls.__dataclass_fields__ if f not in meta and f not in tensors]
+    if missing:
+        raise ResultError(f"{directory}/meta.json lacks {', '.join(missing)} (damaged?)")
+    return {"kind": cls.kind, "schema_version": cls.schema_version,
+            "fields": {**meta, **{name: {"__tensor__": name} for name in tensors}}}
 
 
 # ---- sparse -----------------------------------------------------------------------------------
 @dataclass
-class SparsityResult:
+class SparsityResult(Result):
     """How few heads are retrieval heads: counts above thresholds, a histogram, counts per layer.
 
     Attributes:
@@ -245,21 +171,13 @@ class SparsityResult:
         data = {f"above_{t:g}": self.per_layer[i].tolist() for i, t in enumerate(self.thresholds)}
         return pd.DataFrame({"layer": list(range(self.mean.shape[0])), **data})
 
-    def save(self, directory: str | Path) -> Path:
-        tensors = {"mean": self.mean.float(), "counts": self.counts.long(),
-                   "fractions": self.fractions.float(), "per_layer": self.per_layer.long(),
-                   "hist_counts": self.hist_counts.long(), "hist_edges": self.hist_edges.float()}
-        meta = {"model_name": self.model_name, "thresholds": list(self.thresholds),
-                "n_probes": self.n_probes}
-        return save_bundle(directory, tensors, meta, kind="SparsityResult")
-
     @classmethod
-    def load(cls, directory: str | Path) -> SparsityResult:
-        t, meta = load_bundle(directory, kind="SparsityResult")
-        return cls(model_name=meta["model_name"], thresholds=tuple(meta["thresholds"]),
-                   mean=t["mean"], counts=t["counts"], fractions=t["fractions"],
-                   per_layer=t["per_layer"], hist_counts=t["hist_counts"],
-                   hist_edges=t["hist_edges"], n_probes=int(meta["n_probes"]))
+    def upgrade(cls, doc: dict[str, Any], version: int, directory: Path) -> dict[str, Any]:
+        """Schema 0: ``meta.json`` + ``tensors.safetensors``, fields split between them."""
+        if version != 0:
+            return super().upgrade(doc, version, directory)
+        return _bundle_doc(cls, doc, directory, ("mean", "counts", "fractions", "per_layer",
+                                                  "hist_counts", "hist_edges"))
 
 
 def sparse(scores: RetrievalScores, thresholds: Sequence[float] = (0.1, 0.5),
@@ -278,22 +196,23 @@ def sparse(scores: RetrievalScores, thresholds: Sequence[float] = (0.1, 0.5),
     ts = tuple(_check_threshold(t, "every threshold") for t in thresholds)
     _check_positive_int(bins, "bins")
     mean = ok.mean(0)
-    above = torch.stack([mean > t for t in ts])  # [threshold, layer, head]
-    counts = above.flatten(1).sum(1)
+    above = torch.stack([mean > t for t in ts]).long()
+    counts = reduce(above, "threshold layer head -> threshold", "sum")
     hi = max(1.0, float(mean.max()))
     hist, edges = torch.histogram(mean.flatten().float(), bins=bins, range=(0.0, hi))
     return SparsityResult(
         model_name=scores.model_name, thresholds=ts, mean=mean,
         counts=counts, fractions=counts.double() / mean.numel(),
-        per_layer=above.sum(-1), hist_counts=hist.long(), hist_edges=edges,
+        per_layer=reduce(above, "threshold layer head -> threshold layer", "sum"),
+        hist_counts=hist.long(), hist_edges=edges,
         n_probes=ok.shape[0],
     )
 
 
 # ---- universal --------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class UniversalRow:
-    """One model's line of the universality table."""
+class UniversalRow(Config):
+    """One model's line of the universality table (a frozen value: it saves as a Config)."""
 
     model: str
     n_layers: int
@@ -308,7 +227,7 @@ class UniversalRow:
 
 
 @dataclass
-class UniversalTable:
+class UniversalTable(Result):
     """Retrieval heads exist in every model family: one row per model, comparable at a glance."""
 
     rows: list[UniversalRow]
@@ -337,21 +256,30 @@ class UniversalTable:
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
-    def save(self, directory: str | Path) -> Path:
-        rows = [{"model": r.model, "n_layers": r.n_layers, "n_heads": r.n_heads,
-                 "n_probes": r.n_probes, "n_retrieval": r.n_retrieval,
-                 "top": [list(t) for t in r.top]} for r in self.rows]
-        return _write_json(directory, "universal.json", "UniversalTable",
-                           {"threshold": self.threshold, "top_k": self.top_k, "rows": rows})
-
     @classmethod
     def load(cls, directory: str | Path) -> UniversalTable:
-        data = _read_json(directory, "universal.json", "UniversalTable")
-        rows = [UniversalRow(model=r["model"], n_layers=r["n_layers"], n_heads=r["n_heads"],
-                             n_probes=r["n_probes"], n_retrieval=r["n_retrieval"],
-                             top=tuple((int(la), int(h), float(s)) for la, h, s in r["top"]))
-                for r in data["rows"]]
-        return cls(rows=rows, threshold=float(data["threshold"]), top_k=int(data["top_k"]))
+        """A saved table; also the ``universal.json`` of older rhlens versions (schema 0)."""
+        directory = Path(directory)
+        legacy = directory / "universal.json"
+        if not (directory / "result.json").exists() and legacy.is_file():
+            data = read_json(legacy, "universal.json")
+            if not isinstance(data, dict) or data.get("kind") != "UniversalTable":
+                raise ResultError(f"{legacy} holds no UniversalTable")
+            return cls._from_doc(cls.upgrade({"meta": data}, 0, directory), directory)
+        return super().load(directory)
+
+    @classmethod
+    def upgrade(cls, doc: dict[str, Any], version: int, directory: Path) -> dict[str, Any]:
+        """Schema 0: ``universal.json`` with rows as plain objects."""
+        if version != 0:
+            return super().upgrade(doc, version, directory)
+        data = doc["meta"]
+        try:
+            rows = [{"__config__": {"type": "UniversalRow", **r}} for r in data["rows"]]
+            fields = {"rows": rows, "threshold": data["threshold"], "top_k": data["top_k"]}
+        except (KeyError, TypeError) as exc:
+            raise ResultError(f"{directory}/universal.json is damaged ({exc!r})") from exc
+        return {"kind": cls.kind, "schema_version": cls.schema_version, "fields": fields}
 
 
 def universal(score_sets: list[RetrievalScores], threshold: float = RETRIEVAL_THRESHOLD,
@@ -368,13 +296,13 @@ def universal(score_sets: list[RetrievalScores], threshold: float = RETRIEVAL_TH
         top = tuple((la, h, float(mean[la, h])) for la, h in top_k_heads(mean, k))
         rows.append(UniversalRow(model=scores.model_name, n_layers=scores.n_layers,
                                  n_heads=scores.n_heads, n_probes=scores.n_successful,
-                                 n_retrieval=int((mean > threshold).sum()), top=top))
+                                 n_retrieval=len(stats.heads_above(mean, threshold)), top=top))
     return UniversalTable(rows=rows, threshold=threshold, top_k=top_k)
 
 
 # ---- intrinsic --------------------------------------------------------------------------------
 @dataclass
-class IntrinsicResult:
+class IntrinsicResult(Result):
     """Whether two models (a base and its variant) share retrieval heads.
 
     Attributes:
@@ -407,7 +335,7 @@ class IntrinsicResult:
 
     def pairs(self) -> Float[Tensor, "cell 2"]:
         """``[score_a, score_b]`` per head, row-major over (layer, head): the scatter points."""
-        return torch.stack([self.mean_a.flatten(), self.mean_b.flatten()], dim=1)
+        return rearrange(torch.stack([self.mean_a, self.mean_b]), "model layer head -> (layer head) model")
 
     def to_dataframe(self):
         """One row per head with both scores and top-K membership."""
@@ -425,20 +353,12 @@ class IntrinsicResult:
                 "spearman": self.spearman, "k": self.k, "overlap": self.overlap,
                 "jaccard": self.jaccard}
 
-    def save(self, directory: str | Path) -> Path:
-        meta = {**self.summary(), "top_a": _heads_to_json(self.top_a),
-                "top_b": _heads_to_json(self.top_b)}
-        tensors = {"mean_a": self.mean_a.float(), "mean_b": self.mean_b.float()}
-        return save_bundle(directory, tensors, meta, kind="IntrinsicResult")
-
     @classmethod
-    def load(cls, directory: str | Path) -> IntrinsicResult:
-        t, m = load_bundle(directory, kind="IntrinsicResult")
-        return cls(model_a=m["model_a"], model_b=m["model_b"], mean_a=t["mean_a"],
-                   mean_b=t["mean_b"], pearson=float(m["pearson"]), spearman=float(m["spearman"]),
-                   k=int(m["k"]), top_a=_heads_from_json(m["top_a"]),
-                   top_b=_heads_from_json(m["top_b"]), overlap=int(m["overlap"]),
-                   jaccard=float(m["jaccard"]))
+    def upgrade(cls, doc: dict[str, Any], version: int, directory: Path) -> dict[str, Any]:
+        """Schema 0: ``meta.json`` (summary, top sets) + ``tensors.safetensors`` (means)."""
+        if version != 0:
+            return super().upgrade(doc, version, directory)
+        return _bundle_doc(cls, doc, directory, ("mean_a", "mean_b"))
 
 
 def intrinsic(a: RetrievalScores, b: RetrievalScores, k: int = 20) -> IntrinsicResult:
@@ -456,18 +376,18 @@ def intrinsic(a: RetrievalScores, b: RetrievalScores, k: int = 20) -> IntrinsicR
     mean_a, mean_b = _successful(a).mean(0), _successful(b).mean(0)
     k = _check_k(k, mean_a.numel())
     top_a, top_b = top_k_heads(mean_a, k), top_k_heads(mean_b, k)
+    cells = rearrange(torch.stack([mean_a, mean_b]), "model layer head -> model (layer head)")
     overlap = len(set(top_a) & set(top_b))
     return IntrinsicResult(
         model_a=a.model_name, model_b=b.model_name, mean_a=mean_a, mean_b=mean_b,
-        pearson=pearson(mean_a.flatten(), mean_b.flatten()),
-        spearman=spearman(mean_a.flatten(), mean_b.flatten()),
-        k=k, top_a=top_a, top_b=top_b, overlap=overlap, jaccard=jaccard(top_a, top_b),
+        pearson=stats.pearson(*cells), spearman=stats.spearman(*cells),
+        k=k, top_a=top_a, top_b=top_b, overlap=overlap, jaccard=stats.jaccard(top_a, top_b),
     )
 
 
 # ---- dynamic ----------------------------------------------------------------------------------
 @dataclass
-class DynamicResult:
+class DynamicResult(Result):
     """Which retrieval heads fire on every probe and which depend on the context.
 
     Attributes:
@@ -504,22 +424,12 @@ class DynamicResult:
         } for la in range(n_layers) for h in range(n_heads)])
         return df.sort_values("score", ascending=False, kind="stable", ignore_index=True)
 
-    def save(self, directory: str | Path) -> Path:
-        meta = {"model_name": self.model_name, "active_threshold": self.active_threshold,
-                "retrieval_threshold": self.retrieval_threshold, "n_probes": self.n_probes,
-                "always_active": _heads_to_json(self.always_active),
-                "context_dependent": _heads_to_json(self.context_dependent)}
-        return save_bundle(directory, {"active_fraction": self.active_fraction.float(),
-                                       "mean": self.mean.float()}, meta, kind="DynamicResult")
-
     @classmethod
-    def load(cls, directory: str | Path) -> DynamicResult:
-        t, m = load_bundle(directory, kind="DynamicResult")
-        return cls(model_name=m["model_name"], active_threshold=float(m["active_threshold"]),
-                   retrieval_threshold=float(m["retrieval_threshold"]),
-                   n_probes=int(m["n_probes"]), active_fraction=t["active_fraction"],
-                   mean=t["mean"], always_active=_heads_from_json(m["always_active"]),
-                   context_dependent=_heads_from_json(m["context_dependent"]))
+    def upgrade(cls, doc: dict[str, Any], version: int, directory: Path) -> dict[str, Any]:
+        """Schema 0: ``meta.json`` + ``tensors.safetensors`` (active_fraction, mean)."""
+        if version != 0:
+            return super().upgrade(doc, version, directory)
+        return _bundle_doc(cls, doc, directory, ("active_fraction", "mean"))
 
 
 def dynamic(scores: RetrievalScores, active_threshold: float = 0.0,
@@ -549,7 +459,7 @@ def dynamic(scores: RetrievalScores, active_threshold: float = 0.0,
 
 # ---- stability (beyond the paper) ---------------------------------------------------------------
 @dataclass
-class StabilityResult:
+class StabilityResult(Result):
     """How much the head scores and the top-K set depend on which probes were run.
 
     Attributes:
@@ -606,30 +516,13 @@ class StabilityResult:
             "ci_low": float(self.ci_low[la, h]), "ci_high": float(self.ci_high[la, h]),
         } for la, h in top_k_heads(self.mean, min(k, self.mean.numel()))])
 
-    def save(self, directory: str | Path) -> Path:
-        tensors = {"mean": self.mean.float(), "ci_low": self.ci_low.float(),
-                   "ci_high": self.ci_high.float(), "steps": self.steps.long(),
-                   "jaccard_mean": self.jaccard_mean.float(),
-                   "jaccard_std": self.jaccard_std.float()}
-        meta = {"model_name": self.model_name, "k": self.k, "n_boot": self.n_boot,
-                "seed": self.seed, "repeats": self.repeats, "level": self.level,
-                "threshold": self.threshold, "target": self.target, "n_probes": self.n_probes,
-                "n_retrieval": self.n_retrieval, "n_retrieval_ci": list(self.n_retrieval_ci),
-                "top": _heads_to_json(self.top), "probes_needed": self.probes_needed}
-        return save_bundle(directory, tensors, meta, kind="StabilityResult")
-
     @classmethod
-    def load(cls, directory: str | Path) -> StabilityResult:
-        t, m = load_bundle(directory, kind="StabilityResult")
-        lo, hi = m["n_retrieval_ci"]
-        return cls(model_name=m["model_name"], k=int(m["k"]), n_boot=int(m["n_boot"]),
-                   seed=int(m["seed"]), repeats=int(m["repeats"]), level=float(m["level"]),
-                   threshold=float(m["threshold"]), target=float(m["target"]),
-                   n_probes=int(m["n_probes"]), mean=t["mean"], ci_low=t["ci_low"],
-                   ci_high=t["ci_high"], n_retrieval=int(m["n_retrieval"]),
-                   n_retrieval_ci=(float(lo), float(hi)), top=_heads_from_json(m["top"]),
-                   steps=t["steps"], jaccard_mean=t["jaccard_mean"],
-                   jaccard_std=t["jaccard_std"], probes_needed=m["probes_needed"])
+    def upgrade(cls, doc: dict[str, Any], version: int, directory: Path) -> dict[str, Any]:
+        """Schema 0: ``meta.json`` (settings, counts, top) + ``tensors.safetensors``."""
+        if version != 0:
+            return super().upgrade(doc, version, directory)
+        return _bundle_doc(cls, doc, directory, ("mean", "ci_low", "ci_high", "steps",
+                                                  "jaccard_mean", "jaccard_std"))
 
 
 def _default_steps(n: int, n_points: int = 12) -> list[int]:
@@ -684,43 +577,87 @@ def stability(scores: RetrievalScores, k: int = 10, n_boot: int = 1000, seed: in
             raise ConfigError(f"steps must be probe counts between 1 and the {n} successful "
                               f"probes, got {list(steps)!r}")
 
-    flat = ok.reshape(n, n_layers * n_heads).double()
-    mean = flat.mean(0)
+    mean = ok.mean(0)  # as RetrievalScores.mean: the same top-K, the same ties
+    top = top_k_heads(mean, k)
 
-    # bootstrap: counts[b, p] = how often probe p was drawn in resample b
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, n, (n_boot, n), generator=g)
-    counts = torch.zeros(n_boot, n, dtype=torch.float64).scatter_add_(
-        1, idx, torch.ones(n_boot, n, dtype=torch.float64))
-    boot = counts @ flat / n  # [n_boot, layer*head]
-    alpha = (1.0 - level) / 2
-    lo, hi = _quantiles(boot, (alpha, 1.0 - alpha))
-    n_ret = (boot > threshold).sum(1).double()
-    n_lo, n_hi = _quantiles(n_ret, (alpha, 1.0 - alpha))
+    # bootstrap of the successful probes: each head's interval, and that of the count
+    boot = stats.bootstrap_means(ok.double(), n_boot, seed)  # [boot, layer, head]
+    lo, hi = stats.percentile_interval(boot, level)
+    n_ret = reduce((boot > threshold).double(), "boot layer head -> boot", "sum")
+    n_lo, n_hi = stats.percentile_interval(n_ret, level)
 
-    # subsampling curve: top-K on n probes vs top-K on all
-    mean_grid = mean.reshape(n_layers, n_heads)
-    top = top_k_heads(mean_grid, k)
+    # subsampling curve: top-K on m probes (drawn without replacement) vs top-K on all
     g_sub = torch.Generator().manual_seed(seed + 1)
     j_mean, j_std = [], []
     for m in step_list:
         values = []
         for _ in range(repeats):
             pick = torch.randperm(n, generator=g_sub)[:m].sort().values
-            sub_top = top_k_heads(flat[pick].mean(0).reshape(n_layers, n_heads), k)
-            values.append(jaccard(sub_top, top))
+            values.append(stats.jaccard(top_k_heads(ok[pick].mean(0), k), top))
         v = torch.tensor(values, dtype=torch.float64)
         j_mean.append(float(v.mean()))
         j_std.append(float(v.std(correction=0)))
-    j_mean_t = torch.tensor(j_mean, dtype=torch.float32)
     needed = next((m for m, j in zip(step_list, j_mean) if j >= target - 1e-12), None)
 
-    shape = (n_layers, n_heads)
     return StabilityResult(
         model_name=scores.model_name, k=k, n_boot=n_boot, seed=seed, repeats=repeats,
         level=level, threshold=threshold, target=target, n_probes=n,
-        mean=mean_grid.float(), ci_low=lo.reshape(shape).float(), ci_high=hi.reshape(shape).float(),
-        n_retrieval=int((mean > threshold).sum()), n_retrieval_ci=(float(n_lo), float(n_hi)),
-        top=top, steps=torch.tensor(step_list, dtype=torch.long), jaccard_mean=j_mean_t,
+        mean=mean.float(), ci_low=lo.float(), ci_high=hi.float(),
+        n_retrieval=len(stats.heads_above(mean, threshold)),
+        n_retrieval_ci=(float(n_lo), float(n_hi)),
+        top=top, steps=torch.tensor(step_list, dtype=torch.long),
+        jaccard_mean=torch.tensor(j_mean, dtype=torch.float32),
         jaccard_std=torch.tensor(j_std, dtype=torch.float32), probes_needed=needed,
     )
+
+
+# ---- what a detection run saves ---------------------------------------------------------------
+@dataclass(frozen=True)
+class PropertySettings(Config):
+    """Settings of the properties saved next to a detection run's scores (each saved result
+    records its own settings as well)."""
+
+    thresholds: tuple[float, ...] = (0.1, 0.5)
+    bins: int = 40
+    active_threshold: float = 0.0
+    retrieval_threshold: float = RETRIEVAL_THRESHOLD
+    k: int = 10
+    n_boot: int = 1000
+    repeats: int = 20
+    seed: int = 0
+    level: float = 0.95
+    target: float = 0.9
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "thresholds", tuple(self.thresholds))
+        if not self.thresholds:
+            raise ConfigError("thresholds must not be empty")
+        for t in (*self.thresholds, self.active_threshold, self.retrieval_threshold):
+            _check_threshold(t, "every threshold")
+        for name in ("bins", "k", "n_boot", "repeats"):
+            _check_positive_int(getattr(self, name), name)
+        if not 0.0 < self.level < 1.0 or not 0.0 < self.target <= 1.0:
+            raise ConfigError(f"level must be in (0, 1) and target in (0, 1], got "
+                              f"{self.level}, {self.target}")
+
+
+def detection_properties(scores: RetrievalScores,
+                         settings: PropertySettings | None = None) -> dict[str, Result]:
+    """Sparse, dynamic and stability of one score set: what a run's report shows.
+
+    Empty when no probe succeeded (no property is defined); stability needs two successful
+    probes to resample; ``k`` is capped at the number of heads.
+    """
+    settings = settings or PropertySettings()
+    if scores.n_successful == 0:
+        return {}
+    out: dict[str, Result] = {
+        "sparse": sparse(scores, settings.thresholds, settings.bins),
+        "dynamic": dynamic(scores, settings.active_threshold, settings.retrieval_threshold),
+    }
+    if scores.n_successful >= 2:
+        out["stability"] = stability(
+            scores, k=min(settings.k, scores.n_layers * scores.n_heads), n_boot=settings.n_boot,
+            seed=settings.seed, repeats=settings.repeats, threshold=settings.retrieval_threshold,
+            level=settings.level, target=settings.target)
+    return out
