@@ -26,9 +26,9 @@ from rhlens.engine import GenerationConfig, generate_many
 from rhlens.errors import ConfigError
 from rhlens.io import ProbeLog, Records
 from rhlens.probe import Probe
-from rhlens.results import RESULT_FILE, Config, Result, ResultError, read_json
+from rhlens.results import Config, Result, ResultError
 from rhlens.retrieval import check_probes
-from rhlens.runs import NIAH_LOG, RunDir
+from rhlens.runs import NIAH_LOG, RunDir, load_single_file
 from rhlens.scores import RetrievalScores
 from rhlens.stats import rouge1_recall, rouge_tokens
 
@@ -166,10 +166,8 @@ class NIAHResult(Result):
     @classmethod
     def load(cls, directory: str | Path) -> NIAHResult:
         """A saved result; also the ``niah_result.json`` an older rhlens wrote (schema 0)."""
-        legacy = _legacy_file(directory, RunDir(directory).legacy_niah, cls.kind)
-        if legacy is not None:
-            return cls._from_doc(cls.upgrade({"meta": legacy}, 0, Path(directory)), Path(directory))
-        return super().load(directory)
+        return load_single_file(cls, directory, RunDir(directory).legacy_niah.name) or \
+            super().load(directory)
 
     @classmethod
     def upgrade(cls, doc: dict[str, Any], version: int, directory: Path) -> dict[str, Any]:
@@ -183,17 +181,6 @@ class NIAHResult(Result):
         return {"kind": cls.kind, "schema_version": cls.schema_version, "fields": {
             "records": data["records"], "masks": data["masks"],
             "model_name": data["model_name"], "config": data.get("config") or None}}
-
-
-def _legacy_file(directory: str | Path, path: Path, kind: str) -> dict[str, Any] | None:
-    """The content of an older single-file result in ``directory`` (``None`` when the
-    directory holds a current one, or no such file)."""
-    if (Path(directory) / RESULT_FILE).exists() or not path.is_file():
-        return None
-    data = read_json(path)
-    if not isinstance(data, dict) or data.get("kind") != kind:
-        raise ResultError(f"{path} holds no {kind}")
-    return data
 
 
 def niah_sweep(model, probes: Sequence[Probe], *, masks: Sequence[Mask] = (Mask.none(),),
@@ -362,10 +349,8 @@ class MaskSweepResult(Result):
     def load(cls, directory: str | Path) -> MaskSweepResult:
         """A saved sweep; also the ``mask_sweep.json`` + ``niah_result.json`` an older
         rhlens wrote into one directory (schema 0)."""
-        legacy = _legacy_file(directory, RunDir(directory).legacy_sweep, cls.kind)
-        if legacy is not None:
-            return cls._from_doc(cls.upgrade({"meta": legacy}, 0, Path(directory)), Path(directory))
-        return super().load(directory)
+        return load_single_file(cls, directory, RunDir(directory).legacy_sweep.name) or \
+            super().load(directory)
 
     @classmethod
     def upgrade(cls, doc: dict[str, Any], version: int, directory: Path) -> dict[str, Any]:

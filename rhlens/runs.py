@@ -37,6 +37,8 @@ __all__ = [
     "RunDir",
     "detection_summary",
     "find_scores",
+    "load_saved",
+    "load_single_file",
     "read_run",
     "save_detection_run",
     "save_figure",
@@ -147,8 +149,8 @@ def detection_summary(scores, *, wall_seconds: float | None = None, top: int = 2
         "written": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     if scores.n_successful:
-        summary["top_heads"] = [{"layer": la, "head": h, "score": round(s, 4)} for la, h, s in
-                                scores.top(min(top, scores.n_layers * scores.n_heads))]
+        summary["top_heads"] = [{"layer": la, "head": h, "score": round(s, 4)}
+                                for la, h, s in scores.top(top)]
         summary["fraction_above_0.1"] = round(scores.fraction_above(0.1), 4)
         summary["n_retrieval_heads"] = len(scores.retrieval_heads(0.1))
     if wall_seconds is not None:
@@ -265,6 +267,21 @@ def save_mask_sweep_run(out: str | Path, sweep, *, figures: bool = True) -> dict
 
 
 # ---- reading ---------------------------------------------------------------------------------
+def load_single_file(cls: type[Result], directory: str | Path, name: str) -> Result | None:
+    """A ``cls`` from the one JSON file ``name`` an older rhlens wrote into ``directory``
+    (read as schema 0 through ``cls.upgrade``); ``None`` when the directory holds a current
+    result, or no such file."""
+    directory = Path(directory)
+    path = directory / name
+    if (directory / RESULT_FILE).exists() or not path.is_file():
+        return None
+    data = read_json(path, name)
+    if not isinstance(data, dict) or data.get("kind") != cls.kind:
+        raise ResultError(f"{path} holds no {cls.kind}")
+    doc = cls.upgrade({"kind": cls.kind, "schema_version": 0, "meta": data}, 0, directory)
+    return cls._from_doc(doc, directory)
+
+
 def _kind_of(directory: Path) -> str | None:
     """The kind a saved-result directory declares (``None`` when it is not one)."""
     for name in (RESULT_FILE, LEGACY_RESULT_FILE):

@@ -100,13 +100,16 @@ class RetrievalScores(Result):
 
     # ---- queries (every ranking through rhlens.stats) ------------------------------------
     def top(self, k: int = 10) -> list[tuple[int, int, float]]:
-        """The ``k`` highest-scoring heads as ``(layer, head, score)``, best first; equal
-        scores in (layer, head) order (:func:`rhlens.stats.top_k_heads`)."""
+        """The ``k`` highest-scoring heads (all of them when there are fewer) as ``(layer,
+        head, score)``, best first; equal scores in (layer, head) order (:mod:`rhlens.stats`)."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ConfigError(f"k must be a whole number >= 0, got {k!r}")
         mean = self.mean
-        return [(la, h, float(mean[la, h])) for la, h in top_k_heads(mean, k)]
+        return [(la, h, float(mean[la, h])) for la, h in top_k_heads(mean, min(k, mean.numel()))]
 
     def top_heads(self, k: int) -> list[Head]:
-        """The ``k`` best heads, best first (the heads a top-K mask knocks out)."""
+        """The ``k`` best heads, best first: the heads a top-K mask knocks out (``k`` more
+        than the model has is an error, not a mask of every head)."""
         return top_k_heads(self.mean, k)
 
     def ranked(self) -> list[Head]:
@@ -171,8 +174,8 @@ class RetrievalScores(Result):
         head = f"RetrievalScores({self.model_name!r}, {self.n_layers}x{self.n_heads} heads, "
         head += f"{self.n_successful}/{self.n_probes} probes successful"
         if self.n_successful:
-            best = self.top(min(3, self.n_layers * self.n_heads))
-            head += ", top: " + ", ".join(f"L{la}H{h}={s:.2f}" for la, h, s in best)
+            best = ", ".join(f"L{la}H{h}={s:.2f}" for la, h, s in self.top(3))
+            head += f", top: {best}"
         return head + ")"
 
     # ---- files ---------------------------------------------------------------------------

@@ -90,8 +90,11 @@ def test_top_is_the_one_rule_and_refuses_too_many_heads():
     assert s.top_heads(3) == [(0, 2), (1, 0), (0, 0)]
     assert s.ranked()[:2] == [(0, 2), (1, 0)] and len(s.ranked()) == 6
     assert s.to_dataframe()[["layer", "head"]].values.tolist()[:3] == [[0, 2], [1, 0], [0, 0]]
+    assert len(s.top(7)) == 6  # a listing: at most what there is
     with pytest.raises(ConfigError, match="larger than the number of heads"):
-        s.top(7)  # used to return all 6 silently
+        s.top_heads(7)  # a mask of "the top 7" cannot be all 6 heads
+    with pytest.raises(ConfigError, match=">= 0"):
+        s.top(-1)
 
 
 def test_config_is_a_detect_config_and_survives_saving(tmp_path):

@@ -21,25 +21,20 @@ __all__ = ["build_report"]
 
 def _official_sets(sources: Sequence[str | Path]) -> list[tuple[RetrievalScores, str]]:
     """Paper-format score files; a folder of them stands for every ``*.json`` in it (a run
-    folder for its scores)."""
+    folder, or saved scores, for its scores)."""
     from rhlens.official import load_official
-    from rhlens.runs import RunDir
 
     out: list[tuple[RetrievalScores, str]] = []
     for source in sources:
         source = Path(source)
-        if not source.exists():
-            raise FileNotFoundError(f"{source} does not exist")
-        run = RunDir(source)
-        if source.is_dir() and not (run.scores.exists() or run.head_scores.exists()
-                                    or (source / "result.json").exists()
-                                    or (source / "meta.json").exists()):
+        if not source.is_dir():
+            out.append((load_official(source), str(source)))
+            continue
+        try:
+            out.append((find_scores(source), str(source)))
+        except ConfigError:  # no run, no saved scores: a folder of paper files
             out += [(scores, str(source / f"{name}.json"))
                     for name, scores in load_official(source).items()]
-        elif source.is_file():
-            out.append((load_official(source), str(source)))
-        else:
-            out.append((find_scores(source), str(source)))
     return out
 
 

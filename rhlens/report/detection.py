@@ -104,7 +104,7 @@ def detection_section(run: RunContents, scores: RetrievalScores, *, top: int, dp
     if group:
         header.append("KV head")
     table_rows = []
-    best = [t for t in scores.top(min(top, n_cells)) if t[2] > 0]
+    best = [t for t in scores.top(top) if t[2] > 0]
     for rank, (la, h, s) in enumerate(best, start=1):
         row = [str(rank), head_name(la, h), str(la), str(h), num(s),
                f"{100 * float(active[la, h]):.0f}%"]
