@@ -179,8 +179,7 @@ def _means_if_needed(args, model, tok, probes):
 
 def cmd_niah(args) -> int:
     from rhlens.niah import NIAHConfig, niah_sweep
-    from rhlens.plotting import plot_mask_heatmaps
-    from rhlens.runs import save_figure
+    from rhlens.runs import save_niah_run
     from rhlens.scores import RetrievalScores
 
     scores = RetrievalScores.from_any(args.scores) if args.scores else None
@@ -192,18 +191,16 @@ def cmd_niah(args) -> int:
     result = niah_sweep(model, probes, masks=masks, config=config, tokenizer=tok,
                         means=_means_if_needed(args, model, tok, probes), out=args.out,
                         progress=not args.quiet)
-    result.save(args.out)
-    save_figure(plot_mask_heatmaps(result), Path(args.out) / "niah_heatmaps.png")
+    written = save_niah_run(args.out, result)
     for label, score in result.table().items():
         _say(f"  {label:>20}: NIAH {score:5.1f}   {result.class_counts(label)}")
-    _say(f"wrote {args.out}/niah_result.json and niah_heatmaps.png")
+    _say("wrote: " + ", ".join(str(p) for p in written.values()))
     return 0
 
 
 def cmd_mask_sweep(args) -> int:
     from rhlens.niah import NIAHConfig, mask_sweep
-    from rhlens.plotting import plot_k_curve, plot_mask_heatmaps
-    from rhlens.runs import save_figure
+    from rhlens.runs import save_mask_sweep_run
     from rhlens.scores import RetrievalScores
 
     scores = RetrievalScores.from_any(args.scores)
@@ -213,12 +210,8 @@ def cmd_mask_sweep(args) -> int:
                        phase=args.phase, config=NIAHConfig(max_new_tokens=args.max_new_tokens),
                        tokenizer=tok, means=_means_if_needed(args, model, tok, probes),
                        out=args.out, progress=not args.quiet)
-    sweep.save(args.out)
-    out = Path(args.out)
-    save_figure(plot_k_curve(sweep), out / "k_curve.png")
+    written = save_mask_sweep_run(args.out, sweep)
     kmax = max(sweep.ks)
-    labels = ["none"] + ([f"top-{kmax}", f"random-{kmax}-s{sweep.seeds[0]}"] if kmax else [])
-    save_figure(plot_mask_heatmaps(sweep.niah, labels), out / "niah_heatmaps.png")
     c = sweep.curve()
     _say(f"{'K':>4} {'top-K':>7} {'random-K (mean ± std)':>24}")
     for k, t, m, s in zip(c["k"], c["top"], c["random_mean"], c["random_std"]):
@@ -227,7 +220,7 @@ def cmd_mask_sweep(args) -> int:
     for ex in sweep.niah.examples(f"top-{kmax}", n=3):
         _say(f"  [{ex['key']}] unmasked: {ex['unmasked'][:80]!r}\n"
              f"  {'':>{len(ex['key']) + 2}} masked:   {ex['masked'][:80]!r}")
-    _say(f"wrote {out}/mask_sweep.json, k_curve.png, niah_heatmaps.png")
+    _say("wrote: " + ", ".join(str(p) for p in written.values()))
     return 0
 
 
@@ -339,11 +332,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_cot)
 
     from rhlens.patching_cli import add_patch_parser
-    from rhlens.report import add_report_parser
 
     add_patch_parser(sub)
-    add_report_parser(sub)
+    _add_report_parser(sub)
     return parser
+
+
+def _add_report_parser(sub) -> None:
+    p = sub.add_parser(
+        "report", help="one self-contained HTML report (and a Markdown twin) of run directories",
+        description="Gather the saved detection, NIAH, mask-sweep, patching and CoT results of "
+                    "run directories, plus paper-format score files, into report.html + report.md.")
+    p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run directories (--out of a command)")
+    p.add_argument("--official", nargs="+", action="extend", default=[], metavar="FILE",
+                   help="paper-format JSON score files, or folders of them (repeatable)")
+    p.add_argument("--out", default="report.html",
+                   help="the HTML file (a directory: DIR/report.html); the Markdown twin gets "
+                        "the same name with .md (default report.html)")
+    p.add_argument("--title", default=None, help="the report's title")
+    p.add_argument("--top", type=int, default=20, help="rows of the top-heads tables (default 20)")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args) -> int:
+    """Write ``--out`` (HTML) and its ``.md`` twin, then say where they are."""
+    from rhlens.errors import ConfigError
+    from rhlens.report import build_report
+
+    if not args.runs and not args.official:
+        raise ConfigError("give at least one RUN_DIR or --official FILE")
+    names = ", ".join(Path(p).name or str(p) for p in args.runs) or "official scores"
+    report = build_report(args.runs, official=args.official, top=args.top,
+                          title=args.title or f"rhlens report: {names}")
+    out = Path(args.out)
+    if out.is_dir():
+        out = out / "report.html"
+    html_path = out if out.suffix.lower() in (".html", ".htm") else out.with_suffix(".html")
+    md_path = html_path.with_suffix(".md")
+    report.to_html(html_path)
+    report.to_markdown(md_path)
+    n_sections = sum(1 for _ in report.walk())
+    _say(f"wrote {html_path} ({n_sections} sections, {len(report.images())} figures) "
+         f"and {md_path} (figures in {md_path.parent / (md_path.stem + '_files')})")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

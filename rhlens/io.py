@@ -8,8 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rhlens._result import atomic_write_text
 from rhlens.errors import ConfigError
+from rhlens.results import atomic_write_text
 
 __all__ = ["ProbeLog", "Records", "read_jsonl", "write_json"]
 

@@ -11,11 +11,11 @@ one prefill per probe plus M decodes, not M prefills.
 
 from __future__ import annotations
 
-import json
+import math
 import re
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,10 +24,13 @@ import numpy as np
 from rhlens.ablation import Mask, ablation_hooks, random_heads
 from rhlens.engine import GenerationConfig, generate_many
 from rhlens.errors import ConfigError
-from rhlens.io import ProbeLog, Records, write_json
+from rhlens.io import ProbeLog, Records
 from rhlens.probe import Probe
-from rhlens.retrieval import check_probes, rouge1_recall
+from rhlens.results import Config, Result, ResultError
+from rhlens.retrieval import check_probes
+from rhlens.runs import NIAH_LOG, RunDir, load_single_file
 from rhlens.scores import RetrievalScores
+from rhlens.stats import rouge1_recall, rouge_tokens
 
 __all__ = [
     "AnswerClass",
@@ -62,11 +65,11 @@ def classify_answer(response: str, reference: str, *, threshold: float = 0.5) ->
     text = response.strip()
     if not text or _REFUSAL.search(text):
         return "refusal"
-    words = re.findall(r"[A-Za-z']+", text)
+    words = [t for t in rouge_tokens(text) if any(c.isalpha() for c in t)]  # any script
     letters = sum(c.isalpha() for c in text)
     if letters < 0.5 * len(text) or not words:
         return "degenerate"
-    if len(words) >= 4 and Counter(w.lower() for w in words).most_common(1)[0][1] > 0.5 * len(words):
+    if len(words) >= 4 and Counter(words).most_common(1)[0][1] > 0.5 * len(words):
         return "degenerate"
     if recall >= 0.25:
         return "partial"
@@ -74,13 +77,24 @@ def classify_answer(response: str, reference: str, *, threshold: float = 0.5) ->
 
 
 @dataclass(frozen=True)
-class NIAHConfig:
+class NIAHConfig(Config):
     """Settings of a NIAH sweep (the paper's harness: 50 new tokens, stop at a newline)."""
 
     max_new_tokens: int = 50
     stop_at_newline: bool = True
     success_threshold: float = 0.5
     prefill_chunk: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.success_threshold < 1:
+            raise ConfigError("success_threshold is a ROUGE recall in [0, 1)")
+        self.generation()  # validates the budget and the chunk
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any]) -> NIAHConfig | None:
+        """The config a settings dict of an older file describes (``None`` when empty)."""
+        known = {k: v for k, v in settings.items() if k in cls.__dataclass_fields__}
+        return cls(**known) if known else None
 
     def generation(self) -> GenerationConfig:
         return GenerationConfig(max_new_tokens=self.max_new_tokens,
@@ -89,18 +103,23 @@ class NIAHConfig:
 
 
 @dataclass
-class NIAHResult:
+class NIAHResult(Result):
     """Answers of every probe under every mask.
 
     ``records`` has one dict per (mask, probe): ``mask``, ``key``, ``length``, ``depth``,
     ``needle_id``, ``response``, ``rouge_recall``, ``score`` (recall x 100, the paper's NIAH
-    score) and ``answer_class``.
+    score) and ``answer_class``. ``config`` is the sweep's :class:`NIAHConfig` (a dict of its
+    settings, the older form, is turned into one).
     """
 
     records: list[dict[str, Any]]
     masks: dict[str, dict[str, Any]]
     model_name: str
-    config: dict[str, Any] = field(default_factory=dict)
+    config: Config | dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.config, dict):
+            self.config = NIAHConfig.from_settings(self.config)
 
     @property
     def labels(self) -> list[str]:
@@ -144,21 +163,24 @@ class NIAHResult:
 
         return pd.DataFrame(self.records)
 
-    def save(self, directory: str | Path) -> Path:
-        directory = Path(directory)
-        write_json(directory / "niah_result.json",
-                   {"kind": "NIAHResult", "model_name": self.model_name, "masks": self.masks,
-                    "config": self.config, "records": self.records})
-        return directory
-
     @classmethod
     def load(cls, directory: str | Path) -> NIAHResult:
-        path = Path(directory) / "niah_result.json"
-        data = json.loads(path.read_text())
-        if data.get("kind") != "NIAHResult":
-            raise ConfigError(f"{path} is not a saved NIAHResult")
-        return cls(records=data["records"], masks=data["masks"], model_name=data["model_name"],
-                   config=data.get("config", {}))
+        """A saved result; also the ``niah_result.json`` an older rhlens wrote (schema 0)."""
+        return load_single_file(cls, directory, RunDir(directory).legacy_niah.name) or \
+            super().load(directory)
+
+    @classmethod
+    def upgrade(cls, doc: dict[str, Any], version: int, directory: Path) -> dict[str, Any]:
+        """Schema 0: one ``niah_result.json`` (model_name, masks, config dict, records)."""
+        if version != 0:
+            return super().upgrade(doc, version, directory)
+        data = doc["meta"]
+        missing = [k for k in ("records", "masks", "model_name") if k not in data]
+        if missing:
+            raise ResultError(f"{directory}/niah_result.json lacks {', '.join(missing)}")
+        return {"kind": cls.kind, "schema_version": cls.schema_version, "fields": {
+            "records": data["records"], "masks": data["masks"],
+            "model_name": data["model_name"], "config": data.get("config") or None}}
 
 
 def niah_sweep(model, probes: Sequence[Probe], *, masks: Sequence[Mask] = (Mask.none(),),
@@ -170,10 +192,17 @@ def niah_sweep(model, probes: Sequence[Probe], *, masks: Sequence[Mask] = (Mask.
     same ``out`` skips what is there.
     """
     config = config or NIAHConfig()
+    if not isinstance(config, NIAHConfig):
+        raise ConfigError(f"config must be a NIAHConfig, got {type(config).__name__}")
     tokenizer = tokenizer or getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise ConfigError("pass the tokenizer: the model has none attached")
     probes = list(getattr(probes, "probes", probes))
     check_probes(probes, getattr(model.cfg, "n_ctx", None), config.max_new_tokens)
     masks = list(masks)
+    if not masks or not all(isinstance(m, Mask) for m in masks):
+        raise ConfigError("masks must be a non-empty sequence of Mask objects "
+                          "(Mask.none() for the unmasked baseline)")
     labels = [m.label for m in masks]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"mask labels must be unique, got {labels}")
@@ -184,7 +213,7 @@ def niah_sweep(model, probes: Sequence[Probe], *, masks: Sequence[Mask] = (Mask.
     if out is not None:
         log = ProbeLog(out, {"model": name, "config": asdict(config),
                              "masks": [m.to_dict() for m in masks],
-                             "probes": [p.key for p in probes]}, name="niah.jsonl")
+                             "probes": [p.key for p in probes]}, name=NIAH_LOG)
     finished = log.done if log else {}
     order = sorted(probes, key=lambda p: (p.length, p.needle_id, -p.depth))
     work = [(p, m) for p in order for m in masks if f"{m.label}|{p.key}" not in finished]
@@ -210,48 +239,89 @@ def niah_sweep(model, probes: Sequence[Probe], *, masks: Sequence[Mask] = (Mask.
     for r in records:
         r["key"] = r["probe"]
     return NIAHResult(records=records, masks={m.label: m.to_dict() for m in masks},
-                      model_name=name, config=asdict(config))
+                      model_name=name, config=config)
 
 
 # ---------------------------------------------------------------------------------------
 # The K curve (Figure 7)
 # ---------------------------------------------------------------------------------------
+def _seed_list(seeds: int | Sequence[int]) -> list[int]:
+    """``seeds`` random draws per K: a count (>= 1) or distinct seeds (>= 0)."""
+    if isinstance(seeds, bool):
+        raise ConfigError(f"seeds must be a count >= 1 or a list of seeds, got {seeds!r}")
+    if isinstance(seeds, int):
+        if seeds < 1:
+            raise ConfigError(f"seeds must be >= 1 (random masks per K), got {seeds}")
+        return list(range(seeds))
+    out = list(seeds)
+    if not out or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in out):
+        raise ConfigError(f"seeds must be a non-empty list of whole numbers >= 0, got {out!r}")
+    if len(set(out)) != len(out):
+        raise ConfigError(f"seeds must be distinct, got {out!r}")
+    return out
+
+
+def _k_list(ks: Sequence[int], n_cells: int) -> list[int]:
+    """Sorted distinct Ks, each in [0, heads], at least one of them > 0."""
+    if isinstance(ks, (str, bytes)) or not isinstance(ks, Sequence):
+        raise ConfigError(f"ks must be a list of head counts, got {ks!r}")
+    if not all(isinstance(k, int) and not isinstance(k, bool) for k in ks):
+        raise ConfigError(f"every K must be a whole number, got {list(ks)!r}")
+    out = sorted(set(ks))
+    if not any(k > 0 for k in out):
+        raise ConfigError(f"ks needs at least one K > 0 (heads to mask), got {list(ks)!r}")
+    if out[0] < 0:
+        raise ConfigError(f"K must be >= 0, got {out[0]}")
+    if out[-1] > n_cells:
+        raise ConfigError(f"K={out[-1]} exceeds the model's {n_cells} heads")
+    return out
+
+
 def sweep_masks(scores: RetrievalScores, ks: Sequence[int], seeds: int | Sequence[int] = 3, *,
                 mode: str = "uniform", phase: str = "decode",
                 exclude_threshold: float = 0.1) -> list[Mask]:
     """The masks of a K sweep: none, top-K, and random-K for each seed.
 
     Random heads are drawn from the model's whole grid minus every head scoring above
-    ``exclude_threshold`` (and minus the top-K), so a random mask never hides a retrieval head.
+    ``exclude_threshold`` (and minus the top-K), so a random mask never hides a retrieval
+    head. Every argument is checked here, before any compute.
     """
-    seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
-    ks = sorted({int(k) for k in ks})
-    if any(k < 0 for k in ks):
-        raise ConfigError(f"K must be >= 0, got {ks}")
-    n_cells = scores.n_layers * scores.n_heads
-    if ks and ks[-1] > n_cells:
-        raise ConfigError(f"K={ks[-1]} exceeds the model's {n_cells} heads")
+    seed_list = _seed_list(seeds)
+    k_list = _k_list(ks, scores.n_layers * scores.n_heads)
+    if not isinstance(exclude_threshold, (int, float)) or not math.isfinite(exclude_threshold):
+        raise ConfigError(f"exclude_threshold must be a finite number, got {exclude_threshold!r}")
     retrieval = scores.retrieval_heads(exclude_threshold)
     masks = [Mask((), mode, phase, label="none")]
-    for k in ks:
+    for k in k_list:
         if k == 0:
             continue
         top = scores.top_heads(k)
         masks.append(Mask(tuple(top), mode, phase, label=f"top-{k}"))
         banned = sorted(set(retrieval) | set(top))
-        for s in seeds:
+        for s in seed_list:
             heads = random_heads(scores.n_layers, scores.n_heads, k, seed=s, exclude=banned)
             masks.append(Mask(tuple(heads), mode, phase, label=f"random-{k}-s{s}"))
     return masks
 
 
 @dataclass
-class MaskSweepResult:
+class MaskSweepResult(Result):
     """Mean NIAH score against K for top-K and random-K masks (the paper's Figure 7)."""
 
     ks: list[int]
     niah: NIAHResult
     seeds: list[int]
+
+    def __post_init__(self) -> None:
+        if not self.seeds:
+            raise ConfigError("a mask sweep has at least one random seed per K")
+        missing = [f"top-{k}" for k in self.ks if k and f"top-{k}" not in self.niah.masks]
+        missing += [f"random-{k}-s{s}" for k in self.ks if k for s in self.seeds
+                    if f"random-{k}-s{s}" not in self.niah.masks]
+        if "none" not in self.niah.masks:
+            missing.insert(0, "none")
+        if missing:
+            raise ConfigError(f"the NIAH result lacks the sweep's masks {', '.join(missing[:4])}")
 
     def curve(self) -> dict[str, Any]:
         base = self.niah.score("none")
@@ -270,17 +340,30 @@ class MaskSweepResult:
                 return k
         return None
 
-    def save(self, directory: str | Path) -> Path:
-        directory = Path(directory)
-        self.niah.save(directory)
-        write_json(directory / "mask_sweep.json", {"kind": "MaskSweepResult", "ks": self.ks,
-                                                   "seeds": self.seeds, "curve": self.curve()})
-        return directory
+    def heatmap_labels(self) -> list[str]:
+        """The masks worth a NIAH map: none, and the largest K's top and first random mask."""
+        kmax = max(self.ks)
+        return ["none"] + ([f"top-{kmax}", f"random-{kmax}-s{self.seeds[0]}"] if kmax else [])
 
     @classmethod
     def load(cls, directory: str | Path) -> MaskSweepResult:
-        data = json.loads((Path(directory) / "mask_sweep.json").read_text())
-        return cls(ks=data["ks"], niah=NIAHResult.load(directory), seeds=data["seeds"])
+        """A saved sweep; also the ``mask_sweep.json`` + ``niah_result.json`` an older
+        rhlens wrote into one directory (schema 0)."""
+        return load_single_file(cls, directory, RunDir(directory).legacy_sweep.name) or \
+            super().load(directory)
+
+    @classmethod
+    def upgrade(cls, doc: dict[str, Any], version: int, directory: Path) -> dict[str, Any]:
+        """Schema 0: ``mask_sweep.json`` (ks, seeds) beside the sweep's ``niah_result.json``."""
+        if version != 0:
+            return super().upgrade(doc, version, directory)
+        data = doc["meta"]
+        if "ks" not in data or "seeds" not in data:
+            raise ResultError(f"{directory}/mask_sweep.json lacks ks or seeds")
+        # The NIAH part lay beside the sweep, not below it: read it here, as a value.
+        return {"kind": cls.kind, "schema_version": cls.schema_version,
+                "fields": {"ks": data["ks"], "seeds": data["seeds"],
+                           "niah": NIAHResult.load(directory)}}
 
 
 def mask_sweep(model, probes: Sequence[Probe], scores: RetrievalScores, *,
@@ -288,21 +371,17 @@ def mask_sweep(model, probes: Sequence[Probe], scores: RetrievalScores, *,
                mode: str = "uniform", phase: str = "decode", config: NIAHConfig | None = None,
                tokenizer=None, means=None, out: str | Path | None = None,
                progress: bool = False) -> MaskSweepResult:
-    """NIAH score against K for the top-K retrieval heads and K random heads."""
+    """NIAH score against K for the top-K retrieval heads and K random heads.
+
+    Every argument is checked before any compute: the scores must fit the model, ``ks``
+    hold at least one K > 0 and none above the number of heads, ``seeds`` be >= 1.
+    """
     if scores.n_layers != int(model.cfg.n_layers) or scores.n_heads != int(model.cfg.n_heads):
         raise ConfigError(
             f"the scores are for a {scores.n_layers}x{scores.n_heads} model, this model is "
             f"{model.cfg.n_layers}x{model.cfg.n_heads}; use scores detected on this model")
-    seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    seed_list = _seed_list(seeds)
     masks = sweep_masks(scores, ks, seed_list, mode=mode, phase=phase)
     result = niah_sweep(model, probes, masks=masks, config=config, tokenizer=tokenizer,
                         means=means, out=out, progress=progress)
-    ks_all = sorted({0, *(int(k) for k in ks)})
-    return MaskSweepResult(ks=ks_all, niah=result, seeds=seed_list)
-
-
-def grid_by_mask(result: NIAHResult) -> dict[str, list[dict[str, Any]]]:
-    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in result.records:
-        groups[r["mask"]].append(r)
-    return dict(groups)
+    return MaskSweepResult(ks=sorted({0, *ks}), niah=result, seeds=seed_list)

@@ -59,7 +59,6 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from rhlens._result import atomic_write_text, load_bundle, save_bundle
 from rhlens.engine import generate, hf_model, native_attention
 from rhlens.errors import ConfigError, ProbeError
 from rhlens.probe import Probe
@@ -72,6 +71,7 @@ from rhlens.probes import (
     _needle_tokens,
     build_probes,
 )
+from rhlens.results import atomic_write_text
 from rhlens.scores import RetrievalScores
 
 __all__ = [
@@ -827,6 +827,34 @@ def patch_head_set(model, pairs: Sequence[PatchPair], heads: Sequence[Head], *,
 # ---------------------------------------------------------------------------------------
 # The result
 # ---------------------------------------------------------------------------------------
+def save_bundle(directory: str | Path, tensors: dict[str, Tensor], meta: dict[str, Any],
+                kind: str) -> Path:
+    """The format before rhlens.results (rhlens/_result.py, removed): kept here only until
+    HeadPatchingResult saves through rhlens.results."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / ".tensors.safetensors.tmp"
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    tmp.replace(directory / "tensors.safetensors")
+    atomic_write_text(directory / "meta.json", json.dumps({"kind": kind, **meta}, indent=1))
+    return directory
+
+
+def load_bundle(directory: str | Path, kind: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Read what :func:`save_bundle` wrote (see there)."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    if not (directory / "meta.json").exists():
+        raise FileNotFoundError(f"{directory} holds no saved rhlens result (no meta.json)")
+    meta = json.loads((directory / "meta.json").read_text())
+    if meta.get("kind") != kind:
+        raise ValueError(f"{directory} holds a {meta.get('kind')!r} result, not {kind!r}")
+    return load_file(str(directory / "tensors.safetensors")), meta
+
+
 @dataclass
 class HeadPatchingResult:
     """Per-pair, per-head causal effects, and the raw metric values they come from.

@@ -28,7 +28,10 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import tempfile
+import types
+import typing
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -127,7 +130,8 @@ class Config:
         if unknown:
             raise ConfigError(f"{name} has no setting(s) {', '.join(unknown)} "
                               "(written by a newer rhlens?)")
-        kwargs = {k: _restore(v, str(names[k].type)) for k, v in data.items() if k in names}
+        kwargs = {k: _restore(v, _field_type(target, names[k])) for k, v in data.items()
+                  if k in names}
         return target(**kwargs)
 
 
@@ -230,7 +234,7 @@ class Result:
                 kwargs[name] = [load_result(directory / value["__results__"] / str(i))
                                 for i in range(int(value["n"]))]
             else:
-                kwargs[name] = _restore(value, str(known[name].type))
+                kwargs[name] = _restore(value, _field_type(cls, known[name]))
         try:
             return cls(**kwargs)
         except (TypeError, RhlensError) as exc:
@@ -296,14 +300,58 @@ def _plain(value: Any, where: str) -> Any:
     raise ResultError(f"{where}: cannot save a {type(value).__name__} (not JSON-able)")
 
 
-def _restore(value: Any, annotation: str = "") -> Any:
+def _field_type(cls: type, f: dataclasses.Field) -> Any:
+    """The field's annotation as a type where it can be resolved, else as its string."""
+    if not isinstance(f.type, str):
+        return f.type
+    module = sys.modules.get(cls.__module__)
+    try:
+        # An annotation is code of the module that defines the class, evaluated as typing does.
+        return eval(f.type, dict(vars(module)) if module else {})
+    except Exception:
+        return f.type
+
+
+def _restore(value: Any, annotation: Any = "") -> Any:
+    """A JSON value back as the annotation says: configs, non-finite floats, and tuples
+    wherever the annotation has them (``tuple[...]``, ``list[tuple[int, int]]``, ...)."""
+    if isinstance(annotation, str):  # unresolved: only a top-level tuple is known
+        if isinstance(value, list) and annotation.startswith(("tuple", "Tuple")):
+            return tuple(_restore(v) for v in value)
+        annotation = Any
     if isinstance(value, dict):
         if "__config__" in value and len(value) == 1:
             return Config.from_dict(value["__config__"])
         if "__float__" in value and len(value) == 1:
             return float(value["__float__"])
-        return {k: _restore(v) for k, v in value.items()}
+        args = _shape_of(annotation, dict)
+        inner = args[1] if len(args) == 2 else Any
+        return {k: _restore(v, inner) for k, v in value.items()}
     if isinstance(value, list):
-        items = [_restore(v) for v in value]
-        return tuple(items) if annotation.startswith(("tuple", "Tuple")) else items
+        origin, args = _shape_of(annotation, list, tuple)
+        if origin is tuple:
+            if len(args) == 2 and args[1] is Ellipsis:
+                return tuple(_restore(v, args[0]) for v in value)
+            if len(args) == len(value):
+                return tuple(_restore(v, a) for v, a in zip(value, args))
+            return tuple(_restore(v) for v in value)
+        inner = args[0] if origin is list and args else Any
+        return [_restore(v, inner) for v in value]
     return value
+
+
+def _shape_of(annotation: Any, *origins: type) -> Any:
+    """For ``dict`` alone: the type arguments of the first dict type in ``annotation``
+    (unions searched). Otherwise ``(origin, args)`` of its first list/tuple type."""
+    candidates = typing.get_args(annotation) if _is_union(annotation) else (annotation,)
+    for c in candidates:
+        origin = typing.get_origin(c) or c
+        if origin in origins:
+            if origins == (dict,):
+                return typing.get_args(c)
+            return origin, typing.get_args(c)
+    return () if origins == (dict,) else (None, ())
+
+
+def _is_union(annotation: Any) -> bool:
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType)

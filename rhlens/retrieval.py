@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,7 +31,9 @@ from rhlens.engine import GenerationConfig, StepState, current_phase, generate_m
 from rhlens.errors import ConfigError, ProbeError
 from rhlens.io import ProbeLog, Records
 from rhlens.probe import Probe
+from rhlens.results import Config
 from rhlens.scores import RetrievalScores
+from rhlens.stats import rouge1_recall  # the paper's metric; kept importable from here
 
 __all__ = [
     "DetectConfig",
@@ -43,7 +45,7 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class DetectConfig:
+class DetectConfig(Config):
     """Settings of a detection run.
 
     Attributes:
@@ -83,6 +85,14 @@ class DetectConfig:
                                 stop_at_newline=self.stop_at_newline,
                                 prefill_chunk=self.prefill_chunk, reuse_prefix=self.reuse_prefix,
                                 batch_size=self.batch_size)
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any]) -> DetectConfig | None:
+        """The config a settings dict of an older file describes (settings this version
+        dropped are ignored); ``None`` when it holds none (e.g. an imported paper file)."""
+        names = {f.name for f in fields(cls)}
+        known = {k: v for k, v in settings.items() if k in names}
+        return cls(**known) if known else None
 
 
 # ---------------------------------------------------------------------------------------
@@ -160,19 +170,6 @@ def copy_scores(positions: Int[Tensor, "step layer head"], generated: Int[Tensor
     index = (positions - start).clamp(0, n - 1).permute(1, 2, 0)  # [L, H, S]
     slots.scatter_add_(-1, index, copied.permute(1, 2, 0).float())
     return (slots > 0).sum(-1).float() / n
-
-
-_SCORER = None
-
-
-def rouge1_recall(reference: str, response: str) -> float:
-    """ROUGE-1 recall of ``response`` against ``reference`` (the paper's metric, stemmed)."""
-    global _SCORER
-    if _SCORER is None:
-        from rouge_score import rouge_scorer
-
-        _SCORER = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True)
-    return float(_SCORER.score(reference, response)["rouge1"].recall)
 
 
 # ---------------------------------------------------------------------------------------
@@ -294,4 +291,4 @@ def scores_from_records(records: Sequence[dict[str, Any]], model_name: str,
     return RetrievalScores(per_probe=per_probe, success=success, model_name=model_name,
                            n_kv_heads=n_kv_heads,
                            probes=[{k: r[k] for k in meta_keys if k in r} for r in records],
-                           config=asdict(config))
+                           config=config)

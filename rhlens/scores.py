@@ -2,6 +2,8 @@
 
 The result of :func:`rhlens.retrieval.detect_retrieval_heads`, and of importing the
 per-probe scores that Wu et al. (2024) released (``{"<layer>-<head>": [score, ...]}``).
+Which heads are "the best" is decided by :mod:`rhlens.stats` (ties by layer, head), so the
+heads a mask knocks out are the heads every table lists.
 """
 
 from __future__ import annotations
@@ -12,45 +14,52 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from jaxtyping import Bool, Float
+from einops import reduce
+from jaxtyping import Bool, Float, UInt8
 from torch import Tensor
 
-from rhlens._result import atomic_write_text, load_bundle, save_bundle
 from rhlens.errors import ConfigError
+from rhlens.results import Config, Result, ResultError, atomic_write_text
+from rhlens.stats import Head, bootstrap_means, heads_above, rank_heads, top_k_heads
 
 __all__ = ["Head", "RetrievalScores"]
 
-Head = tuple[int, int]  # (layer, head), 0-based, query heads
-
 
 @dataclass
-class RetrievalScores:
+class RetrievalScores(Result):
     """Retrieval scores of every (layer, query head) on every probe.
 
     Attributes:
         per_probe: score of each head on each probe, successful or not.
         success: whether the model answered the probe (ROUGE-1 recall above the
-            configured threshold); only successful probes enter :attr:`mean`.
+            configured threshold); only successful probes enter :attr:`mean`. (Files
+            written before rhlens saved results one way hold it as uint8; it is made bool.)
         model_name: the model the scores belong to.
         n_kv_heads: key/value heads per layer (grouped-query attention), if known.
         probes: one metadata dict per probe (length, depth, needle_id, response, ...).
-        config: the detection config used, as a dict (empty for imported files).
+        config: the :class:`~rhlens.retrieval.DetectConfig` of the run (``None`` for
+            imported files). A dict of its settings (the older form) is turned into one.
     """
 
     per_probe: Float[Tensor, "probe layer head"]
-    success: Bool[Tensor, " probe"]
+    success: Bool[Tensor, " probe"] | UInt8[Tensor, " probe"]
     model_name: str
     n_kv_heads: int | None = None
     probes: list[dict[str, Any]] = field(default_factory=list)
-    config: dict[str, Any] = field(default_factory=dict)
+    config: Config | dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.per_probe.ndim != 3:
             raise ConfigError(f"per_probe must be [probe, layer, head], got {tuple(self.per_probe.shape)}")
+        self.success = self.success.bool()
         if self.success.shape != self.per_probe.shape[:1]:
             raise ConfigError("success must have one flag per probe")
         if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
             raise ConfigError(f"{self.n_heads} heads cannot be split into {self.n_kv_heads} KV groups")
+        if isinstance(self.config, dict):
+            from rhlens.retrieval import DetectConfig
+
+            self.config = DetectConfig.from_settings(self.config)
 
     # ---- shape ---------------------------------------------------------------------------
     @property
@@ -89,25 +98,31 @@ class RetrievalScores:
             )
         return self.successful.mean(0)
 
-    # ---- queries -------------------------------------------------------------------------
+    # ---- queries (every ranking through rhlens.stats) ------------------------------------
     def top(self, k: int = 10) -> list[tuple[int, int, float]]:
-        """The ``k`` highest-scoring heads as ``(layer, head, score)``, best first."""
-        if k < 0:
-            raise ConfigError(f"k must be >= 0, got {k}")
+        """The ``k`` highest-scoring heads (all of them when there are fewer) as ``(layer,
+        head, score)``, best first; equal scores in (layer, head) order (:mod:`rhlens.stats`)."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ConfigError(f"k must be a whole number >= 0, got {k!r}")
         mean = self.mean
-        k = min(k, mean.numel())
-        values, flat = mean.flatten().topk(k)  # ties broken by torch's topk order
-        return [(int(i) // self.n_heads, int(i) % self.n_heads, float(v)) for v, i in zip(values, flat)]
+        return [(la, h, float(mean[la, h])) for la, h in top_k_heads(mean, min(k, mean.numel()))]
 
     def top_heads(self, k: int) -> list[Head]:
-        return [(layer, head) for layer, head, _ in self.top(k)]
+        """The ``k`` best heads, best first: the heads a top-K mask knocks out (``k`` more
+        than the model has is an error, not a mask of every head)."""
+        return top_k_heads(self.mean, k)
+
+    def ranked(self) -> list[Head]:
+        """Every head, best first (ties by layer, head)."""
+        return rank_heads(self.mean)
 
     def retrieval_heads(self, threshold: float = 0.1) -> list[Head]:
         """Heads whose mean score exceeds ``threshold`` (0.1 in the paper), best first."""
-        return [(layer, head) for layer, head, s in self.top(self.n_layers * self.n_heads) if s > threshold]
+        return heads_above(self.mean, threshold)
 
     def fraction_above(self, threshold: float = 0.1) -> float:
-        return float((self.mean > threshold).float().mean())
+        """Share of all heads that are :meth:`retrieval_heads` at ``threshold``."""
+        return len(self.retrieval_heads(threshold)) / (self.n_layers * self.n_heads)
 
     def random_heads(self, k: int, seed: int = 0, exclude: list[Head] | None = None) -> list[Head]:
         """``k`` heads drawn uniformly from this model's real grid, never one in ``exclude``."""
@@ -119,26 +134,23 @@ class RetrievalScores:
         """Scores per key/value head under grouped-query attention (query heads of a group pooled)."""
         if self.n_kv_heads is None:
             raise ConfigError("n_kv_heads is unknown for these scores; pass it when creating them")
-        group = self.n_heads // self.n_kv_heads
-        grouped = self.mean.reshape(self.n_layers, self.n_kv_heads, group)
-        if how == "max":
-            return grouped.max(-1).values
-        if how == "mean":
-            return grouped.mean(-1)
-        raise ConfigError(f"how must be 'max' or 'mean', got {how!r}")
+        if how not in ("max", "mean"):
+            raise ConfigError(f"how must be 'max' or 'mean', got {how!r}")
+        # Query heads are numbered group-major: head h belongs to KV head h // group.
+        return reduce(self.mean, "layer (kv group) -> layer kv", how, kv=self.n_kv_heads)
 
     def to_dataframe(self):
-        """One row per head: layer, head, score, fraction of successful probes it fired on."""
+        """One row per head, best first: layer, head, score, share of successful probes it
+        copied on."""
         import pandas as pd
 
         mean = self.mean
         active = (self.successful > 0).float().mean(0)
-        rows = [
+        return pd.DataFrame([
             {"layer": layer, "head": head, "score": float(mean[layer, head]),
              "active_fraction": float(active[layer, head])}
-            for layer in range(self.n_layers) for head in range(self.n_heads)
-        ]
-        return pd.DataFrame(rows).sort_values("score", ascending=False, ignore_index=True)
+            for layer, head in self.ranked()
+        ])
 
     def subset(self, index: Tensor | list[int]) -> RetrievalScores:
         """The same scores restricted to some probes (for bootstraps and stability curves)."""
@@ -150,29 +162,42 @@ class RetrievalScores:
             config=self.config,
         )
 
+    def bootstrap(self, n: int = 1000, seed: int = 0) -> Float[Tensor, "sample layer head"]:
+        """Head means over ``n`` resamples (with replacement) of the successful probes
+        (:func:`rhlens.stats.bootstrap_means`)."""
+        ok = self.successful
+        if ok.shape[0] == 0:
+            raise ConfigError("no successful probe to resample")
+        return bootstrap_means(ok, n, seed)
+
     def __repr__(self) -> str:
         head = f"RetrievalScores({self.model_name!r}, {self.n_layers}x{self.n_heads} heads, "
         head += f"{self.n_successful}/{self.n_probes} probes successful"
         if self.n_successful:
-            top = ", ".join(f"L{la}H{h}={s:.2f}" for la, h, s in self.top(3))
-            head += f", top: {top}"
+            best = ", ".join(f"L{la}H{h}={s:.2f}" for la, h, s in self.top(3))
+            head += f", top: {best}"
         return head + ")"
 
     # ---- files ---------------------------------------------------------------------------
-    def save(self, directory: str | Path) -> Path:
-        """Write ``tensors.safetensors`` + ``meta.json`` into ``directory``."""
-        meta = {"model_name": self.model_name, "n_kv_heads": self.n_kv_heads,
-                "probes": self.probes, "config": self.config}
-        return save_bundle(directory, {"per_probe": self.per_probe.float(),
-                                       "success": self.success.to(torch.uint8)}, meta,
-                           kind="RetrievalScores")
+    @classmethod
+    def _from_doc(cls, doc: dict[str, Any], directory: Path) -> RetrievalScores:
+        import rhlens.retrieval  # noqa: F401  (registers DetectConfig, the config saved here)
+
+        return super()._from_doc(doc, directory)
 
     @classmethod
-    def load(cls, directory: str | Path) -> RetrievalScores:
-        tensors, meta = load_bundle(directory, kind="RetrievalScores")
-        return cls(per_probe=tensors["per_probe"], success=tensors["success"].bool(),
-                   model_name=meta["model_name"], n_kv_heads=meta.get("n_kv_heads"),
-                   probes=meta.get("probes", []), config=meta.get("config", {}))
+    def upgrade(cls, doc: dict[str, Any], version: int, directory: Path) -> dict[str, Any]:
+        """Schema 0: ``meta.json`` (model_name, n_kv_heads, probes, config as a dict) next
+        to ``tensors.safetensors`` (per_probe, success as uint8)."""
+        if version != 0:
+            return super().upgrade(doc, version, directory)
+        meta = doc["meta"]
+        if "model_name" not in meta:
+            raise ResultError(f"{directory}/meta.json lacks model_name (damaged?)")
+        return {"kind": cls.kind, "schema_version": cls.schema_version, "fields": {
+            "per_probe": {"__tensor__": "per_probe"}, "success": {"__tensor__": "success"},
+            "model_name": meta["model_name"], "n_kv_heads": meta.get("n_kv_heads"),
+            "probes": meta.get("probes") or [], "config": meta.get("config") or None}}
 
     def to_paper_dict(self) -> dict[str, list[float]]:
         """The paper's format: ``{"<layer>-<head>": [score on each successful probe]}``."""
@@ -199,7 +224,11 @@ class RetrievalScores:
                 raise ConfigError(f"key {key!r} is not '<layer>-<head>'") from exc
             if not isinstance(values, list):
                 raise ConfigError(f"value of {key!r} must be a list of per-probe scores")
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                raise ConfigError(f"the scores of {key!r} must all be numbers")
             cells[(layer, head)] = values
+        if min(min(k) for k in cells) < 0:
+            raise ConfigError("layer and head numbers must be >= 0")
         n_layers = 1 + max(la for la, _ in cells)
         n_heads = 1 + max(h for _, h in cells)
         lengths = {len(v) for v in cells.values()}
@@ -213,45 +242,31 @@ class RetrievalScores:
         for (layer, head), values in cells.items():
             per_probe[:, layer, head] = torch.tensor(values, dtype=torch.float32)
         return cls(per_probe=per_probe, success=torch.ones(n_probes, dtype=torch.bool),
-                   model_name=model_name, n_kv_heads=n_kv_heads,
-                   config={"source": "paper_json"})
+                   model_name=model_name, n_kv_heads=n_kv_heads)
 
     @classmethod
     def from_paper_json(cls, path: str | Path, model_name: str | None = None,
                         n_kv_heads: int | None = None) -> RetrievalScores:
+        """A paper-format file (``{"<layer>-<head>": [scores]}``); the model is named after
+        the file unless ``model_name`` is given."""
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist")
+        if not path.is_file():
+            raise ConfigError(f"{path} is not a file of paper-format scores")
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
-        return cls.from_paper_dict(data, model_name or path.stem, n_kv_heads)
+        try:
+            return cls.from_paper_dict(data, model_name or path.stem, n_kv_heads)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
 
     @classmethod
     def from_any(cls, source: str | Path) -> RetrievalScores:
-        """A saved result directory, a detection run directory, or a paper-format JSON file."""
-        source = Path(source)
-        if source.is_dir():
-            if (source / "meta.json").exists():
-                return cls.load(source)
-            if (source / "scores" / "meta.json").exists():
-                return cls.load(source / "scores")
-            if (source / "head_scores.json").exists():
-                return cls.from_paper_json(source / "head_scores.json", model_name=source.name)
-            raise FileNotFoundError(f"{source} holds no retrieval scores")
-        return cls.from_paper_json(source)
+        """Saved scores, a run directory holding them (or only ``head_scores.json``), or a
+        paper-format JSON file (:func:`rhlens.runs.find_scores` says which is which)."""
+        from rhlens.runs import find_scores
 
-    def bootstrap(self, n: int = 1000, seed: int = 0) -> Float[Tensor, "sample layer head"]:
-        """Head means over ``n`` resamples (with replacement) of the successful probes."""
-        ok = self.successful
-        if ok.shape[0] == 0:
-            raise ConfigError("no successful probe to resample")
-        g = torch.Generator().manual_seed(seed)
-        P = ok.shape[0]
-        idx = torch.randint(0, P, (n, P), generator=g)
-        # A resample's mean is a weighted sum: counts [n, P] @ scores [P, L*H]. Indexing
-        # ok[idx] instead would allocate n x P x L x H (GBs for the paper's files).
-        counts = torch.zeros(n, P).scatter_add_(1, idx, torch.ones(n, P))
-        return (counts @ ok.flatten(1) / P).view(n, self.n_layers, self.n_heads)
-
+        return find_scores(source)

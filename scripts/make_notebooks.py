@@ -171,6 +171,8 @@ It ends with a small masking curve and the one-file report. A few minutes on a C
 import os
 from pathlib import Path
 
+from rhlens.official import find_official_dir
+
 LENGTHS = (450,)        # context lengths in tokens for detection
 DEPTHS = (20, 80)       # needle depths in percent
 N_NEEDLES = 2           # built-in needles (probes = lengths x depths x needles)
@@ -182,8 +184,7 @@ N_BOOT = 200            # bootstrap resamples for stability
 THREADS = int(os.environ.get("RHLENS_THREADS", "2"))
 # The scores released with the paper, if this checkout has them (skipped otherwise).
 ROOT = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()
-OFFICIAL = Path(os.environ.get("RHLENS_OFFICIAL_SCORES")
-                or ROOT.parent / "shared" / "data" / "official_head_scores")
+OFFICIAL = find_official_dir(ROOT)  # None when this checkout has none
 OUT = ROOT / "runs" / "notebook-paper-figures"  # run files and the report (runs/ is not in git)"""),
     ("code", """\
 %matplotlib inline
@@ -192,6 +193,7 @@ import torch
 
 import rhlens
 from rhlens.niah import NIAHConfig, mask_sweep
+from rhlens.official import load_official
 from rhlens.plotting import (
     plot_dynamic,
     plot_head_heatmap,
@@ -205,7 +207,6 @@ from rhlens.plotting import (
 from rhlens.probes import BUILTIN_NEEDLES, ProbeConfig, build_probes
 from rhlens.properties import dynamic, intrinsic, sparse, stability, universal
 from rhlens.retrieval import DetectConfig, detect_retrieval_heads
-from rhlens.scores import RetrievalScores
 
 torch.set_num_threads(THREADS)
 model, tok = rhlens.load_model()
@@ -248,16 +249,17 @@ plot_stability(stab)"""),
 
 The per-probe scores Wu et al. released (`{"<layer>-<head>": [score, ...]}` per model) are
 read from `$RHLENS_OFFICIAL_SCORES` or `../shared/data/official_head_scores` next to this
-repository; without them these cells only say so."""),
+repository (`rhlens.official.fetch_official_scores(DIR)` downloads them, once, with network
+access); without them these cells only say so."""),
     ("code", """\
-official = {}
-if OFFICIAL.is_dir():
-    official = {f.stem: RetrievalScores.from_paper_json(f) for f in sorted(OFFICIAL.glob("*.json"))}
+official = load_official(OFFICIAL) if OFFICIAL is not None else {}
+if official:
     table = universal([scores, *official.values()])
     display(table.to_dataframe())
     display(plot_universal(table))
 else:
-    display(f"no official scores at {OFFICIAL}: universal and intrinsic skipped")"""),
+    display("no official scores found (rhlens.official.fetch_official_scores(DIR) fetches "
+            "them): universal and intrinsic skipped")"""),
     ("code", """\
 PAIRS = [("Mistral-7B-v0.2-hf", "Mixtral-8x7B-v0.1"),   # base vs MoE variant
          ("Qwen1.5-14B", "Qwen1.5-14B-Chat"),           # base vs chat variant

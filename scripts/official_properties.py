@@ -12,10 +12,9 @@ results under ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from pathlib import Path
 
+from rhlens.official import find_official_dir, load_official
 from rhlens.plotting import (
     plot_dynamic,
     plot_head_heatmap,
@@ -25,27 +24,12 @@ from rhlens.plotting import (
     plot_universal,
 )
 from rhlens.properties import dynamic, intrinsic, sparse, stability, universal
-from rhlens.scores import RetrievalScores
 
 MODELS = ["llama-2-7b-80k", "Mistral-7B-v0.2-hf", "Mixtral-8x7B-v0.1", "Qwen1.5-14B",
           "Qwen1.5-14B-Chat"]
 PAIRS = [("Mistral-7B-v0.2-hf", "Mixtral-8x7B-v0.1", "MoE variant"),
          ("Qwen1.5-14B", "Qwen1.5-14B-Chat", "chat variant"),
          ("llama-2-7b-80k", "Mistral-7B-v0.2-hf", "unrelated")]
-
-
-def default_data_dir() -> Path:
-    env = os.environ.get("RHLENS_OFFICIAL_SCORES")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / "shared" / "data" / "official_head_scores"
-
-
-def load(folder: Path, name: str) -> RetrievalScores:
-    # cast the files' integer zeros to float so the scores type-check under jaxtyping hooks
-    data = json.loads((folder / f"{name}.json").read_text())
-    return RetrievalScores.from_paper_dict(
-        {key: [float(x) for x in values] for key, values in data.items()}, model_name=name)
 
 
 def markdown(header: list[str], rows: list[list[str]]) -> str:
@@ -56,7 +40,7 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=default_data_dir(),
+    parser.add_argument("--data", type=Path, default=find_official_dir(),
                         help="folder with the official <model>.json files")
     parser.add_argument("--out", type=Path, default=Path("runs/official"),
                         help="folder for figures and saved results")
@@ -64,10 +48,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples")
     args = parser.parse_args(argv)
 
-    if not args.data.is_dir():
-        parser.error(f"{args.data} is not a folder (pass --data or set RHLENS_OFFICIAL_SCORES)")
+    if args.data is None or not args.data.is_dir():
+        parser.error(f"{args.data} is not a folder (pass --data, set RHLENS_OFFICIAL_SCORES, or "
+                     "fetch the files with rhlens.official.fetch_official_scores)")
     names = [m for m in MODELS if (args.data / f"{m}.json").exists()]
-    scores = {m: load(args.data, m) for m in names}
+    scores = {m: load_official(args.data / f"{m}.json") for m in names}
     out: Path = args.out
     fig_dir = out / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)

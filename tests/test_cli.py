@@ -19,7 +19,7 @@ def detect_run(tmp_path_factory, default_model):
 
 
 def test_detect_writes_every_file(detect_run, capsys):
-    for name in ("probes.jsonl", "run.json", "summary.json", "scores/meta.json", "niah.png"):
+    for name in ("probes.jsonl", "run.json", "summary.json", "scores/result.json", "niah.png"):
         assert (detect_run / name).exists(), name
     lines = (detect_run / "probes.jsonl").read_text().splitlines()
     assert len(lines) == 2
@@ -52,8 +52,8 @@ def test_niah_with_masks_from_a_run(detect_run, tmp_path, capsys):
                  "--max-new-tokens", "24", "--scores", str(detect_run), "--mask", "none",
                  "--mask", "heads:0.1,2.3", "--out", str(out), "--quiet"])
     assert code == 0
-    data = json.loads((out / "niah_result.json").read_text())
-    assert set(data["masks"]) == {"none", "heads:0.1,2.3"}
+    data = json.loads((out / "niah" / "result.json").read_text())
+    assert set(data["fields"]["masks"]) == {"none", "heads:0.1,2.3"}
     assert (out / "niah_heatmaps.png").exists()
 
 

@@ -6,11 +6,8 @@ released with the paper check the paper's own claims, and are skipped when absen
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from functools import cache
-from pathlib import Path
 
 import matplotlib
 import pytest
@@ -21,6 +18,7 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
 from rhlens.errors import ConfigError
+from rhlens.official import find_official_dir, load_official
 from rhlens.plotting import (
     plot_dynamic,
     plot_head_heatmap,
@@ -353,27 +351,16 @@ def test_plot_property_figures(tmp_path):
 
 
 # ---- the paper's released scores ------------------------------------------------------------
-def _official_dir() -> Path:
-    env = os.environ.get("RHLENS_OFFICIAL_SCORES")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / "shared" / "data" / "official_head_scores"
-
-
 @cache
 def _official(name: str) -> RetrievalScores:
-    # The files hold integer zeros next to floats; cast them so that the runtime type
-    # checker (``--jaxtyping-packages``) accepts ``from_paper_dict``'s ``list[float]``.
-    data = json.loads((_official_dir() / f"{name}.json").read_text())
-    data = {key: [float(x) for x in values] for key, values in data.items()}
-    return RetrievalScores.from_paper_dict(data, model_name=name)
+    return load_official(find_official_dir() / f"{name}.json")
 
 
 @pytest.fixture
 def official():
-    folder = _official_dir()
-    if not (folder / "llama-2-7b-80k.json").exists():
-        pytest.skip(f"official head scores not found in {folder} (set RHLENS_OFFICIAL_SCORES)")
+    folder = find_official_dir()
+    if folder is None or not (folder / "llama-2-7b-80k.json").exists():
+        pytest.skip("official head scores not found (set RHLENS_OFFICIAL_SCORES)")
     return _official
 
 

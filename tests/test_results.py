@@ -101,3 +101,28 @@ def test_unsaveable_values_fail_at_save_time(tmp_path):
     res.meta["bad"] = object()
     with pytest.raises(ResultError, match="cannot save"):
         res.save(tmp_path / "r")
+
+
+Head = tuple[int, int]
+
+
+@dataclass
+class _Nested(Result):
+    heads: list[Head]
+    rows: tuple[tuple[int, int, float], ...]
+    interval: tuple[float, float] | None = None
+    by_name: dict[str, list[Head]] = field(default_factory=dict)
+
+
+def test_tuples_inside_lists_and_unions_come_back_as_tuples(tmp_path):
+    """JSON has only lists: a field annotated with tuples (at any depth, also inside an
+    Optional or a dict) must load as tuples, or the loaded result differs from the saved one
+    (and fails the runtime type check of its own constructor)."""
+    res = _Nested(heads=[(1, 2), (0, 3)], rows=((1, 2, 0.5),), interval=(0.1, 0.9),
+                  by_name={"a": [(4, 5)]})
+    back = _Nested.load(res.save(tmp_path / "n"))
+    assert back == res
+    assert isinstance(back.heads[0], tuple) and isinstance(back.rows[0], tuple)
+    assert isinstance(back.interval, tuple) and isinstance(back.by_name["a"][0], tuple)
+    none = _Nested(heads=[], rows=())
+    assert _Nested.load(none.save(tmp_path / "m")) == none

@@ -84,7 +84,10 @@ def test_known_retrieval_head_is_found(toy_model):
 
 
 # ---- resuming a killed run -------------------------------------------------------------
-def test_killed_run_resumes_to_the_same_result(toy_model, tmp_path):
+def test_killed_run_resumes_to_the_same_result(toy_model, tmp_path, monkeypatch):
+    """A resumed run answers only the probes its log lacks, and ends where a full run does."""
+    import rhlens.retrieval
+
     model, tok = toy_model
     probes = _toy_probes(tok)
     cfg = DetectConfig(max_new_tokens=8)
@@ -94,13 +97,25 @@ def test_killed_run_resumes_to_the_same_result(toy_model, tmp_path):
     detect_retrieval_heads(model, probes[:2], config=cfg, out=part)
     with (part / "probes.jsonl").open("a") as fh:
         fh.write('{"key": "len')
-    seen = []
+
+    answered: list[list[int]] = []  # the prompts the engine answers during the resume
+    engine = rhlens.retrieval.generate_many
+
+    def counting(model, tokenizer, prompts, **kwargs):
+        for prompt, gen in zip(prompts, engine(model, tokenizer, prompts, **kwargs)):
+            answered.append(list(prompt))
+            yield gen
+
+    monkeypatch.setattr(rhlens.retrieval, "generate_many", counting)
     resumed = detect_retrieval_heads(model, probes, config=cfg, out=part)
+    assert sorted(answered) == sorted(list(p.prompt_ids) for p in probes[2:])
     lines = (part / "probes.jsonl").read_text().splitlines()
     assert len(lines) == 4 and len({json.loads(x)["key"] for x in lines}) == 4
     assert torch.equal(resumed.per_probe, full.per_probe)
     assert resumed.to_paper_dict() == full.to_paper_dict()
-    assert seen == []
+    answered.clear()
+    detect_retrieval_heads(model, probes, config=cfg, out=part)  # all done: nothing answered
+    assert answered == []
     with pytest.raises(ConfigError, match="other settings"):
         detect_retrieval_heads(model, probes, config=DetectConfig(max_new_tokens=9), out=part)
 

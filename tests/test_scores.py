@@ -80,3 +80,41 @@ def test_bootstrap_means_match_direct_resampling():
     g = torch.Generator().manual_seed(3)
     idx = torch.randint(0, ok.shape[0], (50, ok.shape[0]), generator=g)
     assert torch.allclose(boot, ok[idx].mean(1))
+
+
+def test_top_is_the_one_rule_and_refuses_too_many_heads():
+    per = torch.zeros(2, 2, 3)
+    per[:, 1, 0] = 0.5
+    per[:, 0, 2] = 0.5  # ties with L1H0: (layer, head) order decides
+    s = RetrievalScores(per, torch.ones(2, dtype=torch.bool), "m")
+    assert s.top_heads(3) == [(0, 2), (1, 0), (0, 0)]
+    assert s.ranked()[:2] == [(0, 2), (1, 0)] and len(s.ranked()) == 6
+    assert s.to_dataframe()[["layer", "head"]].values.tolist()[:3] == [[0, 2], [1, 0], [0, 0]]
+    assert len(s.top(7)) == 6  # a listing: at most what there is
+    with pytest.raises(ConfigError, match="larger than the number of heads"):
+        s.top_heads(7)  # a mask of "the top 7" cannot be all 6 heads
+    with pytest.raises(ConfigError, match=">= 0"):
+        s.top(-1)
+
+
+def test_config_is_a_detect_config_and_survives_saving(tmp_path):
+    from rhlens.retrieval import DetectConfig
+
+    s = _scores()
+    s.config = DetectConfig(mode="paper", max_new_tokens=12)
+    back = RetrievalScores.load(s.save(tmp_path / "r"))
+    assert back.config == DetectConfig(mode="paper", max_new_tokens=12)
+    assert json.loads((tmp_path / "r" / "result.json").read_text())["kind"] == "RetrievalScores"
+    legacy = RetrievalScores(s.per_probe, s.success, "m", config={"mode": "paper", "gone": 1})
+    assert legacy.config == DetectConfig(mode="paper")  # an old dict, unknown settings dropped
+    assert RetrievalScores(s.per_probe, s.success, "m", config={}).config is None
+
+
+def test_paper_json_with_non_numbers_is_refused(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"0-0": ["high"]}))
+    with pytest.raises(ConfigError, match="must all be numbers"):
+        RetrievalScores.from_paper_json(bad)
+    bad.write_bytes(b"\xff\xfe{")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        RetrievalScores.from_paper_json(bad)

@@ -61,18 +61,31 @@ def _draw_grid(ax, lengths, depths, grid, title: str, vmax: float = 100.0):
     return im
 
 
+def _fit_titles(fig: Figure, margin: float = 0.3) -> Figure:
+    """Widen ``fig`` until every axes title fits in it (a narrow grid of few lengths would
+    otherwise cut its title off at both sides)."""
+    fig.draw_without_rendering()
+    dpi = fig.dpi
+    widths = [ax.title.get_window_extent().width / dpi for ax in fig.axes if ax.get_title()]
+    need = sum(widths) + margin * (len(widths) + 1) + (1.0 if len(fig.axes) > len(widths) else 0)
+    width, height = fig.get_size_inches()
+    if need > width:
+        fig.set_size_inches(need, height)
+    return fig
+
+
 def plot_niah_heatmap(records: Iterable[Mapping[str, Any]] | RetrievalScores,
                       title: str = "needle in a haystack (ROUGE-1 recall x 100)") -> Figure:
     """The paper harness' picture: answer quality per context length (x) and depth (y)."""
     if isinstance(records, RetrievalScores):
         records = records.probes
     lengths, depths, grid = niah_grid(records)
-    fig = Figure(figsize=(1.2 + 0.7 * len(lengths), 1.5 + 0.35 * len(depths)),
+    fig = Figure(figsize=(1.8 + 0.7 * len(lengths), 1.7 + 0.35 * len(depths)),
                  layout="constrained")
     ax = fig.add_subplot()
     im = _draw_grid(ax, lengths, depths, grid, title)
     fig.colorbar(im, ax=ax, shrink=0.8)
-    return fig
+    return _fit_titles(fig)
 
 
 def plot_niah_heatmaps(panels: Mapping[str, Sequence[Mapping[str, Any]]]) -> Figure:
@@ -87,4 +100,4 @@ def plot_niah_heatmaps(panels: Mapping[str, Sequence[Mapping[str, Any]]]) -> Fig
         lengths, depths, grid = niah_grid(records)
         im = _draw_grid(ax, lengths, depths, grid, title)
     fig.colorbar(im, ax=list(axes), shrink=0.8)
-    return fig
+    return _fit_titles(fig)
