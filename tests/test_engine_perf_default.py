@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rhlens.engine import GenerationConfig, StepState, generate_many
+from rhlens.engine import GenerationConfig, KernelPolicy, StepState, generate_many
 from rhlens.probes import ProbeConfig, build_probes
 from rhlens.retrieval import DetectConfig, TopKeyRecorder, detect_retrieval_heads
 
@@ -63,18 +63,16 @@ def test_lean_and_chunked_paths_equal_the_plain_bridge_path(default_model, depth
 def test_keys_first_scores_answer_as_the_bridge(default_model, depth_probes, monkeypatch):
     """The GPU's shape for grouped scores ([keys, d] @ [d, group]) computes the same dot
     products: forced on the CPU, greedy answers and recorded top keys match the bridge's."""
-    from rhlens import engine
-
     model, tok = default_model
     prompts = [depth_probes[1].prompt_ids]
     plain = _decode_all(model, tok, prompts, GenerationConfig(
         max_new_tokens=N_NEW, lean_decode=False, reuse_prefix=False))
     calls = []
     real = torch.matmul
-    monkeypatch.setattr(engine._LeanAttention, "keys_first", True)
-    monkeypatch.setattr(engine.torch, "matmul",
+    monkeypatch.setattr(torch, "matmul",
                         lambda a, b: calls.append(a.shape[-2] > b.shape[-1]) or real(a, b))
-    fast = _decode_all(model, tok, prompts, GenerationConfig(max_new_tokens=N_NEW, reuse_prefix=False))
+    fast = _decode_all(model, tok, prompts, GenerationConfig(
+        max_new_tokens=N_NEW, reuse_prefix=False, policy=KernelPolicy(keys_first=True)))
     monkeypatch.undo()
     assert any(calls)  # a keys-first product ran
     for (ta, pa), (tb, pb) in zip(plain, fast):
