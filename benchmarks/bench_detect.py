@@ -44,7 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rhlens.ablation import ablate_heads, random_heads
-from rhlens.engine import _set_attn_impl, hf_model, native_modules
+from rhlens.engine import KernelPolicy, _set_attn_impl, hf_model, native_modules
 from rhlens.probe import Probe
 from rhlens.retrieval import DetectConfig, detect_retrieval_heads
 
@@ -165,18 +165,6 @@ def timed_pair(fa, fb, repeats: int, warmup: int = 1):
     return tuple((statistics.median(x["times"]), x["times"], x["peak"], x["last"]) for x in out)
 
 
-def timed_with(setting: str, value, fn, repeats: int):
-    """:func:`timed` with ``_LeanAttention.<setting> = value``, restored afterwards."""
-    from rhlens.engine import _LeanAttention
-
-    old = getattr(_LeanAttention, setting)
-    setattr(_LeanAttention, setting, value)
-    try:
-        return timed(fn, repeats)
-    finally:
-        setattr(_LeanAttention, setting, old)
-
-
 def timed(fn, repeats: int, warmup: int = 1):
     """(median seconds, all seconds, peak GiB, last result)."""
     for _ in range(warmup):
@@ -252,6 +240,9 @@ def step_profile(model, probe: Probe, n_steps: int = 30, kernels: bool = False) 
     from rhlens.engine import StepState
     from rhlens.retrieval import TopKeyRecorder
 
+    def forced_av(mode: str) -> KernelPolicy | None:  # "av=split": that pattern @ V at any length
+        return KernelPolicy(av=mode.split("av=")[1], split_from=0) if "av=" in mode else None
+
     hf = hf_model(model)
     ids = probe.prompt_ids[:-1]
     device = next(hf.parameters()).device
@@ -279,10 +270,9 @@ def step_profile(model, probe: Probe, n_steps: int = 30, kernels: bool = False) 
                 ctx.enter_context(model.hooks(fwd_hooks=rec.hooks()))
             if "mask20" in mode:  # ablate_heads' uniform mask on 20 random heads
                 ctx.enter_context(ablate_heads(model, masked))
-            step = engine._decode_step(model, mode.startswith("lean"))
-            engine._LeanAttention.av = mode.split("av=")[1] if "av=" in mode else None
+            step = engine._decode_step(model, mode.startswith("lean"), forced_av(mode))
         x = torch.tensor([[probe.prompt_ids[-1]]], device=device)
-        with ctx, engine.phase("decode"):
+        with ctx, engine.phase("decode", state):
             for i in range(n_steps + 5):
                 if i == 5:
                     _sync()
@@ -291,7 +281,6 @@ def step_profile(model, probe: Probe, n_steps: int = 30, kernels: bool = False) 
                 step(x, cache, len(ids) + i)
             _sync()
             out[mode] = (time.perf_counter() - t) / n_steps * 1e3
-            engine._LeanAttention.av = None
             if kernels and mode in ("hf", "lean+recorder", "lean+recorder+mask20") \
                     and torch.cuda.is_available():
                 from torch.profiler import ProfilerActivity, profile
@@ -335,8 +324,6 @@ def prefill_seconds(model, probe: Probe) -> dict:
 
 def identity_breakdown(model, tok, probes, n_new: int) -> dict:
     """Which fast path changes a probe's result: each variant against probes run alone."""
-    from rhlens.engine import _LeanAttention
-
     solo = [detect(model, tok, [p], n_new) for p in probes]
 
     def same(res):
@@ -347,23 +334,19 @@ def identity_breakdown(model, tok, probes, n_new: int) -> dict:
     out = {"n": len(probes), "again_alone": same(detect(model, tok, probes, n_new, batch_size=1,
                                                         reuse=False))}
     out["reuse_only"] = same(detect(model, tok, probes, n_new, batch_size=1))
-    old = _LeanAttention.rows
-    try:
-        for rows in ("batch", "row", "slab"):
-            _LeanAttention.rows = rows
-            out[f"batch_{rows}_no_reuse"] = same(detect(model, tok, probes, n_new,
-                                                            batch_size=len(probes), reuse=False))
-            out[f"batch_{rows}_reuse"] = same(detect(model, tok, probes, n_new,
-                                                         batch_size=len(probes)))
-    finally:
-        _LeanAttention.rows = old
+    for rows in ("batch", "row", "slab"):
+        policy = KernelPolicy(rows=rows)
+        out[f"batch_{rows}_no_reuse"] = same(detect(model, tok, probes, n_new, batch_size=len(probes),
+                                                    reuse=False, policy=policy))
+        out[f"batch_{rows}_reuse"] = same(detect(model, tok, probes, n_new, batch_size=len(probes),
+                                                 policy=policy))
     return out
 
 
 def detect(model, tok, probes, n_new: int, batch_size: int = 1, chunk: int | None = None,
-           reuse: bool = True):
+           reuse: bool = True, policy: KernelPolicy | None = None):
     cfg = DetectConfig(max_new_tokens=n_new, stop_at_newline=False, batch_size=batch_size,
-                       prefill_chunk=chunk, reuse_prefix=reuse)
+                       prefill_chunk=chunk, reuse_prefix=reuse, policy=policy)
     return detect_retrieval_heads(model, probes, config=cfg, tokenizer=tok)
 
 
@@ -447,8 +430,6 @@ def self_check(device: str) -> dict:
             res.append((gen.response_ids, rec.row(gen.info["batch_row"])[:gen.n_steps].clone()))
         return res
 
-    from rhlens.engine import _LeanAttention
-
     def compare(a_runs, b_runs):
         tok_same = sum(a[0] == b[0] for a, b in zip(a_runs, b_runs))
         pos_same = sum(torch.equal(a[1], b[1]) for a, b in zip(a_runs, b_runs))
@@ -457,12 +438,8 @@ def self_check(device: str) -> dict:
     base = run(lean_decode=False, reuse_prefix=False, prefill_chunk=256)
     alone = run(reuse_prefix=False, prefill_chunk=256)
     out["tiny_gqa_bf16_lean_vs_bridge"] = compare(base, alone)
-    _LeanAttention.expand_kv = True
-    try:
-        out["tiny_gqa_bf16_lean_expand_kv_vs_bridge"] = compare(
-            base, run(reuse_prefix=False, prefill_chunk=256))
-    finally:
-        _LeanAttention.expand_kv = False
+    out["tiny_gqa_bf16_lean_expand_kv_vs_bridge"] = compare(
+        base, run(reuse_prefix=False, prefill_chunk=256, policy=KernelPolicy(expand_kv=True)))
     out["tiny_gqa_bf16_batch4_reuse_vs_alone"] = compare(
         alone, run(batch_size=4, prefill_chunk=256))
     return out
@@ -576,6 +553,7 @@ def main(argv=None) -> int:
           f"{res['load_seconds']} s", flush=True)
     weights_gib = sum(p.numel() * p.element_size() for p in hf_model(model).parameters()) / 2**30
     res["weights_gib"] = weights_gib
+    res["kernel_policy"] = KernelPolicy().resolve(device, model).to_dict()  # the default runs
 
     if args.chunk_study:
         study = res["chunk_study"] = {}
@@ -585,8 +563,9 @@ def main(argv=None) -> int:
             study[n] = {"hf_s": hf_s}
             for chunk in (4096, 16384, 1 << 20):
                 for av in ("split", "mm"):
-                    t = timed_with("av", av, lambda p=probe, c=chunk: detect(
-                        model, tok_n, [p], n_new, chunk=c), args.repeats)[0]
+                    t = timed(lambda p=probe, c=chunk, a=av: detect(
+                        model, tok_n, [p], n_new, chunk=c, policy=KernelPolicy(av=a, split_from=0)),
+                        args.repeats)[0]
                     study[n][f"chunk{chunk}_{av}"] = t / hf_s
                 print(n, chunk, json.dumps({k: round(v, 3) for k, v in study[n].items()}), flush=True)
             save()
@@ -643,14 +622,14 @@ def main(argv=None) -> int:
                        tokens_compared=cut)
             if args.expand_variant and model.cfg.n_key_value_heads not in (None, model.cfg.n_heads):
                 # The bridge's way under GQA: K/V copied per query head at every step.
-                med_x, times_x, peak_x, sx = timed_with(
-                    "expand_kv", True, lambda p=probe: detect(model, tok_n, [p], n_new), args.repeats)
+                med_x, times_x, peak_x, sx = timed(lambda p=probe: detect(
+                    model, tok_n, [p], n_new, policy=KernelPolicy(expand_kv=True)), args.repeats)
                 row.update(expand_s=med_x, expand_all=times_x, expand_peak_gib=peak_x,
                            expand_ratio=med_x / med,
                            expand_same=same_results(sx, sc))
             for av in [x for x in args.av_variants.split(",") if x]:
-                med_v, times_v, _, _ = timed_with(
-                    "av", av, lambda p=probe: detect(model, tok_n, [p], n_new), args.repeats)
+                med_v, times_v, _, _ = timed(lambda p=probe, a=av: detect(
+                    model, tok_n, [p], n_new, policy=KernelPolicy(av=a, split_from=0)), args.repeats)
                 row.update({f"av_{av}_s": med_v, f"av_{av}_all": times_v,
                             f"av_{av}_ratio": med_v / med})
             if n <= args.paper_max:

@@ -25,7 +25,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from rhlens.engine import HookPair, current_phase, hf_model, native_attention, phase
+from rhlens.engine import EngineHook, HookPair, hf_model, native_attention, phase
 from rhlens.errors import ConfigError
 
 __all__ = [
@@ -98,12 +98,6 @@ def _check_heads(model, heads: Sequence[Sequence[int]]) -> dict[int, list[int]]:
     return by_layer
 
 
-def _active(when: PhaseName) -> bool:
-    # "decode": skip only the engine's prompt prefill; a forward run outside the engine
-    # (phase None) is masked, which is what someone calling the model by hand expects.
-    return when == "all" or current_phase() != "prefill"
-
-
 def ablation_hooks(model, heads: Sequence[Sequence[int]], *, mode: Mode = "uniform",
                    phase: PhaseName = "decode",
                    means: Float[Tensor, "layer head d_head"] | None = None) -> list[HookPair]:
@@ -143,35 +137,34 @@ def _head_mask(index: Tensor):
     return mask
 
 
-def _with_flat(hook, edit: Callable[[Tensor], Tensor], when: PhaseName):
-    """Give ``hook`` a ``rhlens_flat`` twin: the same edit on the ``[batch, pos, head * d_head]``
-    tensor the model holds, which the engine's decode step calls directly (skipping the hook
-    point's reshapes and call machinery, which cost more than the edit on a GPU)."""
+def _head_hook(edit: Callable[[Tensor], Tensor], when: PhaseName) -> EngineHook:
+    """``edit`` (on ``[batch, pos, head, d_head]``) as an :class:`EngineHook` acting in ``when``,
+    with its ``flat`` twin: the same edit on the ``[batch, pos, head * d_head]`` tensor the model
+    holds, which the engine's decode step applies directly (skipping the hook point's reshapes
+    and call machinery, which cost more than the edit on a GPU). Outside the engine (a user's
+    ``run_with_hooks``, loop or ``generate``) it is a plain hook; ``"decode"`` acts on every
+    forward there, which is what someone calling the model by hand expects."""
 
-    def flat(x: Tensor, n_heads: int, d_head: int) -> Tensor:
-        if not _active(when):
-            return x
+    def hook(x: Float[Tensor, "batch pos head d_head"], hook=None) -> Tensor:
+        return edit(x)
+
+    def flat(x: Float[Tensor, "batch pos head_d_head"], n_heads: int, d_head: int) -> Tensor:
         b, p, _ = x.shape
         return edit(x.view(b, p, n_heads, d_head)).view(b, p, n_heads * d_head)
 
-    hook.rhlens_flat = flat
-    hook.rhlens_prefill_inert = when == "decode"  # does nothing while the prompt is read
-    return hook
+    return EngineHook(hook, phase=when, flat=flat)
 
 
-def _zero_heads(index: Tensor, when: PhaseName):
+def _zero_heads(index: Tensor, when: PhaseName) -> EngineHook:
     mask = _head_mask(index)
 
     def edit(x: Tensor) -> Tensor:
         return x.masked_fill(mask(x), 0)  # a new tensor: the cache's own stays as it was
 
-    def hook(x: Float[Tensor, "batch pos head d_head"], hook=None):
-        return edit(x) if _active(when) else None
-
-    return _with_flat(hook, edit, when)
+    return _head_hook(edit, when)
 
 
-def _set_heads(index: Tensor, layer_means: Float[Tensor, "head d_head"], when: PhaseName):
+def _set_heads(index: Tensor, layer_means: Float[Tensor, "head d_head"], when: PhaseName) -> EngineHook:
     mask = _head_mask(index)
     cast: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
@@ -181,10 +174,7 @@ def _set_heads(index: Tensor, layer_means: Float[Tensor, "head d_head"], when: P
             cast[key] = layer_means.to(device=x.device, dtype=x.dtype)
         return torch.where(mask(x), cast[key], x)
 
-    def hook(x: Float[Tensor, "batch pos head d_head"], hook=None):
-        return edit(x) if _active(when) else None
-
-    return _with_flat(hook, edit, when)
+    return _head_hook(edit, when)
 
 
 @contextlib.contextmanager

@@ -27,7 +27,15 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from rhlens.engine import GenerationConfig, StepState, current_phase, generate_many
+from rhlens.engine import (
+    EngineHook,
+    GenerationConfig,
+    KernelPolicy,
+    StepState,
+    current_phase,
+    current_step,
+    generate_many,
+)
 from rhlens.errors import ConfigError, ProbeError
 from rhlens.io import ProbeLog, Records
 from rhlens.probe import Probe
@@ -62,6 +70,8 @@ class DetectConfig(Config):
             step runs (Llama-family models, only attention hooks attached), each probe's
             answer and scores are bit-identical to those it gets alone; elsewhere they agree up
             to float rounding of batched matrix products.
+        policy: the decode step's kernels (:class:`~rhlens.engine.KernelPolicy`; ``None``: the
+            device's defaults). The resolved policy is written to the run's ``run.json``.
     """
 
     mode: Literal["unique", "paper"] = "unique"
@@ -71,6 +81,7 @@ class DetectConfig(Config):
     prefill_chunk: int | None = None
     reuse_prefix: bool = True
     batch_size: int = 8
+    policy: KernelPolicy | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in ("unique", "paper"):
@@ -78,13 +89,13 @@ class DetectConfig(Config):
         if not 0 <= self.success_threshold < 1:
             raise ConfigError("success_threshold is a ROUGE recall in [0, 1)")
         GenerationConfig(max_new_tokens=self.max_new_tokens, prefill_chunk=self.prefill_chunk,
-                         batch_size=self.batch_size)
+                         batch_size=self.batch_size, policy=self.policy)
 
     def generation(self) -> GenerationConfig:
         return GenerationConfig(max_new_tokens=self.max_new_tokens,
                                 stop_at_newline=self.stop_at_newline,
                                 prefill_chunk=self.prefill_chunk, reuse_prefix=self.reuse_prefix,
-                                batch_size=self.batch_size)
+                                batch_size=self.batch_size, policy=self.policy)
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> DetectConfig | None:
@@ -99,21 +110,37 @@ class DetectConfig(Config):
 # Watching the decode steps
 # ---------------------------------------------------------------------------------------
 class TopKeyRecorder:
-    """Records, at every decode step, each head's top-1 key position (absolute).
+    """Records each head's top-1 key position (absolute) at every decode step.
 
-    ``hooks()`` gives one ``(name, fn)`` pair per layer on ``hook_pattern``; the engine
-    attaches them. ``positions[:n_steps]`` is ``[step, layer, head]`` (batch row 0);
-    ``row(r)[:n_steps]`` the same for row ``r`` when ``max_batch`` prompts are decoded
-    together. The hook is a batched argmax and an indexed write on the device: no host sync.
+    ``hooks()`` gives one ``(name, fn)`` pair per layer on ``hook_pattern`` (read-only
+    :class:`~rhlens.engine.EngineHook` s, inert while the engine prefills a prompt).
+    ``positions[:n_steps]`` is ``[step, layer, head]`` (batch row 0); ``row(r)[:n_steps]`` the
+    same for row ``r`` when ``max_batch`` prompts are decoded together. The hook is a batched
+    argmax and an indexed write on the device: no host sync.
+
+    Inside the engine (``generate``, ``generate_many``, ``detect_retrieval_heads``) a step is
+    an engine decode step. Outside it (``model.hooks(...)``, ``model.run_with_hooks``, the
+    bridge's own ``generate``, a hand-written loop) every forward pass is one step, and the
+    row recorded is its last query, the one that predicts the next token; ``n_steps`` counts
+    them. The engine's first decode step feeds the prompt's last token after prefilling the
+    rest, so its step ``s`` is the ``s``-th forward of a cached generation loop (the first
+    reading the whole prompt), or of a loop that re-reads the whole sequence every step.
+    Outside the engine a key index is taken as the absolute position (no sliding window).
     """
 
-    def __init__(self, n_layers: int, n_heads: int, max_steps: int, state: StepState,
+    def __init__(self, n_layers: int, n_heads: int, max_steps: int, state: StepState | None = None,
                  device: torch.device | str = "cpu", max_batch: int = 1) -> None:
-        self.n_layers, self.n_heads, self.state = n_layers, n_heads, state
+        self.n_layers, self.n_heads, self.max_steps, self.state = n_layers, n_heads, max_steps, state
         # [step, layer, row, head]: each hook call writes one contiguous [row, head] block.
         self._buf = torch.full((max_steps, n_layers, max_batch, n_heads), -1, dtype=torch.long,
                                device=device)
         self.positions = self._buf[:, :, 0]
+        self._forwards = [0] * n_layers  # outside the engine: forwards seen, per layer
+
+    @property
+    def n_steps(self) -> int:
+        """Steps recorded outside the engine since the last :meth:`reset`."""
+        return max(self._forwards)
 
     def row(self, r: int) -> Tensor:
         """``[step, layer, head]`` of batch row ``r``."""
@@ -121,26 +148,36 @@ class TopKeyRecorder:
 
     def reset(self) -> None:
         self._buf.fill_(-1)
+        self._forwards = [0] * self.n_layers
 
     def hooks(self) -> list[tuple[str, Any]]:
-        return [(f"blocks.{layer}.attn.hook_pattern", self._make_hook(layer))
+        return [(f"blocks.{layer}.attn.hook_pattern",
+                 EngineHook(self._make_hook(layer), phase="decode", reads_only=True))
                 for layer in range(self.n_layers)]
 
     def _make_hook(self, layer: int):
         def hook(pattern: Tensor, hook=None) -> None:
-            if current_phase() != "decode":
-                return None
-            # pattern: [batch, head, query, key]; the decode query is the last one.
+            # pattern: [batch, head, query, key]; the step's query is the last one.
             B, H, Q, K = pattern.shape
-            slot = self._buf[self.state.step, layer, :B]  # [batch, head]
-            offset = self.state.absolute(K)
+            state = current_step() or (self.state if current_phase() == "decode" else None)
+            if state is not None:  # an engine decode step
+                step, offset = state.step, state.absolute(K)
+            else:  # a forward outside the engine: the next step of this layer
+                step, offset = self._forwards[layer], 0
+                if step >= self.max_steps:
+                    raise ConfigError(f"the recorder holds {self.max_steps} steps; reset() it between "
+                                      "runs or make it with a larger max_steps")
+                self._forwards[layer] = step + 1
+            if self._buf.shape[2] < B:
+                raise ConfigError(f"the recorder holds {self._buf.shape[2]} batch rows, the model "
+                                  f"runs {B}; make it with max_batch={B}")
+            slot = self._buf[step, layer, :B]  # [batch, head]
             if offset:
                 torch.add(pattern[:, :, -1].argmax(-1), offset, out=slot)
             else:
                 torch.argmax(pattern[:, :, -1], dim=-1, out=slot)
             return None
 
-        hook.rhlens_prefill_inert = True  # records decode steps only
         return hook
 
 
@@ -226,9 +263,11 @@ def detect_retrieval_heads(model, probes: Sequence[Probe], *, config: DetectConf
     name = getattr(model, "rhlens_name", None) or str(getattr(model.cfg, "model_name", "model"))
     log = None
     if out is not None:
-        # How many probes share a batch changes the cost, not the experiment.
-        settings = {k: v for k, v in asdict(config).items() if k != "batch_size"}
-        header = {"model": name, "config": settings}
+        # How many probes share a batch changes the cost, not the experiment; the kernels that
+        # ran (which can round bf16 scores differently) are recorded as resolved.
+        settings = {k: v for k, v in asdict(config).items() if k not in ("batch_size", "policy")}
+        header = {"model": name, "config": settings,
+                  "kernel_policy": config.generation().describe(model)["kernel_policy"]}
         log = ProbeLog(Path(out), header)
 
     device = next(model.parameters()).device

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
-from rhlens.ablation import Mask, ablate_heads, head_means, random_heads
+from rhlens.ablation import Mask, ablate_heads, ablation_hooks, head_means, random_heads
+from rhlens.engine import GenerationConfig, generate, hf_model
 from rhlens.errors import ConfigError
 from rhlens.niah import classify_answer, niah_sweep, sweep_masks
 from rhlens.probe import Probe
@@ -95,6 +98,119 @@ def test_random_heads_respect_shape_exclusion_and_seed():
     assert sorted(small) == [(0, 1), (1, 0), (1, 1)]
     with pytest.raises(ConfigError, match="cannot draw 4"):
         random_heads(2, 2, 4, seed=0, exclude=[(0, 0)])
+
+
+# ---------------------------------------------------------------------------------------
+# Masks outside the engine, against an independent implementation: the weights edited
+# ---------------------------------------------------------------------------------------
+def _projection(model, layer: int, name: str) -> torch.nn.Linear:
+    for path, module in hf_model(model).named_modules():
+        if (isinstance(module, torch.nn.Linear)
+                and path.replace("._original_component", "") == f"model.layers.{layer}.self_attn.{name}"):
+            return module
+    raise AssertionError(f"no {name} in layer {layer}")
+
+
+@contextlib.contextmanager
+def _weights_edited(model, heads, mode: str):
+    """The heads knocked out in the weights: their query rows of q_proj zeroed ("uniform": a zero
+    query scores every key 0, so the head attends uniformly), or their columns of o_proj
+    ("zero": the head's output contributes nothing). Restored on exit."""
+    d = model.cfg.d_head
+    saved = []
+    try:
+        with torch.no_grad():
+            for layer, head in heads:
+                lin = _projection(model, layer, "q_proj" if mode == "uniform" else "o_proj")
+                cut = (slice(head * d, (head + 1) * d), slice(None))
+                if mode == "zero":
+                    cut = cut[::-1]
+                saved.append((lin.weight, cut, lin.weight[cut].clone()))
+                lin.weight[cut] = 0
+                if mode == "uniform" and lin.bias is not None:
+                    saved.append((lin.bias, cut[:1], lin.bias[cut[:1]].clone()))
+                    lin.bias[cut[:1]] = 0
+        yield
+    finally:
+        with torch.no_grad():
+            for tensor, cut, old in reversed(saved):
+                tensor[cut] = old
+
+
+def _model_and_ids(request, which):
+    model, tok = request.getfixturevalue(f"{which}_model")
+    if which == "toy":
+        ids, _, _ = make_toy_probe(tok, 40, seed=5)
+        return model, tok, ids, [(1, 2), (0, 1)]  # the copy head, and another
+    ids = tok("The cat sat on the mat. The dog sat on the rug.", add_special_tokens=False)["input_ids"]
+    return model, tok, ids, [(3, 4), (5, 1), (5, 7), (12, 0)]
+
+
+@pytest.mark.parametrize("which", ["toy", "default"])
+@pytest.mark.parametrize("mode", ["uniform", "zero"])
+def test_masks_under_run_with_hooks_equal_edited_weights(request, which, mode):
+    """phase="decode" masks act on every forward outside the engine (run_with_hooks, model.hooks)."""
+    model, _, ids, heads = _model_and_ids(request, which)
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        clean = model(x)
+        with _weights_edited(model, heads, mode):
+            edited = model(x)
+        hooked = model.run_with_hooks(x, fwd_hooks=ablation_hooks(model, heads, mode=mode))
+        with ablate_heads(model, heads, mode=mode):
+            under = model(x)
+    assert torch.equal(hooked, edited)  # exact: the knocked-out terms are zeros either way
+    assert torch.equal(under, hooked)
+    assert (hooked - clean).abs().max() > 1e-2  # the mask did something
+
+
+@pytest.mark.parametrize("which", ["toy", "default"])
+def test_mean_mask_under_run_with_hooks_equals_a_naive_hook(request, which):
+    model, tok, ids, heads = _model_and_ids(request, which)
+    x = torch.tensor([ids])
+    means = torch.randn(model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_head,
+                        generator=torch.Generator().manual_seed(0))
+
+    def naive(layer):
+        def hook(z, hook=None):
+            z = z.clone()
+            for la, h in heads:
+                if la == layer:
+                    z[:, :, h, :] = means[la, h]
+            return z
+
+        return hook
+
+    with torch.no_grad():
+        ref = model.run_with_hooks(x, fwd_hooks=[(f"blocks.{la}.attn.hook_z", naive(la))
+                                                 for la in sorted({la for la, _ in heads})])
+        hooked = model.run_with_hooks(x, fwd_hooks=ablation_hooks(model, heads, mode="mean", means=means))
+    assert torch.equal(hooked, ref)
+
+
+@pytest.mark.parametrize("mode", ["uniform", "zero"])
+def test_masks_in_generation_loops_equal_edited_weights(toy_model, mode):
+    """The bridge's own generate under ablate_heads, and the engine with phase="all" masks (its
+    flat edits), answer what the weight-edited model answers."""
+    model, tok = toy_model
+    ids, _, _ = make_toy_probe(tok, 50, seed=6)
+    heads = [(1, 2), (0, 1)]
+    x = torch.tensor([ids])
+    config = GenerationConfig(max_new_tokens=6, stop_at_newline=False, stop_at_eos=False)
+
+    def bridge_generate():
+        return model.generate(x, max_new_tokens=6, do_sample=False, stop_at_eos=False,
+                              return_type="tokens", verbose=False)[0, len(ids):].tolist()
+
+    with _weights_edited(model, heads, mode):
+        ref_bridge = bridge_generate()
+        ref_engine = generate(model, tok, ids, config=config).response_ids
+    with ablate_heads(model, heads, mode=mode):
+        assert bridge_generate() == ref_bridge
+    masked = generate(model, tok, ids, config=config,
+                      hooks=ablation_hooks(model, heads, mode=mode, phase="all"))
+    assert masked.response_ids == ref_engine == ref_bridge
+    assert generate(model, tok, ids, config=config).response_ids != ref_engine  # the mask mattered
 
 
 def test_masking_the_known_head_breaks_the_toy_model(toy_model):

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from engine_runs import assert_same, decode_all
 
-from rhlens.engine import GenerationConfig, StepState, generate_many
+from rhlens.engine import GenerationConfig, KernelPolicy
 from rhlens.probes import ProbeConfig, build_probes
-from rhlens.retrieval import DetectConfig, TopKeyRecorder, detect_retrieval_heads
+from rhlens.retrieval import DetectConfig, detect_retrieval_heads
 
 N_NEW = 14
 
@@ -25,17 +26,6 @@ def depth_probes(default_model):
     return probes
 
 
-def _decode_all(model, tok, prompts, config):
-    state = StepState()
-    rec = TopKeyRecorder(model.cfg.n_layers, model.cfg.n_heads, config.max_new_tokens, state,
-                         max_batch=config.batch_size)
-    out = []
-    for gen in generate_many(model, tok, prompts, config=config, hooks=rec.hooks(), state=state,
-                             on_start=lambda i: rec.reset()):
-        out.append((gen.response_ids, rec.row(gen.info["batch_row"])[:gen.n_steps].clone()))
-    return out
-
-
 def test_batched_reusing_detection_equals_one_at_a_time(default_model, depth_probes):
     model, _ = default_model
     alone = detect_retrieval_heads(model, depth_probes, config=DetectConfig(
@@ -47,36 +37,40 @@ def test_batched_reusing_detection_equals_one_at_a_time(default_model, depth_pro
     assert fast.per_probe.max() > 0  # some head copied: the comparison is not vacuous
 
 
-def test_lean_and_chunked_paths_equal_the_plain_bridge_path(default_model, depth_probes):
+@pytest.fixture(scope="module")
+def bridge_answer(default_model, depth_probes):
+    """The middle probe answered through the bridge's own decode step."""
     model, tok = default_model
-    prompts = [depth_probes[1].prompt_ids]
-    plain = _decode_all(model, tok, prompts, GenerationConfig(
+    return decode_all(model, tok, [depth_probes[1].prompt_ids], GenerationConfig(
         max_new_tokens=N_NEW, lean_decode=False, reuse_prefix=False))
+
+
+def test_lean_and_chunked_paths_equal_the_plain_bridge_path(default_model, depth_probes, bridge_answer):
+    model, tok = default_model
     # Lean decode (grouped-query scores without copying K/V per head) and chunked prefill.
-    fast = _decode_all(model, tok, prompts, GenerationConfig(
+    fast = decode_all(model, tok, [depth_probes[1].prompt_ids], GenerationConfig(
         max_new_tokens=N_NEW, prefill_chunk=64, reuse_prefix=False))
-    for (ta, pa), (tb, pb) in zip(plain, fast):
-        assert ta == tb
-        assert torch.equal(pa, pb)
+    assert_same(fast, bridge_answer)
 
 
-def test_keys_first_scores_answer_as_the_bridge(default_model, depth_probes, monkeypatch):
-    """The GPU's shape for grouped scores ([keys, d] @ [d, group]) computes the same dot
-    products: forced on the CPU, greedy answers and recorded top keys match the bridge's."""
-    from rhlens import engine
+@pytest.mark.parametrize("policy", [KernelPolicy(keys_first=True), KernelPolicy(expand_kv=True)],
+                         ids=["keys_first", "expand_kv"])
+def test_gpu_and_exact_kernel_choices_answer_as_the_bridge(default_model, depth_probes, bridge_answer,
+                                                           monkeypatch, policy):
+    """Kernel choices compute the same dot products: grouped scores as [keys, d] @ [d, group]
+    (the GPU's default) and K/V copied per query head (the bridge's own way), forced on the
+    CPU: greedy answers and recorded top keys match the bridge's."""
+    import transformers.models.llama.modeling_llama as llama
 
     model, tok = default_model
-    prompts = [depth_probes[1].prompt_ids]
-    plain = _decode_all(model, tok, prompts, GenerationConfig(
-        max_new_tokens=N_NEW, lean_decode=False, reuse_prefix=False))
-    calls = []
-    real = torch.matmul
-    monkeypatch.setattr(engine._LeanAttention, "keys_first", True)
-    monkeypatch.setattr(engine.torch, "matmul",
-                        lambda a, b: calls.append(a.shape[-2] > b.shape[-1]) or real(a, b))
-    fast = _decode_all(model, tok, prompts, GenerationConfig(max_new_tokens=N_NEW, reuse_prefix=False))
+    keys_first, copies = [], []
+    matmul, repeat_kv = torch.matmul, llama.repeat_kv
+    monkeypatch.setattr(torch, "matmul",
+                        lambda a, b: keys_first.append(a.shape[-2] > b.shape[-1]) or matmul(a, b))
+    monkeypatch.setattr(llama, "repeat_kv", lambda x, n: copies.append(n) or repeat_kv(x, n))
+    fast = decode_all(model, tok, [depth_probes[1].prompt_ids], GenerationConfig(
+        max_new_tokens=N_NEW, reuse_prefix=False, policy=policy))
     monkeypatch.undo()
-    assert any(calls)  # a keys-first product ran
-    for (ta, pa), (tb, pb) in zip(plain, fast):
-        assert ta == tb
-        assert torch.equal(pa, pb)
+    assert any(keys_first) == bool(policy.keys_first)  # the chosen kernels ran, and only them
+    assert bool(copies) == policy.expand_kv
+    assert_same(fast, bridge_answer)

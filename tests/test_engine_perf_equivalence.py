@@ -11,10 +11,12 @@ import random
 
 import pytest
 import torch
+from engine_runs import assert_same, decode_all
 
 from rhlens import engine
 from rhlens.ablation import ablation_hooks
-from rhlens.engine import GenerationConfig, StepState, generate_many
+from rhlens.engine import GenerationConfig, KernelPolicy, StepState, current_phase
+from rhlens.engine.attention import DirectHooks
 from rhlens.probe import Probe
 from rhlens.retrieval import DetectConfig, TopKeyRecorder, detect_retrieval_heads
 
@@ -91,43 +93,18 @@ def test_batched_prefix_reusing_detection_equals_one_probe_at_a_time(toy_model, 
     assert fast.top(1)[0][:2] == (1, 2)
 
 
-def _decode_all(model, tok, prompts, config, extra_hooks=()):
-    """Tokens and recorded top-key positions of every prompt."""
-    state = StepState()
-    rec = TopKeyRecorder(model.cfg.n_layers, model.cfg.n_heads, config.max_new_tokens, state,
-                         max_batch=config.batch_size)
-    out = []
-    for gen in generate_many(model, tok, prompts, config=config,
-                             hooks=[*rec.hooks(), *extra_hooks], state=state,
-                             on_start=lambda i: rec.reset()):
-        row = rec.row(gen.info["batch_row"])[:gen.n_steps].clone()
-        out.append((gen.response_ids, row))
-    return out
-
-
-def _assert_same(a, b):
-    assert len(a) == len(b)
-    for (ta, pa), (tb, pb) in zip(a, b):
-        assert ta == tb
-        assert torch.equal(pa, pb)
-
-
 def test_batched_decode_rows_equal_prompts_alone(toy_model, grid):
     model, tok = toy_model
     prompts = [p.prompt_ids for p in grid]
     base = GenerationConfig(max_new_tokens=8, stop_at_newline=False, reuse_prefix=False)
-    alone = _decode_all(model, tok, prompts, base)
+    alone = decode_all(model, tok, prompts, base)
     for bs in (2, 5):
         cfg = GenerationConfig(max_new_tokens=8, stop_at_newline=False, batch_size=bs,
                                prefill_chunk=16)
-        _assert_same(_decode_all(model, tok, prompts, cfg), alone)
-    old = engine._LeanAttention.rows
-    try:
-        engine._LeanAttention.rows = "batch"  # one product for the whole batch
-        cfg = GenerationConfig(max_new_tokens=8, stop_at_newline=False, batch_size=5)
-        _assert_same(_decode_all(model, tok, prompts, cfg), alone)
-    finally:
-        engine._LeanAttention.rows = old
+        assert_same(decode_all(model, tok, prompts, cfg), alone)
+    cfg = GenerationConfig(max_new_tokens=8, stop_at_newline=False, batch_size=5,
+                           policy=KernelPolicy(rows="batch"))  # one product for the whole batch
+    assert_same(decode_all(model, tok, prompts, cfg), alone)
 
 
 @pytest.mark.parametrize("slab", [2, 8])
@@ -135,30 +112,23 @@ def test_slab_products_make_batched_rows_equal_prompts_alone(toy_model, grid, mo
     """The GPU default: products on fixed blocks of rows, lone prompts padded too."""
     model, tok = toy_model
     prompts = [p.prompt_ids for p in grid]
-    rows_alone = _decode_all(model, tok, prompts, GenerationConfig(
+    rows_alone = decode_all(model, tok, prompts, GenerationConfig(
         max_new_tokens=8, stop_at_newline=False, reuse_prefix=False))
-    monkeypatch.setattr(engine._LeanAttention, "rows", "slab")
-    monkeypatch.setattr(engine._LeanAttention, "slab", slab)
-    padded = []
-    real = engine._pad_rows
-    monkeypatch.setattr(engine, "_pad_rows", lambda x, n: padded.append((x.shape[0], n)) or real(x, n))
-    alone = _decode_all(model, tok, prompts, GenerationConfig(
-        max_new_tokens=8, stop_at_newline=False, reuse_prefix=False))
-    assert padded and all(n % slab == 0 for _, n in padded)  # the lone prompt ran padded
+    policy = KernelPolicy(rows="slab", slab=slab)
+    rows = []  # the rows of every weight product of a decode step
+    real = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, *a: (
+        rows.append(x.shape[0]) if current_phase() == "decode" else None) or real(x, *a))
+    alone = decode_all(model, tok, prompts, GenerationConfig(
+        max_new_tokens=8, stop_at_newline=False, reuse_prefix=False, policy=policy))
+    assert rows and all(n == slab for n in rows)  # the lone prompt ran padded to a slab
     for bs in (3, 5):  # batches of 3 (less than a slab, or more) and 5 (over two slabs)
         cfg = GenerationConfig(max_new_tokens=8, stop_at_newline=False, batch_size=bs,
-                               prefill_chunk=16)
-        _assert_same(_decode_all(model, tok, prompts, cfg), alone)
+                               prefill_chunk=16, policy=policy)
+        assert_same(decode_all(model, tok, prompts, cfg), alone)
+    assert all(n == slab for n in rows)  # batched steps too: whole slabs only
     # and the padded products answer what the plain ones answer
     assert [t for t, _ in alone] == [t for t, _ in rows_alone]
-
-
-def test_batch_mode_is_validated(monkeypatch):
-    from rhlens.errors import ConfigError
-
-    monkeypatch.setattr(engine._LeanAttention, "rows", "rowz")
-    with pytest.raises(ConfigError, match="'slab', 'row', 'batch'"):
-        engine._LeanAttention.batch_mode(torch.device("cpu"), 2)
 
 
 def test_chunked_prefill_gives_the_same_tokens_and_builds_no_dense_mask(toy_model, grid,
@@ -167,7 +137,7 @@ def test_chunked_prefill_gives_the_same_tokens_and_builds_no_dense_mask(toy_mode
 
     model, tok = toy_model
     prompts = [p.prompt_ids for p in grid[:4]]
-    plain = _decode_all(model, tok, prompts, GenerationConfig(max_new_tokens=8,
+    plain = decode_all(model, tok, prompts, GenerationConfig(max_new_tokens=8,
                                                               reuse_prefix=False))
     # From here on no [query, key] mask may be built, and attention never receives one.
     def no_dense_mask(*a, **k):
@@ -188,7 +158,7 @@ def test_chunked_prefill_gives_the_same_tokens_and_builds_no_dense_mask(toy_mode
         for chunk in (7, 32):
             for reuse in (False, True):
                 cfg = GenerationConfig(max_new_tokens=8, prefill_chunk=chunk, reuse_prefix=reuse)
-                _assert_same(_decode_all(model, tok, prompts, cfg), plain)
+                assert_same(decode_all(model, tok, prompts, cfg), plain)
     finally:
         AttentionInterface.register(impl, engine._rhlens_sdpa)
     assert seen and all(no_mask for _, _, no_mask in seen)
@@ -204,16 +174,17 @@ def test_lean_decode_equals_bridge_decode_with_hooks(toy_model, grid, monkeypatc
     means = torch.randn(model.cfg.n_layers, model.cfg.n_heads, d_head)
     mean = ablation_hooks(model, [(0, 2)], mode="mean", means=means)
     flat_calls = []
-    real = engine._FlatHooks.__call__
-    monkeypatch.setattr(engine._FlatHooks, "__call__",
-                        lambda self, x: flat_calls.append(len(self.edits)) or real(self, x))
+    real = DirectHooks.__call__
+    monkeypatch.setattr(DirectHooks, "__call__", lambda self, x: flat_calls.append(
+        sum(h.flat is not None for h in self.hooks)) or real(self, x))
     for hooks in ((), mask, mask + zero, mean + zero):
         flat_calls.clear()
-        runs = [_decode_all(model, tok, prompts, GenerationConfig(
+        runs = [decode_all(model, tok, prompts, GenerationConfig(
             max_new_tokens=8, lean_decode=lean, batch_size=2), hooks) for lean in (True, False)]
-        _assert_same(*runs)
-        # the lean step applied the masks straight to the flat tensors
-        assert bool(flat_calls) == bool(hooks)
+        assert_same(*runs)
+        # the lean step called the recorder straight (read-only), and applied the masks
+        # straight to the flat tensors
+        assert flat_calls and any(flat_calls) == bool(hooks)
 
 
 def test_lean_decode_fires_a_foreign_hook_next_to_a_mask(toy_model, grid):
@@ -223,9 +194,9 @@ def test_lean_decode_fires_a_foreign_hook_next_to_a_mask(toy_model, grid):
     seen = []
     spy = ("blocks.0.attn.hook_q", lambda x, hook=None: seen.append(tuple(x.shape)))
     hooks = [*ablation_hooks(model, [(0, 1)], mode="uniform"), spy]
-    runs = [_decode_all(model, tok, prompts, GenerationConfig(
+    runs = [decode_all(model, tok, prompts, GenerationConfig(
         max_new_tokens=4, lean_decode=lean, stop_at_newline=False), hooks) for lean in (True, False)]
-    _assert_same(*runs)
+    assert_same(*runs)
     assert seen and all(len(s) == 4 for s in seen)  # [batch, pos, head, d_head], as TL gives it
 
 
@@ -236,13 +207,18 @@ def test_sdpa_attention_output_and_pattern_edits(toy_model, grid, monkeypatch):
     changes the output exactly as it does through the bridge."""
     model, tok = toy_model
     prompts = [p.prompt_ids for p in grid[:3]]
-    bridge = _decode_all(model, tok, prompts, GenerationConfig(max_new_tokens=8, lean_decode=False))
-    monkeypatch.setattr(engine._LeanAttention, "av_block", 16)  # toy prompts: ~100 keys
+    bridge = decode_all(model, tok, prompts, GenerationConfig(max_new_tokens=8, lean_decode=False))
+    sdpa_calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: (
+        sdpa_calls.append(current_phase()) or real(*a, **k)))
     for av in ("split", "sdpa"):  # the GPU defaults, forced on the CPU
-        monkeypatch.setattr(engine._LeanAttention, "av", av)
+        # toy prompts: ~100 keys, summed in blocks of 16
+        policy = KernelPolicy(av=av, av_block=16, split_from=0)
         for bs in (1, 3):
-            cfg = GenerationConfig(max_new_tokens=8, batch_size=bs)
-            _assert_same(_decode_all(model, tok, prompts, cfg), bridge)
+            cfg = GenerationConfig(max_new_tokens=8, batch_size=bs, policy=policy)
+            assert_same(decode_all(model, tok, prompts, cfg), bridge)
+    assert "decode" in sdpa_calls  # SDPA gave the output, no fallback
 
     def in_place(p, hook):
         p[:, 2] = 1.0 / p.shape[-1]  # flatten the copy head (L1H2)
@@ -254,9 +230,9 @@ def test_sdpa_attention_output_and_pattern_edits(toy_model, grid, monkeypatch):
 
     for edit in (in_place, returned):
         hooks = [("blocks.1.attn.hook_pattern", edit)]
-        runs = [_decode_all(model, tok, prompts, GenerationConfig(
+        runs = [decode_all(model, tok, prompts, GenerationConfig(
             max_new_tokens=8, lean_decode=lean), hooks) for lean in (True, False)]
-        _assert_same(*runs)
+        assert_same(*runs)
         assert runs[0][0][0] != bridge[0][0]  # the edit changed the answer
 
 
@@ -330,8 +306,8 @@ def test_prefill_runs_plain_hf_modules_only_when_no_hook_would_act(toy_model, gr
     assert not silent(all_mask)  # the mask acts in the prefill: the bridge path keeps it
     assert not silent([user])  # a user's hook sees the prompt
     paths = []
-    real = engine.native_modules
-    monkeypatch.setattr(engine, "native_modules",
+    real = engine.native.native_modules
+    monkeypatch.setattr(engine.native, "native_modules",
                         lambda *a, **k: paths.append("plain") or real(*a, **k))
     quiet = engine._new_cache(hf)
     engine.prefill(model, ids, quiet)

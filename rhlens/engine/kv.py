@@ -1,0 +1,237 @@
+"""KV storage: preallocated per-layer buffers, and the pool of batch rows that reuses shared prompt prefixes.
+
+A decode step writes one position into a buffer instead of re-concatenating the whole cache
+(:class:`_BufferLayer`, an HF ``DynamicLayer`` over a preallocated tensor). :class:`KVPool`
+holds ``[rows, kv_heads, capacity, head_dim]`` per layer for a batch of prompts and knows
+which prompt body each row holds, so that a prompt sharing a prefix with the previous one
+(NIAH probes of one haystack) copies that prefix's keys and values instead of computing them.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Hashable, Sequence
+
+import torch
+from torch import Tensor
+
+from rhlens.engine.bridge import attention_shape, new_cache, text_config
+from rhlens.engine.native import prefill
+from rhlens.errors import ConfigError
+
+__all__ = ["KVPool", "buffer_cache", "plain_cache_layers"]
+
+
+@functools.cache
+def _buffer_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class _BufferLayer(DynamicLayer):
+        """A ``DynamicLayer`` that writes new keys/values into a preallocated buffer.
+
+        ``keys``/``values`` are views of the first ``length`` positions, as HF expects;
+        cropping is O(1). ``fixed`` buffers are views of the engine's batch storage and
+        never reallocate.
+        """
+
+        is_sliding = False
+        is_croppable = True
+
+        def __init__(self, keys: Tensor | None = None, values: Tensor | None = None,
+                     length: int = 0, reserve: int = 0, fixed: bool = False) -> None:
+            super().__init__()
+            self._kb, self._vb, self._n = keys, values, 0  # [batch, kv_head, capacity, d_head]
+            self.reserve, self.fixed = reserve, fixed
+            if keys is not None:
+                self.dtype, self.device = keys.dtype, keys.device
+                self.is_initialized = True
+                self._set_len(length)
+
+        def lazy_initialization(self, key_states, value_states=None) -> None:
+            self.dtype, self.device = key_states.dtype, key_states.device
+            self.is_initialized = True
+
+        def _set_len(self, n: int) -> None:
+            self._n = n
+            self.keys = self._kb[:, :, :n]
+            self.values = self._vb[:, :, :n]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            n0 = self._n
+            n1 = n0 + key_states.shape[-2]
+            if (self._kb is None or n1 > self._kb.shape[-2]
+                    or self._kb.shape[0] != key_states.shape[0]):
+                self._grow(key_states, value_states, max(n1, self.reserve))
+            if key_states.dtype != self._kb.dtype:
+                raise ConfigError(f"KV cache holds {self._kb.dtype}, the model gives {key_states.dtype}")
+            self._kb[:, :, n0:n1].copy_(key_states)
+            self._vb[:, :, n0:n1].copy_(value_states)
+            self._set_len(n1)
+            if n0 == 0:  # the same values, contiguous: attention kernels see what HF gives them
+                return key_states, value_states
+            return self.keys, self.values
+
+        def _grow(self, k: Tensor, v: Tensor, capacity: int) -> None:
+            if self.fixed:
+                raise RuntimeError("rhlens: a fixed KV buffer is too small (engine bug)")
+            b, h, _, d = k.shape
+            kb = k.new_empty((b, h, capacity, d))
+            vb = v.new_empty((b, v.shape[1], capacity, v.shape[-1]))
+            if self._n:
+                if self._kb.shape[0] != b:
+                    raise RuntimeError("rhlens: cannot change the batch size of a filled KV cache")
+                kb[:, :, :self._n].copy_(self._kb[:, :, :self._n])
+                vb[:, :, :self._n].copy_(self._vb[:, :, :self._n])
+            self._kb, self._vb = kb, vb
+
+        def get_seq_length(self) -> int:
+            return self._n
+
+        def crop(self, tokens_to_remove: int) -> None:
+            if tokens_to_remove > 0:
+                raise ValueError("crop takes a negative number of tokens to remove")
+            if tokens_to_remove == 0 or not self.is_initialized:
+                return
+            self._set_len(max(0, self._n - abs(tokens_to_remove)))
+
+        def reset(self) -> None:
+            self._n = 0
+            if self._kb is not None:
+                self._set_len(0)
+
+        def batch_repeat_interleave(self, repeats: int) -> None:  # pragma: no cover
+            raise NotImplementedError("rhlens KV buffers do not support beam search")
+
+        def batch_select_indices(self, indices) -> None:  # pragma: no cover
+            raise NotImplementedError("rhlens KV buffers do not support beam search")
+
+    return _BufferLayer
+
+
+def plain_cache_layers(hf: torch.nn.Module) -> int | None:
+    """Number of layers if every layer of the model's cache is a plain DynamicLayer."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = new_cache(hf).layers
+    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        return None  # sliding windows, linear attention, ...: no reuse, no batching
+    return len(layers)
+
+
+def buffer_cache(hf: torch.nn.Module, keys: Sequence[Tensor], values: Sequence[Tensor], length: int):
+    """A DynamicCache whose layers are (fixed) views of the given buffers."""
+    cls = _buffer_layer_class()
+    cache = new_cache(hf)
+    cache.layers = [cls(k, v, length=length, fixed=True) for k, v in zip(keys, values)]
+    return cache
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class KVPool:
+    """KV buffers ``[rows, kv_heads, capacity, head_dim]`` per layer, and what each row holds.
+
+    Row ``r`` holds the keys/values of ``self.body[r]`` (a prompt minus its last token). A
+    new prompt body is prefilled into a row after copying in the prefix it shares with the
+    most recently prefilled body (``self.last``), so only the rest is computed.
+    """
+
+    def __init__(self, hf: torch.nn.Module, n_layers: int) -> None:
+        self.hf = hf
+        self.n_layers = n_layers
+        self.k: list[Tensor] = []
+        self.v: list[Tensor] = []
+        self.body: list[tuple[int, ...] | None] = []
+        self.last: int | None = None
+        self.key: Hashable = None
+        p = next(hf.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        _, self.n_kv, self.head_dim = attention_shape(hf)
+        cfg = text_config(hf)
+        self.hidden = int(cfg.hidden_size)
+        self.inter = int(getattr(cfg, "intermediate_size", 4 * self.hidden))
+
+    @property
+    def rows(self) -> int:
+        return self.k[0].shape[0] if self.k else 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2] if self.k else 0
+
+    def row_bytes(self, capacity: int) -> int:
+        return 2 * self.n_layers * self.n_kv * self.head_dim * capacity * self.dtype.itemsize
+
+    def fit_rows(self, want: int, capacity: int, chunk: int | None) -> int:
+        """How many rows of ``capacity`` tokens fit on the device (at most ``want``)."""
+        if want <= 1 or self.device.type != "cuda":
+            return max(1, want)
+        free, total = torch.cuda.mem_get_info(self.device)
+        allocated = torch.cuda.memory_allocated(self.device)
+        free += torch.cuda.memory_reserved(self.device) - allocated
+        fraction = getattr(torch.cuda.memory, "get_per_process_memory_fraction", None)
+        if fraction is not None:  # a process capped below the card's memory
+            free = min(free, int(total * fraction(self.device)) - allocated)
+        free += sum(t.numel() * t.element_size() for t in self.k + self.v)
+        tokens = min(capacity, chunk or capacity)
+        # The prefill's activations dominate the margin: a few [tokens, hidden] and
+        # [tokens, intermediate] tensors of one layer at a time.
+        width = 3 * self.inter + 12 * self.hidden
+        margin = (2 << 30) + tokens * width * 2 * self.dtype.itemsize
+        return max(1, min(want, int((free - margin) // self.row_bytes(capacity))))
+
+    def ensure(self, rows: int, capacity: int, first: tuple[int, ...], key: Hashable,
+               reuse: bool, chunk: int) -> None:
+        """At least ``rows`` rows of ``capacity`` tokens (keeping a reusable prefix of ``first``)."""
+        if self.k and self.rows >= rows and self.capacity >= capacity:
+            return
+        carry = None
+        if reuse and self.k and self.last is not None and key == self.key:
+            keep = _common_prefix(self.body[self.last], first) // chunk * chunk
+            if keep:
+                r = self.last
+                carry = ([k[r:r + 1, :, :keep].clone() for k in self.k],
+                         [v[r:r + 1, :, :keep].clone() for v in self.v], first[:keep])
+        self.k, self.v, self.body, self.last = [], [], [], None  # free before allocating
+        shape = (rows, self.n_kv, capacity, self.head_dim)
+        self.k = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)]
+        self.v = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)]
+        self.body = [None] * rows
+        if carry is not None:
+            ks, vs, ids = carry
+            for dst, src in zip(self.k + self.v, ks + vs):
+                dst[:1, :, :src.shape[2]].copy_(src)
+            self.body[0], self.last = ids, 0
+
+    def fill(self, model, row: int, body: tuple[int, ...], key: Hashable, reuse: bool,
+             chunk: int) -> int:
+        """Prefill ``body`` into ``row``; returns how many leading tokens were reused.
+
+        The reused prefix is cut back to a multiple of ``chunk``, so the rest is prefilled in
+        the chunks the body alone is prefilled in: same shapes, same kernels, same numbers.
+        """
+        keep = 0
+        if reuse and self.last is not None and key == self.key:
+            keep = _common_prefix(self.body[self.last], body) // chunk * chunk
+        if keep and self.last != row:
+            src = self.last
+            for t in self.k + self.v:
+                t[row, :, :keep].copy_(t[src, :, :keep])
+        self.body[row], self.last, self.key = None, None, key
+        cache = buffer_cache(self.hf, [k[row:row + 1] for k in self.k],
+                             [v[row:row + 1] for v in self.v], keep)
+        prefill(model, body[keep:], cache, chunk=chunk)
+        self.body[row], self.last = body, row
+        return keep
+
+    def decode_cache(self, rows: int, length: int):
+        """A cache over the first ``rows`` rows, ``length`` tokens filled."""
+        return buffer_cache(self.hf, [k[:rows] for k in self.k], [v[:rows] for v in self.v], length)

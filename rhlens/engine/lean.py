@@ -1,0 +1,175 @@
+"""The decode step: the lean step of a Llama-family model where it is exact, else the bridge's own forward.
+
+HF's decode step is bound by Python: every ``nn.Module`` call, decorator and keyword dispatch
+costs microseconds, ~20 ms a token for a 32-layer model on a GPU host, far more than the GPU
+needs. :class:`LeanDecoder` runs the same tensor operations on the same modules' weights
+(RMSNorm's and the rotary embedding's own ``forward``; ``F.linear`` for ``nn.Linear``; the
+MLP's ``down(act(gate(x)) * up(x))``; residual adds as in the decoder layer) with
+:class:`~rhlens.engine.attention.LeanAttention`, so every attention hook fires.
+
+:func:`decode_step` picks the step: lean when the architecture is one the lean step
+reproduces and only attention hooks are attached (:func:`lean_ok`), else the bridge. A
+captured step (static buffers, a CUDA graph) would be one more candidate here, tried first
+for the hooks it can express.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rhlens.engine.attention import LeanAttention, pad_rows, row_linear, slab_linear
+from rhlens.engine.bridge import hf_model, linear_weights, native
+from rhlens.engine.hooks import has_torch_hooks, internal_handles
+from rhlens.engine.policy import KernelPolicy
+
+__all__ = ["LeanDecoder", "decode_step", "lean_ok"]
+
+DecodeStep = Callable[[Tensor, Any, int], Tensor]
+
+_LEAN_MODELS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+_LEAN_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
+_LEAN_ATTENTION = ("LlamaAttention", "MistralAttention", "Qwen2Attention")
+_LEAN_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP")
+_LEAN_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
+_LEAN_BLOCKING_FLAGS = ("use_attn_result", "use_split_qkv_input", "use_attn_in", "gated_q_proj",
+                        "rotary_adjacent_pairs", "rotary_interleaved_cos_sin", "qk_norm_after_rope",
+                        "use_hook_mlp_in")
+
+
+class LeanDecoder:
+    """One greedy decode step of a Llama-family model, as HF computes it, minus the calls.
+
+    ``step(input_ids [batch, 1], cache, position) -> logits [batch, 1, vocab]``.
+    """
+
+    def __init__(self, model, policy: KernelPolicy) -> None:
+        hf = hf_model(model)
+        inner = hf.model
+        self.policy = policy
+        self.embed = native(inner.embed_tokens)
+        self.rotary = native(inner.rotary_emb)
+        self.norm = native(inner.norm)
+        self.lm_w, self.lm_b = linear_weights(hf.lm_head)
+        self.layers = []
+        for block in model.blocks:
+            layer = block.original_component
+            mlp = native(layer.mlp)
+            self.layers.append((native(layer.input_layernorm).forward, LeanAttention(block.attn, policy),
+                                native(layer.post_attention_layernorm).forward,
+                                linear_weights(mlp.gate_proj), linear_weights(mlp.up_proj),
+                                linear_weights(mlp.down_proj), native(mlp.act_fn).forward))
+
+    @staticmethod
+    def eligible(model) -> bool:
+        """Whether ``model``'s architecture is one this step reproduces."""
+        hf = hf_model(model)
+        inner = getattr(hf, "model", None)
+        if type(hf).__name__ not in _LEAN_MODELS or inner is None:
+            return False
+        if getattr(hf.config, "final_logit_softcapping", None) or type(native(inner.embed_tokens)) \
+                is not torch.nn.Embedding:
+            return False
+        if type(native(inner.norm)).__name__ not in _LEAN_NORMS:
+            return False
+        for block in model.blocks:
+            layer = block.original_component
+            if (type(layer).__name__ not in _LEAN_LAYERS
+                    or type(native(layer.mlp)).__name__ not in _LEAN_MLPS
+                    or type(native(layer.input_layernorm)).__name__ not in _LEAN_NORMS
+                    or type(native(layer.post_attention_layernorm)).__name__ not in _LEAN_NORMS):
+                return False
+        return len(model.blocks) == int(hf.config.num_hidden_layers)
+
+    def __call__(self, input_ids: Tensor, cache, position: int) -> Tensor:
+        B = input_ids.shape[0]
+        mode = self.policy.batch_mode(B)
+        h = self.embed.forward(input_ids)  # [B, 1, d_model]
+        pos = torch.full((1, 1), position, dtype=torch.long, device=input_ids.device)
+        cos, sin = self.rotary(h, pos)
+        rows = None
+        if mode == "slab":  # the residual stream padded to whole slabs; zero rows stay finite
+            slab = self.policy.slab
+
+            def lin(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+                return slab_linear(x, w, b, slab)
+
+            rows = B
+            h = pad_rows(h, -(-B // slab) * slab)
+        else:
+            lin = row_linear if mode == "row" else torch.nn.functional.linear
+        for ln1, attn, ln2, (gw, gb), (uw, ub), (dw, db), act in self.layers:
+            h = h + attn.forward(ln1(h), cos, sin, cache, rows=rows)
+            x = ln2(h)
+            h = h + lin(act(lin(x, gw, gb)) * lin(x, uw, ub), dw, db)
+        return lin(self.norm.forward(h), self.lm_w, self.lm_b)[:B]
+
+
+def lean_ok(model) -> bool:
+    """Whether the lean decode step is exact here (else the step runs through the bridge).
+
+    False when the architecture is not a plain Llama-family model the lean step reproduces,
+    or when a hook is attached anywhere but the attention hook points it fires (residual,
+    MLP, norm hooks need the bridge's own forward).
+    """
+    from transformer_lens.hook_points import HookPoint
+    from transformer_lens.model_bridge.generalized_components.position_embeddings_attention import (
+        PositionEmbeddingsAttentionBridge,
+    )
+
+    cfg = model.cfg
+    if any(bool(getattr(cfg, f, False)) for f in _LEAN_BLOCKING_FLAGS):
+        return False
+    if not LeanDecoder.eligible(model):
+        return False
+    fired: set[int] = set()
+    # BlockBridge's own pre-hooks on ln1/ln2 keep the pre-LN residual for the split-qkv inputs
+    # and fire hook_mlp_in, both off here (flags above; hooked points are checked below).
+    internal = internal_handles(model)
+    for block in model.blocks:
+        b = block.attn
+        module = b.original_component
+        if (type(b) is not PositionEmbeddingsAttentionBridge or b.training
+                or getattr(b, "compatibility_mode", False)
+                or type(module).__name__ not in _LEAN_ATTENTION
+                or any(s in b.submodules for s in ("q_norm", "k_norm", "gate"))
+                or getattr(module, "sliding_window", None) is not None
+                or getattr(module, "attn_logit_softcapping", None) is not None
+                or getattr(module, "sinks", None) is not None
+                or getattr(module, "key_multiplier", None) is not None
+                or hasattr(module, "_hf_hook")):
+            return False
+        rope = getattr(getattr(module, "config", None), "rope_parameters", None)
+        if isinstance(rope, dict) and rope.get("llama_4_scaling_beta") is not None:
+            return False
+        if float(getattr(module.config, "partial_rotary_factor", 1.0) or 1.0) != 1.0:
+            return False
+        fired.update(id(p) for p in LeanAttention.hook_points(b))
+    for module in model.modules():
+        if isinstance(module, HookPoint):
+            if id(module) not in fired and module.has_hooks():
+                return False
+        elif has_torch_hooks(module, internal):
+            return False
+    return True
+
+
+def decode_step(model, lean: bool, policy: KernelPolicy | None = None) -> DecodeStep:
+    """``step(input_ids [batch, 1], cache, position) -> logits [batch, 1, vocab]``.
+
+    The lean step when ``lean`` and :func:`lean_ok`, computing its products as ``policy``
+    says (``None``: the device's defaults); else the bridge's own forward.
+    """
+    hf = hf_model(model)
+    if lean and lean_ok(model):
+        if policy is None or not policy.resolved:
+            policy = (policy or KernelPolicy()).resolve(next(hf.parameters()).device, model)
+        return LeanDecoder(model, policy)
+
+    def step(input_ids: Tensor, cache, position: int) -> Tensor:
+        return hf(input_ids=input_ids, past_key_values=cache, use_cache=True).logits
+
+    return step

@@ -1,0 +1,316 @@
+"""Greedy answers: ``GenerationConfig``, ``generate`` and ``generate_many`` (prefix reuse, batched decode).
+
+Greedy decoding follows the paper's harness: the prompt minus its last token is prefilled,
+and the first decode step feeds that last token, so the attention that produces the first
+answer token is observed like every later one. Consecutive prompts of equal length are
+decoded together when ``batch_size > 1`` (one forward per step for the batch), each row
+bit-identical to the prompt answered alone under the exact kernel policies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import operator
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from rhlens.engine.bridge import hf_model, new_cache
+from rhlens.engine.hooks import HookPair, StepState, phase
+from rhlens.engine.kv import KVPool, plain_cache_layers
+from rhlens.engine.lean import decode_step
+from rhlens.engine.native import DEFAULT_PREFILL_CHUNK, prefill
+from rhlens.engine.policy import KernelPolicy
+from rhlens.errors import ConfigError
+from rhlens.results import Config
+
+__all__ = ["Generation", "GenerationConfig", "chat_prompt", "generate", "generate_many"]
+
+
+def _count(name: str, value: Any, low: int) -> None:
+    try:
+        ok = not isinstance(value, bool) and operator.index(value) >= low
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class GenerationConfig(Config):
+    """How the engine answers.
+
+    Attributes:
+        max_new_tokens: decode steps at most (the paper: 50).
+        stop_at_newline: stop at the first generated token containing a newline.
+        stop_at_eos: stop at the tokenizer's end-of-sequence token(s).
+        prefill_chunk: prefill this many tokens at a time (``None``:
+            :data:`DEFAULT_PREFILL_CHUNK`, 32768). Bounds activation memory on long prompts;
+            a reused prefix is cut back to a multiple of it, so that reuse changes no result.
+        reuse_prefix: in :func:`generate_many`, keep the KV cache of the tokens a prompt
+            shares with the previous one instead of prefilling them again.
+        batch_size: in :func:`generate_many`, answer up to this many consecutive prompts of
+            equal length together (one forward per decode step for all of them). On a GPU
+            fewer are batched when their KV caches would not fit. Hooks then see a batch
+            dimension of that size. ``1``: one prompt at a time.
+        lean_decode: decode through the HF modules plus a lean copy of the bridge's
+            attention when only attention hooks are attached (same hooks, same tensors);
+            ``False`` always decodes through the bridge.
+        policy: the lean step's kernels, a :class:`KernelPolicy` (``None`` or ``"auto"``:
+            every choice the device's default, resolved when a run starts; see
+            :meth:`describe`).
+    """
+
+    max_new_tokens: int = 50
+    stop_at_newline: bool = True
+    stop_at_eos: bool = True
+    prefill_chunk: int | None = None
+    reuse_prefix: bool = True
+    batch_size: int = 1
+    lean_decode: bool = True
+    policy: KernelPolicy | Literal["auto"] | None = None
+
+    def __post_init__(self) -> None:
+        _count("max_new_tokens", self.max_new_tokens, 1)
+        if self.prefill_chunk is not None:
+            _count("prefill_chunk (tokens, or None)", self.prefill_chunk, 1)
+        _count("batch_size", self.batch_size, 1)
+        for name in ("stop_at_newline", "stop_at_eos", "reuse_prefix", "lean_decode"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        policy = self.policy
+        if policy is None or policy == "auto":
+            policy = KernelPolicy()
+        elif not isinstance(policy, KernelPolicy):
+            raise ConfigError(f"policy must be a KernelPolicy, 'auto' or None, got {type(policy).__name__}")
+        object.__setattr__(self, "policy", policy)
+
+    @property
+    def chunk(self) -> int:
+        return self.prefill_chunk or DEFAULT_PREFILL_CHUNK
+
+    def resolved_policy(self, model) -> KernelPolicy:
+        """The kernel policy a run of ``model`` uses, on the device its weights are on."""
+        return self.policy.resolve(next(hf_model(model).parameters()).device, model)
+
+    def describe(self, model) -> dict[str, Any]:
+        """What a run of ``model`` with this config uses, JSON-ready, for a run's header:
+        ``{"generation": settings, "kernel_policy": the resolved KernelPolicy}``."""
+        settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "policy"}
+        return {"generation": settings, "kernel_policy": self.resolved_policy(model).to_dict()}
+
+
+@dataclass
+class Generation:
+    """A greedy answer to one prompt.
+
+    ``response_ids`` holds every generated token, the stopping token included (its step was
+    observed like the others); ``response`` is the text without the stopping token.
+    ``info["batch_row"]`` is the prompt's row in the batch it was decoded with.
+    """
+
+    prompt_ids: tuple[int, ...]
+    response_ids: list[int]
+    response: str
+    stop_reason: Literal["newline", "eos", "length"]
+    reused_prefix: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_steps(self) -> int:
+        return len(self.response_ids)
+
+
+def _eos_ids(tokenizer) -> set[int]:
+    ids = set()
+    v = getattr(tokenizer, "eos_token_id", None)
+    if isinstance(v, int):
+        ids.add(v)
+    elif isinstance(v, (list, tuple)):
+        ids.update(int(x) for x in v)
+    return ids
+
+
+class _Runner:
+    """Prefills and decodes batches of equal-length prompts for :func:`generate_many`."""
+
+    def __init__(self, model, tokenizer, config: GenerationConfig, state: StepState) -> None:
+        self.model, self.tokenizer, self.config, self.state = model, tokenizer, config, state
+        self.hf = hf_model(model)
+        self.device = next(self.hf.parameters()).device
+        self.policy = config.policy.resolve(self.device, model)
+        n_layers = plain_cache_layers(self.hf)
+        self.pool = KVPool(self.hf, n_layers) if n_layers else None
+        self.eos = _eos_ids(tokenizer) if config.stop_at_eos else set()
+        self._newline: dict[int, bool] = {}
+
+    def max_rows(self, n_tokens: int) -> int:
+        if self.pool is None:
+            return 1
+        cap = n_tokens - 1 + self.config.max_new_tokens
+        return self.pool.fit_rows(self.config.batch_size, cap, self.config.chunk)
+
+    def _has_newline(self, tok: int) -> bool:
+        hit = self._newline.get(tok)
+        if hit is None:
+            hit = self._newline[tok] = "\n" in self.tokenizer.decode([tok])
+        return hit
+
+    @torch.no_grad()
+    def run(self, items: Sequence[tuple[int, tuple[int, ...], Hashable]],
+            on_start: Callable[[int], None] | None) -> list[Generation]:
+        """Answer ``items`` ((index, prompt ids, prefill key), equal lengths) together."""
+        config = self.config
+        rows = len(items)
+        n = len(items[0][1])
+        bodies = [ids[:-1] for _, ids, _ in items]
+        for i, _, _ in items:
+            if on_start is not None:
+                on_start(i)
+        if self.pool is None:  # sliding-window caches: a fresh cache, one prompt at a time
+            if rows != 1:
+                raise RuntimeError("rhlens: batching needs a plain KV cache (engine bug)")
+            cache = new_cache(self.hf)
+            prefill(self.model, bodies[0], cache, chunk=config.chunk)
+            kept = [0]
+        else:
+            self.pool.ensure(rows, n - 1 + config.max_new_tokens, bodies[0], items[0][2],
+                             config.reuse_prefix, config.chunk)
+            kept = [self.pool.fill(self.model, r, bodies[r], items[r][2], config.reuse_prefix,
+                                   config.chunk) for r in range(rows)]
+            cache = self.pool.decode_cache(rows, n - 1)
+        outs = self._decode(cache, [ids[-1] for _, ids, _ in items], n)
+        gens = []
+        for r, ((_, ids, _), (out, stop)) in enumerate(zip(items, outs)):
+            text_ids = out[:-1] if stop != "length" else out
+            response = self.tokenizer.decode(text_ids, skip_special_tokens=True).strip()
+            gens.append(Generation(prompt_ids=ids, response_ids=out, response=response,
+                                   stop_reason=stop, reused_prefix=kept[r],
+                                   info={"batch_row": r, "batch_size": rows}))
+        return gens
+
+    def _decode(self, cache, last: list[int], n_prompt: int) -> list[tuple[list[int], str]]:
+        config, state = self.config, self.state
+        rows = len(last)
+        inp = torch.tensor([[t] for t in last], dtype=torch.long, device=self.device)  # [rows, 1]
+        outs: list[list[int]] = [[] for _ in range(rows)]
+        stops: list[str | None] = [None] * rows
+        state.rows = rows
+        forward = decode_step(self.model, config.lean_decode, self.policy)
+        with phase("decode", state):
+            for step in range(config.max_new_tokens):
+                state.step = step
+                state.n_seen = n_prompt + step
+                logits = forward(inp, cache, n_prompt - 1 + step)  # [rows, 1, vocab]
+                nxt = logits[:, -1].argmax(-1)
+                toks = nxt.tolist()  # the one host sync per step: needed to decide whether to stop
+                for r, tok in enumerate(toks):
+                    if stops[r] is not None:
+                        continue
+                    outs[r].append(tok)
+                    if tok in self.eos:
+                        stops[r] = "eos"
+                    elif config.stop_at_newline and self._has_newline(tok):
+                        stops[r] = "newline"
+                if all(s is not None for s in stops):
+                    break
+                inp = nxt.view(rows, 1)
+        return [(o, s or "length") for o, s in zip(outs, stops)]
+
+
+def generate(model, tokenizer, prompt_ids: Sequence[int] | Tensor, *,
+             config: GenerationConfig | None = None, hooks: Iterable[HookPair] = (),
+             state: StepState | None = None) -> Generation:
+    """Greedy-answer one prompt; ``hooks`` are TransformerLens ``(name, fn)`` pairs.
+
+    Hooks are attached for this call only (through ``model.hooks``), so nothing stays
+    attached, even after an exception. Attention-pattern hooks fire at decode steps only.
+    """
+    gens = generate_many(model, tokenizer, [prompt_ids], config=config, hooks=hooks, state=state)
+    try:
+        return next(gens)
+    finally:
+        gens.close()
+
+
+def generate_many(model, tokenizer, prompts: Iterable[Sequence[int] | Tensor], *,
+                  config: GenerationConfig | None = None, hooks: Iterable[HookPair] = (),
+                  state: StepState | None = None,
+                  on_start: Callable[[int], None] | None = None,
+                  item_hooks: Callable[[int], Sequence[HookPair]] | None = None,
+                  prefill_keys: Sequence[Hashable] | None = None) -> Iterator[Generation]:
+    """Greedy-answer prompts, reusing the KV cache of shared prefixes.
+
+    Yields each :class:`Generation` in prompt order. With ``config.batch_size > 1``,
+    consecutive prompts of equal length (and equal prefill key) are decoded together and
+    yielded when their batch is done; hooks then see a batch dimension.
+
+    Args:
+        hooks: ``(name, fn)`` pairs attached for the whole call.
+        state: the :class:`StepState` the engine updates at every step (also readable from a
+            hook as :func:`rhlens.engine.current_step`).
+        on_start: ``on_start(i)`` runs before prompt ``i`` (watchers reset buffers there);
+            for a batch, for each of its prompts before the batch starts.
+        item_hooks: ``item_hooks(i)`` gives extra pairs attached for prompt ``i`` only
+            (e.g. a different head mask per prompt); prompts are then answered one at a time.
+        prefill_keys: one hashable per prompt saying what the prefill depends on besides
+            the tokens (e.g. a mask that also acts on the prefill). The KV cache is reused
+            only between prompts with equal keys; by default all prompts share one key.
+    """
+    config = config or GenerationConfig()
+    state = state or StepState()
+    runner = _Runner(model, tokenizer, config, state)
+    hook_list = list(hooks)
+
+    def run(items, extra: Sequence[HookPair] = ()) -> list[Generation]:
+        # Hooks are attached while the model runs and removed before anything is yielded:
+        # a caller that stops iterating early (zip, next) leaves nothing attached.
+        pairs = [*hook_list, *extra]
+        with model.hooks(fwd_hooks=pairs) if pairs else contextlib.nullcontext():
+            return runner.run(items, on_start)
+
+    batch: list[tuple[int, tuple[int, ...], Hashable]] = []
+    limit = 1
+    for i, prompt in enumerate(prompts):
+        ids = _as_ids(prompt)
+        key = prefill_keys[i] if prefill_keys is not None else None
+        if item_hooks is not None:
+            yield from run([(i, ids, key)], list(item_hooks(i)))
+            continue
+        if batch and (len(ids) != len(batch[0][1]) or key != batch[0][2]):
+            yield from run(batch)
+            batch = []
+        if not batch:
+            limit = runner.max_rows(len(ids)) if config.batch_size > 1 else 1
+        batch.append((i, ids, key))
+        if len(batch) >= limit:
+            yield from run(batch)
+            batch = []
+    if batch:
+        yield from run(batch)
+
+
+def _as_ids(prompt: Sequence[int] | Int[Tensor, " seq"]) -> tuple[int, ...]:
+    if isinstance(prompt, Tensor):
+        if prompt.ndim != 1:
+            raise ConfigError(f"a prompt must be a 1-D tensor of token ids, got {tuple(prompt.shape)}")
+        ids = tuple(int(t) for t in prompt.tolist())
+    else:
+        ids = tuple(int(t) for t in prompt)
+    if not ids:
+        raise ConfigError("empty prompt")
+    return ids
+
+
+def chat_prompt(tokenizer, user: str, *, chat_template: bool = True) -> list[int]:
+    """Token ids of a single-turn prompt, through the chat template when there is one."""
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": user}],
+                                                  add_generation_prompt=True, tokenize=True,
+                                                  return_dict=False))
+    return list(tokenizer(user)["input_ids"])
