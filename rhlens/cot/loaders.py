@@ -1,7 +1,7 @@
 """Loaders for the datasets Wu et al. (2024) ran the CoT experiment on, from local files.
 
 rhlens ships no copy of these datasets; users who have them on disk, in the forms they
-are usually distributed in, get a :class:`~rhlens.cot.tasks.Task` with the same CoT and
+are usually distributed in, get a :class:`~rhlens.cot.items.Task` with the same CoT and
 direct prompts as the built-in tasks:
 
 * GSM8K, JSONL: ``{"question": ..., "answer": "... #### 72"}``;
@@ -23,8 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from rhlens.cot import extract as _extract
-from rhlens.cot.tasks import Task, TaskItem, make_prompts
+from rhlens.cot.extract import AnswerType, parse_number
+from rhlens.cot.items import Kind, Task, TaskItem
 from rhlens.errors import ConfigError
 
 __all__ = [
@@ -80,10 +80,13 @@ def _check_limit(limit: int | None) -> None:
         raise ConfigError(f"limit must be >= 1 (or None for all items), got {limit}.")
 
 
-def _finish(name: str, path: Path, items: list[TaskItem], **task_kwargs: Any) -> Task:
+def _finish(name: str, path: Path, items: list[TaskItem], kind: Kind, answer_type: AnswerType,
+            description: str) -> Task:
+    """The task of a loaded file, graded as its ``answer_type``; an empty file is refused."""
     if not items:
         raise ConfigError(f"{path} holds no usable items.")
-    return Task(name=name, items=tuple(items), **task_kwargs)
+    return Task(name=name, items=tuple(items), kind=kind, answer_type=answer_type,
+                description=description)
 
 
 # -------------------------------------------------------------------------------- GSM8K
@@ -104,36 +107,17 @@ def load_gsm8k(path: str | Path, *, limit: int | None = None, name: str | None =
         match = _GSM8K_ANSWER.search(solution)
         if match is None:
             raise _fail(path, line, "field 'answer' has no '#### <number>' final answer")
-        gold = _extract.parse_number(match.group(1))
+        gold = parse_number(match.group(1))
         if gold is None:
             raise _fail(path, line, f"final answer {match.group(1)!r} is not a number")
-        cot, direct = make_prompts(question, "number")
-        items.append(
-            TaskItem(
-                id=_item_id("gsm8k", line, record),
-                question=question,
-                answer=gold,
-                cot_prompt=cot,
-                direct_prompt=direct,
-                metadata={
-                    "source": str(path),
-                    "line": line,
-                    "rationale": solution[: match.start()].strip(),
-                },
-            )
-        )
+        items.append(TaskItem.ask(
+            _item_id("gsm8k", line, record), question, gold, what="number",
+            metadata={"source": str(path), "line": line,
+                      "rationale": solution[: match.start()].strip()}))
         if limit is not None and len(items) >= limit:
             break
-    return _finish(
-        name or f"gsm8k:{path.stem}",
-        path,
-        items,
-        kind="context",
-        extractor=_extract.extract_number,
-        scorer=_extract.score_number,
-        answer_type="number",
-        description=f"GSM8K-format math word problems from {path.name}",
-    )
+    return _finish(name or f"gsm8k:{path.stem}", path, items, "context", "number",
+                   f"GSM8K-format math word problems from {path.name}")
 
 
 # --------------------------------------------------------------------------------- MMLU
@@ -145,17 +129,9 @@ def _mmlu_item(
     letters = _LETTERS[: len(choices)]
     options = "\n".join(f"{letter}. {text}" for letter, text in zip(letters, choices))
     intro = f"The following is a multiple choice question about {subject}.\n\n" if subject else ""
-    cot, direct = make_prompts(f"{intro}{question}\n{options}", "letter")
-    return TaskItem(
-        id=rid,
-        question=question,
-        answer=answer,
-        cot_prompt=cot,
-        direct_prompt=direct,
-        aliases=(),
-        choices=tuple(choices),
-        metadata={"source": str(path), "line": line, "subject": subject},
-    )
+    return TaskItem.ask(rid, question, answer, body=f"{intro}{question}\n{options}", what="letter",
+                        choices=tuple(choices),
+                        metadata={"source": str(path), "line": line, "subject": subject})
 
 
 def _subject_from(path: Path) -> str:
@@ -165,16 +141,8 @@ def _subject_from(path: Path) -> str:
 
 
 def _mmlu_task(name: str, path: Path, items: list[TaskItem]) -> Task:
-    return _finish(
-        name,
-        path,
-        items,
-        kind="knowledge",
-        extractor=_extract.extract_choice,
-        scorer=_extract.score_choice,
-        answer_type="choice",
-        description=f"MMLU-format multiple choice from {path.name}",
-    )
+    return _finish(name, path, items, "knowledge", "choice",
+                   f"MMLU-format multiple choice from {path.name}")
 
 
 def _load_mmlu_csv(path: Path, limit: int | None, name: str | None) -> Task:
@@ -324,31 +292,15 @@ def load_musique(
         if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
             raise _fail(path, line, "field 'answer_aliases' must be a list of strings")
         context = "\n\n".join(blocks)
-        cot, direct = make_prompts(f"{context}\n\nQuestion: {question}", "answer")
-        items.append(
-            TaskItem(
-                id=_item_id("musique", line, record),
-                question=question,
-                answer=answer.strip(),
-                cot_prompt=cot,
-                direct_prompt=direct,
-                context=context,
-                aliases=tuple(a.strip() for a in aliases if a.strip()),
-                metadata={"source": str(path), "line": line, "answerable": answerable},
-            )
-        )
+        items.append(TaskItem.ask(
+            _item_id("musique", line, record), question, answer.strip(),
+            body=f"{context}\n\nQuestion: {question}", context=context,
+            aliases=tuple(a.strip() for a in aliases if a.strip()),
+            metadata={"source": str(path), "line": line, "answerable": answerable}))
         if limit is not None and len(items) >= limit:
             break
-    return _finish(
-        name or f"musique:{path.stem}",
-        path,
-        items,
-        kind="context",
-        extractor=_extract.extract_text,
-        scorer=_extract.score_text,
-        answer_type="text",
-        description=f"MuSiQue-format multi-hop QA from {path.name}",
-    )
+    return _finish(name or f"musique:{path.stem}", path, items, "context", "text",
+                   f"MuSiQue-format multi-hop QA from {path.name}")
 
 
 # ------------------------------------------------------------------------------ sniffing
