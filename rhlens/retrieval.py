@@ -241,7 +241,7 @@ def top_keys_from_cache(cache, n_tokens: int, *,
 
 
 def retrieval_scores_from_cache(cache, tokens: Sequence[int] | Tensor, *,
-                                needle_span: Sequence[int] | Sequence[Sequence[int]],
+                                needle_span: Sequence[int] | Sequence[Sequence[int]] | Tensor,
                                 answer_start: int, mode: Literal["unique", "paper"] = "unique",
                                 ) -> Float[Tensor, "... layer head"]:
     """Per-head retrieval scores of one answered prompt, from a TransformerLens cache.
@@ -265,13 +265,17 @@ def retrieval_scores_from_cache(cache, tokens: Sequence[int] | Tensor, *,
     rows = _token_rows(tokens)
     batch, n_tokens = rows.shape
     steps = _check_answer(n_tokens, answer_start)
-    spans = [needle_span] * batch if needle_span and isinstance(needle_span[0], int) \
-        else list(needle_span)
-    if len(spans) != batch:
-        raise ConfigError(f"{len(spans)} needle spans for {batch} token rows")
-    for span in spans:
-        if len(span) != 2 or not 0 <= span[0] < span[1] <= answer_start:
-            raise ConfigError(f"needle span {tuple(span)} does not lie inside the "
+    try:
+        spans = torch.as_tensor(needle_span, dtype=torch.long)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"needle_span must be (start, end) or one per row, got {needle_span!r}") from exc
+    spans = spans.expand(batch, 2) if spans.shape == (2,) else spans
+    if spans.ndim != 2 or spans.shape[1] != 2 or spans.shape[0] != batch:
+        raise ConfigError(f"needle_span must be (start, end) or one per row of the {batch} token "
+                          f"rows, got shape {tuple(spans.shape)}")
+    for start, end in spans.tolist():
+        if not 0 <= start < end <= answer_start:
+            raise ConfigError(f"needle span ({start}, {end}) does not lie inside the "
                               f"{answer_start}-token prompt")
     if mode not in ("unique", "paper"):
         raise ConfigError(f"mode must be 'unique' or 'paper', got {mode!r}")
@@ -281,7 +285,7 @@ def retrieval_scores_from_cache(cache, tokens: Sequence[int] | Tensor, *,
     rows = rows.to(positions.device)
     scores = torch.stack([
         copy_scores(positions[b], rows[b, answer_start:answer_start + steps],
-                    rows[b, :answer_start], (int(spans[b][0]), int(spans[b][1])), mode)
+                    rows[b, :answer_start], (int(spans[b, 0]), int(spans[b, 1])), mode)
         for b in range(batch)])
     return scores[0] if torch.as_tensor(tokens).ndim == 1 else scores
 

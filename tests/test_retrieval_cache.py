@@ -198,5 +198,10 @@ def test_bad_input_is_refused_before_compute():
         retrieval_scores_from_cache(cache, torch.tensor(tokens, dtype=torch.float32), **ok)
     with pytest.raises((ConfigError, TypeError), match="mode"):  # beartype in the tests
         retrieval_scores_from_cache(cache, tokens, mode="any", **ok)  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="2 needle spans for 1"):
+    with pytest.raises(ConfigError, match="one per row of the 1 token rows"):
         retrieval_scores_from_cache(cache, tokens, needle_span=[(2, 5), (2, 5)], answer_start=8)
+    with pytest.raises(ConfigError, match="needle_span must be"):
+        retrieval_scores_from_cache(cache, tokens, needle_span=[(2, 5), (2,)], answer_start=8)
+    assert torch.equal(retrieval_scores_from_cache(cache, tokens, needle_span=torch.tensor([2, 5]),
+                                                   answer_start=8),
+                       retrieval_scores_from_cache(cache, tokens, **ok))
