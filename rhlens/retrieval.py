@@ -167,7 +167,6 @@ def copy_scores(positions: Int[Tensor, "step layer head"], generated: Int[Tensor
     return (slots > 0).sum(-1).float() / n
 
 
-
 # ---------------------------------------------------------------------------------------
 # Scores from a user's own forward pass (an ActivationCache)
 # ---------------------------------------------------------------------------------------
@@ -292,54 +291,58 @@ def retrieval_scores_from_cache(cache, tokens: Sequence[int] | Tensor, *,
 
 @torch.no_grad()
 def cache_answer_patterns(model, tokens: Sequence[int] | Tensor, *, answer_start: int,
-                          prefill_prompt: bool = True):
+                          prefill_prompt: bool = True, prefill_chunk: int | None = None):
     """An ``ActivationCache`` of every layer's attention at the answer's query rows only.
 
     ``cache[f"blocks.{l}.attn.hook_pattern"]`` is ``[batch, head, answer, key]``: row s is
     the query that predicted answer token s (position ``answer_start - 1 + s``), over keys
     ``0 .. answer_start - 1 + s`` (those after the row are 0), never the n x n prompt pattern.
 
-    With ``prefill_prompt`` (default) the prompt before its last token is first run through
-    the model's native attention (SDPA: no pattern is ever formed), then the answer rows are
-    run through the bridge against that KV cache: the largest attention tensor is one layer's
-    ``[batch, head, answer, key]``, so it works on long prompts. With ``False`` it is one
-    plain bridge forward over the whole sequence whose hooks keep only the answer rows; the
-    bridge's eager attention still forms each layer's full ``[batch, head, seq, seq]`` pattern
-    (one layer at a time), so memory then grows with the square of the prompt.
+    With ``prefill_prompt`` (default) the prompt before its last token is first run as the
+    engine prefills it (:func:`rhlens.engine.prefill`: the model's own SDPA attention, no
+    pattern hook fires, ``prefill_chunk`` tokens at a time, default the engine's), then the
+    answer rows run through the bridge against that KV cache in one forward: the only
+    attention pattern formed is each layer's ``[batch, head, answer, key]``, so it works on
+    long prompts (memory linear in the prompt: ``benchmarks/answer_rows_memory.py``). With
+    ``False`` it is one plain bridge forward over the whole sequence whose hooks keep only the
+    answer rows, but the bridge's eager attention still forms each layer's full
+    ``[batch, head, seq, seq]`` pattern (one layer at a time): memory grows with the square
+    of the prompt.
     """
     from transformer_lens import ActivationCache
+
+    from rhlens.engine import GenerationConfig, hf_model, prefill
 
     rows = _token_rows(tokens)
     batch, n_tokens = rows.shape
     steps = _check_answer(n_tokens, answer_start)
+    chunk = GenerationConfig(prefill_chunk=prefill_chunk).chunk  # validates it
     first = answer_start - 1
     kept: dict[str, list[Tensor]] = {}
 
     def keep(pattern: Tensor, hook) -> None:
-        if pattern.shape[-2] != steps:  # a whole-sequence forward: cut out the answer rows
-            pattern = pattern[..., first:first + steps, :first + steps]
-        kept.setdefault(hook.name, []).append(pattern.detach().clone())
+        if pattern.shape[-2] == steps:
+            kept.setdefault(hook.name, []).append(pattern.detach())
+        else:  # a whole-sequence forward: copy the answer rows out, the rest is freed
+            answer_rows = pattern[..., first:first + steps, :first + steps]
+            kept.setdefault(hook.name, []).append(answer_rows.detach().clone())
 
     hooks = [(f"blocks.{layer}.attn.hook_pattern", keep) for layer in range(int(model.cfg.n_layers))]
-    device = next(model.parameters()).device
-    rows = rows.to(device)
+    rows = rows.to(next(model.parameters()).device)
     if prefill_prompt:
         from transformers import DynamicCache
-
-        from rhlens.engine import hf_model, prefill
 
         hf = hf_model(model)
         for b in range(batch):
             kv = DynamicCache(config=hf.config)
-            prefill(model, rows[b, :first].tolist(), kv)
+            prefill(model, rows[b, :first].tolist(), kv, chunk=chunk)
             with model.hooks(fwd_hooks=hooks):
                 hf(input_ids=rows[b:b + 1, first:first + steps], past_key_values=kv,
                    use_cache=True, logits_to_keep=1)
     else:
         with model.hooks(fwd_hooks=hooks):
             model(rows[:, :first + steps], return_type=None)
-    cache = {name: torch.cat(parts) for name, parts in kept.items()}
-    return ActivationCache(cache, model)
+    return ActivationCache({name: torch.cat(parts) for name, parts in kept.items()}, model)
 
 
 def probe_retrieval_scores(model, probe: Probe, answer_ids: Sequence[int] | Tensor, *,
