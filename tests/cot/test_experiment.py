@@ -265,3 +265,17 @@ def test_bad_settings():
         CoTConfig(n_boot=0)
     with pytest.raises(ConfigError, match="no setting"):
         CoTResult("t", "context", "m", [], {}, {"bootstraps": 3})
+
+
+def test_the_figure_draws_every_saved_accuracy():
+    from rhlens.plotting import plot_cot_bars
+
+    res = CoTResult.load(FIXTURES / "cot_v0")
+    fig = plot_cot_bars([res])
+    bars = list(fig.axes[0].patches)
+    table = res.table()
+    assert len(bars) == len(table) == 2 * 3  # (cot, direct) x (none, top-2, random-2)
+    assert sorted(round(b.get_height(), 9) for b in bars) == sorted(
+        round(100 * row["accuracy"], 9) for row in table)
+    with pytest.raises(ValueError, match="no CoT results"):
+        plot_cot_bars([])
