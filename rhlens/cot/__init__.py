@@ -23,7 +23,14 @@ from rhlens.cot.extract import (
     score_text,
 )
 from rhlens.cot.items import Question, as_task
-from rhlens.cot.loaders import load_gsm8k, load_mmlu, load_musique, load_task, sniff_format
+from rhlens.cot.loaders import (
+    load_gsm8k,
+    load_items,
+    load_mmlu,
+    load_musique,
+    load_task,
+    sniff_format,
+)
 from rhlens.cot.tasks import (
     Task,
     TaskItem,
@@ -45,6 +52,7 @@ __all__ = [
     "is_refusal",
     "list_tasks",
     "load_gsm8k",
+    "load_items",
     "load_mmlu",
     "load_musique",
     "load_task",

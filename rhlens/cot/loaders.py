@@ -8,7 +8,9 @@ direct prompts as the built-in tasks:
 * MMLU, CSV without header: ``question,A,B,C,D,answer-letter`` (one file per subject),
   or JSONL: ``{"question", "choices": [...], "answer": 0-based int or letter}``;
 * MuSiQue, JSONL: ``{"question", "paragraphs": [{"title", "paragraph_text"}, ...],
-  "answer", "answer_aliases"?, "answerable"?}``.
+  "answer", "answer_aliases"?, "answerable"?}``;
+* your own items, JSONL: ``{"prompt", "answer", "id"?, "aliases"?}``, graded as
+  :func:`~rhlens.cot.items.as_task` grades them.
 
 A malformed record raises :class:`~rhlens.errors.ConfigError` naming the file and line,
 before any model runs: a bad line found an hour into a masked sweep costs the sweep.
@@ -24,18 +26,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rhlens.cot.extract import AnswerType, parse_number
-from rhlens.cot.items import Kind, Task, TaskItem
+from rhlens.cot.items import Kind, Question, Task, TaskItem, as_task
 from rhlens.errors import ConfigError
 
 __all__ = [
     "load_gsm8k",
+    "load_items",
     "load_mmlu",
     "load_musique",
     "load_task",
     "sniff_format",
 ]
 
-Format = Literal["gsm8k", "mmlu", "musique"]
+Format = Literal["gsm8k", "mmlu", "musique", "items"]
 _LETTERS = "ABCDEFGHIJ"
 _GSM8K_ANSWER = re.compile(r"####\s*(.+?)\s*$", re.DOTALL)
 
@@ -303,13 +306,45 @@ def load_musique(
                    f"MuSiQue-format multi-hop QA from {path.name}")
 
 
+# --------------------------------------------------------------------------- your items
+
+
+def load_items(path: str | Path, *, limit: int | None = None, name: str | None = None) -> Task:
+    """Your own ``(prompt, answer)`` items from JSONL: ``prompt``, ``answer`` (string or
+    number), optional ``id`` and ``aliases``. The prompts get the CoT and direct instructions
+    and the answers are graded as :func:`~rhlens.cot.items.as_task` grades free-form items
+    (numbers numerically, text by normalised match or whole-word containment)."""
+    path = Path(path)
+    _check_limit(limit)
+    questions: list[Question] = []
+    for line, record in _read_jsonl(path):
+        prompt = _string_field(path, line, record, "prompt")
+        answer = record.get("answer")
+        if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+            answer = str(answer)
+        if not isinstance(answer, str) or not answer.strip():
+            raise _fail(path, line, f"field 'answer' must be a non-empty string or a number, "
+                                    f"got {answer!r:.60}")
+        aliases = record.get("aliases") or []
+        if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
+            raise _fail(path, line, "field 'aliases' must be a list of strings")
+        questions.append(Question(prompt, answer, id=_item_id("item", line, record),
+                                  aliases=tuple(a.strip() for a in aliases if a.strip())))
+        if limit is not None and len(questions) >= limit:
+            break
+    if not questions:
+        raise ConfigError(f"{path} holds no usable items.")
+    return as_task(questions, name=name or f"items:{path.stem}")
+
+
 # ------------------------------------------------------------------------------ sniffing
 
 
 def sniff_format(path: str | Path) -> Format:
     """Which loader reads ``path``: by suffix for CSV (MMLU), by the first record's keys.
 
-    ``paragraphs`` means MuSiQue, ``choices`` MMLU, an ``answer`` with ``####`` GSM8K.
+    ``paragraphs`` means MuSiQue, ``choices`` MMLU, an ``answer`` with ``####`` GSM8K,
+    ``prompt`` and ``answer`` your own items.
     """
     path = Path(path)
     if path.suffix.lower() == ".csv":
@@ -322,12 +357,15 @@ def sniff_format(path: str | Path) -> Format:
         answer = record.get("answer")
         if "question" in record and isinstance(answer, str) and "####" in answer:
             return "gsm8k"
+        if "prompt" in record and "answer" in record:
+            return "items"
         raise _fail(
             path,
             line,
             f"cannot tell the dataset format from the keys {sorted(record)}: expected GSM8K "
             "(question, answer with '#### n'), MMLU (question, choices, answer) or MuSiQue "
-            "(question, paragraphs, answer); pass format=... to choose",
+            "(question, paragraphs, answer) or your items (prompt, answer); pass format=... "
+            "to choose",
         )
     raise ConfigError(f"{path} is empty.")
 
@@ -348,4 +386,6 @@ def load_task(
         return load_mmlu(path, limit=limit, **kwargs)
     if fmt == "musique":
         return load_musique(path, limit=limit, **kwargs)
-    raise ConfigError(f"Unknown dataset format {fmt!r}: use 'gsm8k', 'mmlu' or 'musique'.")
+    if fmt == "items":
+        return load_items(path, limit=limit, **kwargs)
+    raise ConfigError(f"Unknown dataset format {fmt!r}: use 'gsm8k', 'mmlu', 'musique' or 'items'.")
