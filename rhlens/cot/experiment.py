@@ -9,11 +9,10 @@ a paired bootstrap (the same resampled items on both sides), both through
 Work is item-major: the masks of one item (all acting only while answering) share the
 prompt's KV cache, so M masks cost one prefill and M decodes per item.
 
-A run with ``out=RUN`` keeps everything of one task in ``RUN/cot_<task>/`` (see
-:func:`cot_dir`): ``answers.jsonl`` (each answer as it is made; a rerun resumes from it),
-``answers.run.json`` (the run's settings) and, when the run is done, the saved
-:class:`CoTResult` (``result.json``). ``CoTResult.load`` also reads the ``cot_<task>.json``
-files of earlier versions.
+With ``out=RUN`` each answer is appended to ``RUN/cot_<task>.jsonl`` as it is made (the
+run's settings in ``RUN/cot_<task>.run.json``) and a rerun resumes from it; the run
+directory's layout (the saved result in ``RUN/cot/<task>/``) is :mod:`rhlens.runs`'.
+:meth:`CoTResult.load` also reads the ``cot_<task>.json`` files of earlier versions.
 """
 
 from __future__ import annotations
@@ -39,10 +38,9 @@ from rhlens.results import RESULT_FILE, Config, Result, ResultError, read_json
 from rhlens.scores import RetrievalScores
 from rhlens.stats import bootstrap_means, percentile_interval
 
-__all__ = ["CoTConfig", "CoTResult", "as_masks", "cot_ablation", "cot_dir"]
+__all__ = ["CoTConfig", "CoTResult", "as_masks", "cot_ablation"]
 
 Prompting = Literal["cot", "direct"]
-LOG = "answers.jsonl"
 
 
 @dataclass(frozen=True)
@@ -83,11 +81,6 @@ class CoTConfig(Config):
 def _group(label: str) -> str:
     """``random-20-s1`` -> ``random-20``: seeds of one random mask pool together."""
     return re.sub(r"-s\d+$", "", label)
-
-
-def cot_dir(out: str | Path, task_name: str) -> Path:
-    """Where a run with ``out`` keeps one task: ``out/cot_<task>`` (odd characters as ``_``)."""
-    return Path(out) / f"cot_{re.sub(r'[^A-Za-z0-9_.-]+', '_', task_name)}"
 
 
 @dataclass
@@ -178,27 +171,17 @@ class CoTResult(Result):
     # -- files --
     @classmethod
     def load(cls, directory: str | Path) -> CoTResult:
-        """A saved result: a result directory (``RUN/cot_<task>``), or an older
-        ``cot_<task>.json`` file (or a directory holding exactly one)."""
-        path, legacy = _locate(Path(directory))
-        if not legacy:
-            return super().load(path)
-        data = read_json(path, "a CoT result")
-        if not isinstance(data, dict) or data.get("kind") != "CoTResult":
-            raise ResultError(f"{path} is not a saved CoTResult")
-        doc = cls.upgrade({"kind": cls.kind, "schema_version": 0, "meta": data}, 0, path.parent)
-        return cls._from_doc(doc, path.parent)
-
-    @classmethod
-    def load_all(cls, directory: str | Path) -> list[CoTResult]:
-        """Every task's result in a run directory (``cot_*/`` and older ``cot_*.json``), by task."""
-        directory = Path(directory)
-        found = {}
-        for path in sorted(directory.glob("cot_*")):
-            if (path.is_dir() and (path / RESULT_FILE).exists()) or _is_legacy(path):
-                res = cls.load(path)
-                found.setdefault(res.task, res)  # a result directory wins over an older file
-        return [found[t] for t in sorted(found)]
+        """A saved result (its directory, or the ``result.json`` in it); also the
+        ``cot_<task>.json`` an older rhlens wrote (the file, or a directory holding one)."""
+        path = Path(directory)
+        legacy = _legacy_file(path)
+        if legacy is None:
+            return super().load(path.parent if path.is_file() else path)
+        data = read_json(legacy, "a CoT result")
+        if not isinstance(data, dict) or data.get("kind") != cls.kind:
+            raise ResultError(f"{legacy} holds no {cls.kind}")
+        doc = cls.upgrade({"kind": cls.kind, "schema_version": 0, "meta": data}, 0, legacy.parent)
+        return cls._from_doc(doc, legacy.parent)
 
     @classmethod
     def upgrade(cls, doc: dict[str, Any], version: int, directory: Path) -> dict[str, Any]:
@@ -216,27 +199,18 @@ class CoTResult(Result):
         return {"kind": cls.kind, "schema_version": cls.schema_version, "fields": fields}
 
 
-def _is_legacy(path: Path) -> bool:
-    return path.is_file() and path.name.startswith("cot_") and path.suffix == ".json" \
-        and not path.name.endswith(".run.json")
-
-
-def _locate(path: Path) -> tuple[Path, bool]:
-    """What to load for ``path``, and whether it is an older-format file: a result directory,
-    its ``result.json``, an old file, or a run directory holding exactly one result."""
+def _legacy_file(path: Path) -> Path | None:
+    """The older ``cot_<task>.json`` that ``path`` names or holds; ``None`` for a result
+    directory (or its ``result.json``), or anything else (the protocol's load explains)."""
     if path.is_file():
-        return (path.parent, False) if path.name == RESULT_FILE else (path, True)
+        return None if path.name == RESULT_FILE else path
     if not path.is_dir() or (path / RESULT_FILE).exists():
-        return path, False
-    old = [f for f in sorted(path.glob("cot_*.json")) if _is_legacy(f)]
-    new = [d for d in sorted(path.glob("cot_*")) if (d / RESULT_FILE).exists()]
-    if len(old) + len(new) > 1:
-        raise ResultError(f"{path} holds {len(old) + len(new)} CoT results "
-                          f"({', '.join(f.name for f in [*new, *old])}); load one of them, "
-                          "or all with CoTResult.load_all")
-    if new:
-        return new[0], False
-    return (old[0], True) if old else (path, False)
+        return None
+    old = [f for f in sorted(path.glob("cot_*.json")) if not f.name.endswith(".run.json")]
+    if len(old) > 1:
+        raise ResultError(f"{path} holds {len(old)} CoT results ({', '.join(f.name for f in old)}); "
+                          "load one of the files")
+    return old[0] if old else None
 
 
 # ---------------------------------------------------------------------------------- masks
@@ -313,9 +287,8 @@ def cot_ablation(model, task: Task | str | Path | Iterable[Any], *, masks: Any =
             per seed); the unmasked baseline is always run.
         config: :class:`CoTConfig`.
         means: per-head means for ``mode="mean"`` masks.
-        out: a run directory; this task's answers are appended to
-            ``out/cot_<task>/answers.jsonl`` as they are made (a rerun with the same ``out``
-            skips what is there) and the result is saved in ``out/cot_<task>/``.
+        out: a run directory; each answer is appended to ``out/cot_<task>.jsonl`` as it is
+            made, and a rerun with the same ``out`` skips what is there.
     """
     config = config or CoTConfig()
     task = get_task(task) if isinstance(task, (str, Path)) else as_task(task, grade=grade)
@@ -328,10 +301,9 @@ def cot_ablation(model, task: Task | str | Path | Iterable[Any], *, masks: Any =
     name = getattr(model, "rhlens_name", None) or "model"
     log = None
     if out is not None:
-        log = ProbeLog(cot_dir(out, task.name),
-                       {"model": name, "task": task.name, "items": [it.id for it in task],
-                        "prompts": _fingerprint(task), "config": config.to_dict(),
-                        "masks": [m.to_dict() for m in masks]}, name=LOG)
+        log = ProbeLog(out, {"model": name, "task": task.name, "items": [it.id for it in task],
+                             "prompts": _fingerprint(task), "config": config.to_dict(),
+                             "masks": [m.to_dict() for m in masks]}, name=f"cot_{task.name}.jsonl")
     sink = Records(log, progress=progress, total=len(task) * len(masks) * len(config.prompting),
                    desc=f"cot {task.name}")
     done = sink.done
@@ -353,8 +325,5 @@ def cot_ablation(model, task: Task | str | Path | Iterable[Any], *, masks: Any =
     sink.close()
     records = [done[f"{m.label}|{mode}|{it.id}"] for mode in config.prompting for m in masks
                for it in task]
-    result = CoTResult(task=task.name, task_kind=task.kind, model_name=name, records=records,
-                       masks={m.label: m.to_dict() for m in masks}, config=config)
-    if out is not None:
-        result.save(cot_dir(out, task.name))
-    return result
+    return CoTResult(task=task.name, task_kind=task.kind, model_name=name, records=records,
+                     masks={m.label: m.to_dict() for m in masks}, config=config)

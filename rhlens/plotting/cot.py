@@ -16,7 +16,7 @@ __all__ = ["plot_cot_bars"]
 def plot_cot_bars(results: CoTResult | Sequence[CoTResult]) -> Figure:
     """Accuracy per task x prompting (groups) x mask (bars), with bootstrap intervals.
 
-    ``results``: e.g. ``CoTResult.load_all(run_dir)`` (one result per task).
+    ``results``: one :class:`CoTResult` per task (saved results load with ``CoTResult.load``).
     """
     results = [results] if isinstance(results, CoTResult) else list(results)
     if not results:

@@ -13,7 +13,7 @@ import torch
 
 from rhlens.ablation import Mask
 from rhlens.cot import Question, TaskItem, as_task, get_task
-from rhlens.cot.experiment import CoTConfig, CoTResult, as_masks, cot_ablation, cot_dir
+from rhlens.cot.experiment import CoTConfig, CoTResult, as_masks, cot_ablation
 from rhlens.errors import ConfigError
 from rhlens.results import ResultError, load_result
 from rhlens.scores import RetrievalScores
@@ -48,8 +48,7 @@ def test_masking_the_copy_head_of_the_toy_model(toy_model, tmp_path):
                              model_name="toy")
     config = CoTConfig(max_new_tokens_cot=10, max_new_tokens_direct=10, chat_template=False,
                        n_boot=200)
-    res = cot_ablation(model, items, masks=scores, k=1, seeds=[0], config=config, tokenizer=tok,
-                       out=tmp_path)
+    res = cot_ablation(model, items, masks=scores, k=1, seeds=[0], config=config, tokenizer=tok)
     assert [m for m in res.masks] == ["none", "top-1", "random-1-s0"]
     assert res.masks["top-1"]["heads"] == [[1, 2]]
     assert (1, 2) not in {tuple(h) for h in res.masks["random-1-s0"]["heads"]}
@@ -65,7 +64,7 @@ def test_masking_the_copy_head_of_the_toy_model(toy_model, tmp_path):
     pairs = cot_ablation(model, items[:1], masks=[(1, 2)], config=config, tokenizer=tok)
     assert list(pairs.masks) == ["none", "heads-1"]
     assert pairs.accuracy("heads-1", "direct") == 0.0
-    back = CoTResult.load(cot_dir(tmp_path, "items"))
+    back = CoTResult.load(res.save(tmp_path / "cot" / "items"))
     assert back.table() == res.table() and back.config == config
 
 
@@ -88,13 +87,14 @@ def test_two_user_items_on_the_default_model(default_model, tmp_path):
     for row in table:
         assert 0 <= row["low"] <= row["accuracy"] <= row["high"] <= 1
         assert ("drop" in row) == (row["mask"] != "none")
-    where = cot_dir(tmp_path, "items")
-    assert (where / "result.json").exists() and CoTResult.load(where).table() == table
-    assert CoTResult.load(tmp_path).table() == table  # a run holding one task
+    saved = res.save(tmp_path / "cot" / "items")
+    assert CoTResult.load(saved).table() == table
+    assert CoTResult.load(saved / "result.json").table() == table
     # A rerun resumes from the log and recomputes nothing.
-    lines = (where / "answers.jsonl").read_text().splitlines()
+    log = tmp_path / "cot_items.jsonl"
+    lines = log.read_text().splitlines()
     again = cot_ablation(model, items, masks=masks, config=config, tokenizer=tok, out=tmp_path)
-    assert (where / "answers.jsonl").read_text().splitlines() == lines
+    assert log.read_text().splitlines() == lines
     assert again.records == res.records
     # Other prompts under the same ids are refused rather than mixed into the old answers.
     with pytest.raises(ConfigError, match="other settings"):
@@ -171,25 +171,26 @@ def test_reads_the_older_format_written_by_the_previous_version(tmp_path):
     assert isinstance(back, CoTResult) and back.records == res.records and back.config == res.config
 
 
-def test_load_all_and_ambiguous_runs(tmp_path):
+def test_what_load_accepts_and_refuses(tmp_path):
     res = CoTResult.load(FIXTURES / "cot_v0")
-    run = tmp_path / "run"
-    res.save(cot_dir(run, "arithmetic"))
-    other = CoTResult("gsm8k:mini", "context", "m", _records({"none": [1, 0]}), {"none": {}},
-                      CoTConfig(n_boot=50))
-    (run / "cot_gsm8k_mini.json").write_text(json.dumps(
-        {"kind": "CoTResult", "task": other.task, "task_kind": "context", "model_name": "m",
-         "masks": other.masks, "config": {"n_boot": 50}, "table": [], "records": other.records}))
-    assert cot_dir(run, "gsm8k:mini") == run / "cot_gsm8k_mini"
-    assert [r.task for r in CoTResult.load_all(run)] == ["arithmetic", "gsm8k:mini"]
+    old = (FIXTURES / "cot_v0" / "cot_arithmetic.json").read_text()
+    two = tmp_path / "two"
+    two.mkdir()
+    for task in ("arithmetic", "lookup"):
+        (two / f"cot_{task}.json").write_text(old)
+    (two / "cot_arithmetic.run.json").write_text("{}")  # a log's settings, not a result
+    assert CoTResult.load(two / "cot_lookup.json").records == res.records
     with pytest.raises(ResultError, match="holds 2 CoT results"):
-        CoTResult.load(run)
+        CoTResult.load(two)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ResultError, match="no saved rhlens result"):
         CoTResult.load(tmp_path / "empty")
     (tmp_path / "cot_bad.json").write_text('{"kind": "NIAHResult"}')
-    with pytest.raises(ResultError, match="not a saved CoTResult"):
+    with pytest.raises(ResultError, match="holds no CoTResult"):
         CoTResult.load(tmp_path / "cot_bad.json")
+    (tmp_path / "cot_damaged.json").write_text('{"kind": "CoTResult", "task": "t"}')
+    with pytest.raises(ResultError, match="without 'task_kind'"):
+        CoTResult.load(tmp_path / "cot_damaged.json")
 
 
 # ------------------------------------------------------------------------ items and masks
