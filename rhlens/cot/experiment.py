@@ -107,9 +107,9 @@ class CoTResult(Result):
             raise ConfigError(f"config must be a CoTConfig, got {type(self.config).__name__}")
 
     # -- numbers --
-    def _per_item(self, group: str, mode: str) -> tuple[list[str], Tensor]:
-        """Item ids and each item's correctness, averaged over the seeds of ``group``."""
-        cells: dict[str, list[float]] = {}
+    def _per_item(self, group: str, mode: str) -> tuple[list[Any], Tensor]:
+        """Item ids (sorted) and each item's correctness, averaged over the seeds of ``group``."""
+        cells: dict[Any, list[float]] = {}
         for r in self.records:
             if r["group"] == group and r["mode"] == mode:
                 cells.setdefault(r["id"], []).append(float(r["correct"]))
@@ -221,7 +221,8 @@ def as_masks(masks: Any = None, *, k: int | None = None, seeds: int | Sequence[i
     ``masks`` may be ``None`` (the baseline only); a :class:`~rhlens.ablation.Mask` or a list
     of them; a list of ``(layer, head)`` pairs (one mask, labelled ``heads-<n>``); or a
     :class:`~rhlens.scores.RetrievalScores` with ``k``: its top-``k`` heads, plus ``k``
-    random non-retrieval heads per seed in ``seeds`` (:func:`rhlens.niah.sweep_masks`).
+    random non-retrieval heads per seed in ``seeds`` (a count or a list; none by default),
+    as :func:`rhlens.niah.sweep_masks` draws them.
     ``mode`` is how the heads of pairs and scores are knocked out. Masks act only while
     answering (``phase="decode"``), as in the paper.
     """
@@ -230,7 +231,10 @@ def as_masks(masks: Any = None, *, k: int | None = None, seeds: int | Sequence[i
             raise ConfigError(f"masks from retrieval scores need k >= 1 (the top-K heads), got {k!r}")
         from rhlens.niah import sweep_masks
 
-        out = sweep_masks(masks, ks=[k], seeds=seeds, mode=mode)
+        # sweep_masks always draws random controls: with no seeds keep none and top-K only.
+        out = sweep_masks(masks, ks=[k], seeds=seeds or 1, mode=mode)
+        if not seeds:
+            out = [m for m in out if not m.label.startswith("random-")]
     else:
         if k is not None:
             raise ConfigError("k picks the top-K heads of RetrievalScores; pass the scores as masks")

@@ -143,6 +143,8 @@ def test_random_seeds_pool_into_one_group():
     assert drop == pytest.approx(0.75) and lo <= drop <= hi
     with pytest.raises(ConfigError, match="no answers"):
         res.accuracy("top-5", "cot")
+    numbered = [dict(r, id=int(r["id"][1:])) for r in recs]  # integer item ids work too
+    assert CoTResult("t", "context", "m", numbered, {}).drop("random-5", "cot")[0] == drop
 
 
 # --------------------------------------------------------------------------- save / load
@@ -231,6 +233,7 @@ def test_masks_from_scores_pairs_or_masks():
     assert [m.label for m in masks] == ["none", "top-2", "random-2-s0", "random-2-s1"]
     assert masks[1].heads == ((0, 3), (2, 1)) and masks[1].mode == "zero"
     assert [m.label for m in as_masks(scores, k=1)] == ["none", "top-1"]
+    assert [m.label for m in as_masks(scores, k=1, seeds=[4])] == ["none", "top-1", "random-1-s4"]
     pairs = as_masks([(2, 1), [0, 3]])
     assert [m.label for m in pairs] == ["none", "heads-2"] and pairs[1].heads == ((0, 3), (2, 1))
     one = Mask(((1, 1),), label="mine")
