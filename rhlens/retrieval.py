@@ -17,6 +17,7 @@ exceeds ``success_threshold`` (0.5, as in the paper).
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
@@ -46,9 +47,13 @@ from rhlens.stats import rouge1_recall  # the paper's metric; kept importable fr
 __all__ = [
     "DetectConfig",
     "TopKeyRecorder",
+    "cache_answer_patterns",
     "copy_scores",
     "detect_retrieval_heads",
+    "probe_retrieval_scores",
+    "retrieval_scores_from_cache",
     "rouge1_recall",
+    "top_keys_from_cache",
 ]
 
 
@@ -207,6 +212,204 @@ def copy_scores(positions: Int[Tensor, "step layer head"], generated: Int[Tensor
     index = (positions - start).clamp(0, n - 1).permute(1, 2, 0)  # [L, H, S]
     slots.scatter_add_(-1, index, copied.permute(1, 2, 0).float())
     return (slots > 0).sum(-1).float() / n
+
+
+# ---------------------------------------------------------------------------------------
+# Scores from a user's own forward pass (an ActivationCache)
+# ---------------------------------------------------------------------------------------
+# Causal attention makes a teacher-forced forward over prompt + answer see, at the answer's
+# query rows, exactly the attention that greedy generation saw: the engine feeds the
+# prompt's last token at decode step 0, so the row that predicts answer token s is position
+# ``answer_start - 1 + s``, and the token it may copy is answer token s.
+_PATTERN = re.compile(r"^blocks\.(\d+)\.attn\.hook_pattern$")
+
+
+def _token_rows(tokens: Sequence[int] | Tensor) -> Int[Tensor, "batch seq"]:
+    t = torch.as_tensor(tokens)
+    if t.dtype.is_floating_point or t.dtype == torch.bool:
+        raise ConfigError(f"tokens must be integer token ids, got dtype {t.dtype}")
+    if t.ndim not in (1, 2) or t.shape[-1] == 0:
+        raise ConfigError(f"tokens must be [seq] or [batch, seq] token ids, got shape {tuple(t.shape)}")
+    return t.long().reshape(-1, t.shape[-1])
+
+
+def _check_answer(n_tokens: int, answer_start: int) -> int:
+    """The number of answer tokens; refuses an ``answer_start`` outside the sequence."""
+    if isinstance(answer_start, bool) or not isinstance(answer_start, int) \
+            or not 1 <= answer_start < n_tokens:
+        raise ConfigError(f"answer_start must lie in [1, {n_tokens - 1}] (the first answer token's "
+                          f"position in the {n_tokens} tokens), got {answer_start!r}")
+    return n_tokens - answer_start
+
+
+def _pattern_layers(cache) -> list[str]:
+    """The ``hook_pattern`` names of ``cache``, by layer; every layer 0..L-1 must be there."""
+    found = {int(m.group(1)): name for name in cache if (m := _PATTERN.match(name))}
+    if not found:
+        raise ConfigError("the cache holds no blocks.{l}.attn.hook_pattern: run the model with "
+                          "run_with_cache (keep the hook_pattern names) or cache_answer_patterns")
+    missing = sorted(set(range(max(found) + 1)) - set(found))
+    if missing:
+        raise ConfigError(f"the cache lacks hook_pattern for layers {missing}: scores need every layer")
+    return [found[layer] for layer in range(len(found))]
+
+
+def top_keys_from_cache(cache, n_tokens: int, *,
+                        answer_start: int) -> Int[Tensor, "batch step layer head"]:
+    """Each head's top-1 key position (absolute) at every answer step, from cached patterns.
+
+    What :class:`TopKeyRecorder` records while the engine decodes, read from ``cache``
+    instead: ``cache[f"blocks.{l}.attn.hook_pattern"]`` is ``[batch, head, query, key]`` (or
+    ``[head, query, key]``) either over the whole sequence of ``n_tokens`` (a plain
+    ``run_with_cache`` over prompt + answer) or over the answer's query rows only (as
+    :func:`cache_answer_patterns` keeps it, keys ending at the last of those rows).
+    """
+    steps = _check_answer(n_tokens, answer_start)
+    first = answer_start - 1  # the query row of step 0
+    out = []
+    for name in _pattern_layers(cache):
+        pattern = cache[name]
+        if pattern.ndim == 3:
+            pattern = pattern[None]
+        if pattern.ndim != 4:
+            raise ConfigError(f"{name} has shape {tuple(pattern.shape)}; expected [batch, head, query, key]")
+        n_query, n_key = pattern.shape[-2:]
+        if n_query == steps:  # the answer's rows only; the last one is the last query
+            rows, last = pattern, first + steps - 1
+        elif n_query >= first + steps:  # the whole sequence, rows at absolute positions
+            rows, last = pattern[:, :, first:first + steps], n_query - 1
+        else:
+            raise ConfigError(f"{name} has {n_query} query rows: neither the {steps} answer rows "
+                              f"nor the {n_tokens}-token sequence")
+        # Keys end at the last query row (a sliding-window cache may have dropped early ones).
+        out.append(rows.argmax(-1) + (last + 1 - n_key))  # [batch, head, step]
+    return torch.stack(out, 1).permute(0, 3, 1, 2)  # [batch, step, layer, head]
+
+
+def retrieval_scores_from_cache(cache, tokens: Sequence[int] | Tensor, *,
+                                needle_span: Sequence[int] | Sequence[Sequence[int]] | Tensor,
+                                answer_start: int, mode: Literal["unique", "paper"] = "unique",
+                                ) -> Float[Tensor, "... layer head"]:
+    """Per-head retrieval scores of one answered prompt, from a TransformerLens cache.
+
+    Args:
+        cache: an ``ActivationCache`` (or any mapping) holding every layer's
+            ``blocks.{l}.attn.hook_pattern``, from ``model.run_with_cache(tokens)`` or from
+            :func:`cache_answer_patterns` (which keeps only the answer's query rows).
+        tokens: prompt + answer ids, ``[seq]`` or ``[batch, seq]``. The answer is every
+            token the model generated, the stopping token included (``Generation.response_ids``),
+            as :func:`detect_retrieval_heads` scores it.
+        needle_span: ``(start, end)`` of the needle's answer tokens in the prompt (one span,
+            or one per batch row).
+        answer_start: the position of the first answer token (the prompt's length).
+        mode: ``"unique"`` or ``"paper"``, as in :func:`copy_scores` (the same copy rule).
+
+    Returns:
+        ``[layer, head]`` for 1-D ``tokens``, ``[batch, layer, head]`` for 2-D; equal to the
+        engine's per-probe scores for the same prompt and answer.
+    """
+    rows = _token_rows(tokens)
+    batch, n_tokens = rows.shape
+    steps = _check_answer(n_tokens, answer_start)
+    try:
+        spans = torch.as_tensor(needle_span, dtype=torch.long)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"needle_span must be (start, end) or one per row, got {needle_span!r}") from exc
+    spans = spans.expand(batch, 2) if spans.shape == (2,) else spans
+    if spans.ndim != 2 or spans.shape[1] != 2 or spans.shape[0] != batch:
+        raise ConfigError(f"needle_span must be (start, end) or one per row of the {batch} token "
+                          f"rows, got shape {tuple(spans.shape)}")
+    for start, end in spans.tolist():
+        if not 0 <= start < end <= answer_start:
+            raise ConfigError(f"needle span ({start}, {end}) does not lie inside the "
+                              f"{answer_start}-token prompt")
+    if mode not in ("unique", "paper"):
+        raise ConfigError(f"mode must be 'unique' or 'paper', got {mode!r}")
+    positions = top_keys_from_cache(cache, n_tokens, answer_start=answer_start)
+    if positions.shape[0] != batch:
+        raise ConfigError(f"the cache has {positions.shape[0]} batch rows, tokens {batch}")
+    rows = rows.to(positions.device)
+    scores = torch.stack([
+        copy_scores(positions[b], rows[b, answer_start:answer_start + steps],
+                    rows[b, :answer_start], (int(spans[b, 0]), int(spans[b, 1])), mode)
+        for b in range(batch)])
+    return scores[0] if torch.as_tensor(tokens).ndim == 1 else scores
+
+
+@torch.no_grad()
+def cache_answer_patterns(model, tokens: Sequence[int] | Tensor, *, answer_start: int,
+                          prefill_prompt: bool = True, prefill_chunk: int | None = None):
+    """An ``ActivationCache`` of every layer's attention at the answer's query rows only.
+
+    ``cache[f"blocks.{l}.attn.hook_pattern"]`` is ``[batch, head, answer, key]``: row s is
+    the query that predicted answer token s (position ``answer_start - 1 + s``), over keys
+    ``0 .. answer_start - 1 + s`` (those after the row are 0), never the n x n prompt pattern.
+
+    With ``prefill_prompt`` (default) the prompt before its last token is first run as the
+    engine prefills it (:func:`rhlens.engine.prefill`: the model's own SDPA attention, no
+    pattern hook fires, ``prefill_chunk`` tokens at a time, default the engine's), then the
+    answer rows run through the bridge against that KV cache in one forward: the only
+    attention pattern formed is each layer's ``[batch, head, answer, key]``, so it works on
+    long prompts (memory linear in the prompt: ``benchmarks/answer_rows_memory.py``). With
+    ``False`` it is one plain bridge forward over the whole sequence whose hooks keep only the
+    answer rows, but the bridge's eager attention still forms each layer's full
+    ``[batch, head, seq, seq]`` pattern (one layer at a time): memory grows with the square
+    of the prompt.
+    """
+    from transformer_lens import ActivationCache
+
+    from rhlens.engine import GenerationConfig, hf_model, prefill
+
+    rows = _token_rows(tokens)
+    batch, n_tokens = rows.shape
+    steps = _check_answer(n_tokens, answer_start)
+    chunk = GenerationConfig(prefill_chunk=prefill_chunk).chunk  # validates it
+    first = answer_start - 1
+    kept: dict[str, list[Tensor]] = {}
+
+    def keep(pattern: Tensor, hook) -> None:
+        if pattern.shape[-2] == steps:
+            kept.setdefault(hook.name, []).append(pattern.detach())
+        else:  # a whole-sequence forward: copy the answer rows out, the rest is freed
+            answer_rows = pattern[..., first:first + steps, :first + steps]
+            kept.setdefault(hook.name, []).append(answer_rows.detach().clone())
+
+    hooks = [(f"blocks.{layer}.attn.hook_pattern", keep) for layer in range(int(model.cfg.n_layers))]
+    rows = rows.to(next(model.parameters()).device)
+    if prefill_prompt:
+        from transformers import DynamicCache
+
+        hf = hf_model(model)
+        for b in range(batch):
+            kv = DynamicCache(config=hf.config)
+            prefill(model, rows[b, :first].tolist(), kv, chunk=chunk)
+            with model.hooks(fwd_hooks=hooks):
+                hf(input_ids=rows[b:b + 1, first:first + steps], past_key_values=kv,
+                   use_cache=True, logits_to_keep=1)
+    else:
+        with model.hooks(fwd_hooks=hooks):
+            model(rows[:, :first + steps], return_type=None)
+    return ActivationCache({name: torch.cat(parts) for name, parts in kept.items()}, model)
+
+
+def probe_retrieval_scores(model, probe: Probe, answer_ids: Sequence[int] | Tensor, *,
+                           mode: Literal["unique", "paper"] = "unique",
+                           prefill_prompt: bool = True) -> Float[Tensor, "layer head"]:
+    """The retrieval scores of ``probe`` answered with ``answer_ids``, by teacher forcing.
+
+    ``answer_ids``: the model's answer, every generated token with the stopping one
+    (``Generation.response_ids``); the scores then equal :func:`detect_retrieval_heads`'
+    scores of the probe. Only the answer's attention rows are kept
+    (:func:`cache_answer_patterns`).
+    """
+    answer = [int(t) for t in torch.as_tensor(answer_ids).reshape(-1).tolist()]
+    if not answer:
+        raise ConfigError("answer_ids is empty: pass the model's answer (Generation.response_ids)")
+    tokens = list(probe.prompt_ids) + answer
+    cache = cache_answer_patterns(model, tokens, answer_start=probe.n_tokens,
+                                  prefill_prompt=prefill_prompt)
+    return retrieval_scores_from_cache(cache, tokens, needle_span=probe.needle_span,
+                                       answer_start=probe.n_tokens, mode=mode)
 
 
 # ---------------------------------------------------------------------------------------

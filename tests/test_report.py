@@ -202,9 +202,9 @@ def test_every_kind_of_result(tmp_path, forbid_analyses):
                 "mode": mode, "id": i, "gold": "4", "output": f"{mode} {mask}", "extracted": "4",
                 "correct": not (mask != "none" and mode == "cot")}
                for mode in ("cot", "direct") for mask in ("none", "top-2") for i in range(3)]
-    cot = CoTResult(task="arithmetic", kind="number", model_name="toy-model", records=records,
+    cot = CoTResult(task="arithmetic", task_kind="number", model_name="toy-model", records=records,
                     masks={"none": {}, "top-2": {}}, config={"n_boot": 200, "level": 0.9, "seed": 0})
-    cot.save(run)
+    cot.save(run / "cot" / "arithmetic")
 
     forbid_analyses()
     report = build_report([run])

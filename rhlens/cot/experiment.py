@@ -3,36 +3,48 @@
 For every item of a task, prompting mode and mask, the model answers greedily through the
 shared engine; the answer is extracted and graded by the task. Accuracies come with
 bootstrap confidence intervals over items, and each mask's drop from the unmasked run with
-a paired bootstrap (the same resampled items on both sides).
+a paired bootstrap (the same resampled items on both sides), both through
+:func:`rhlens.stats.bootstrap_means`.
 
 Work is item-major: the masks of one item (all acting only while answering) share the
 prompt's KV cache, so M masks cost one prefill and M decodes per item.
+
+With ``out=RUN`` each answer is appended to ``RUN/cot_<task>.jsonl`` as it is made (the
+run's settings in ``RUN/cot_<task>.run.json``) and a rerun resumes from it; the run
+directory's layout (the saved result in ``RUN/cot/<task>/``) is :mod:`rhlens.runs`'.
+:meth:`CoTResult.load` also reads the ``cot_<task>.json`` files of earlier versions.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
+import torch
+from torch import Tensor
 
 from rhlens.ablation import Mask, ablation_hooks
-from rhlens.cot.tasks import Task, get_task
+from rhlens.cot.items import Task, as_task
+from rhlens.cot.tasks import get_task
 from rhlens.engine import GenerationConfig, chat_prompt, generate_many
 from rhlens.errors import ConfigError
-from rhlens.io import ProbeLog, Records, write_json
+from rhlens.io import ProbeLog, Records
+from rhlens.results import RESULT_FILE, Config, Result, ResultError, read_json
+from rhlens.scores import RetrievalScores
+from rhlens.stats import bootstrap_means, percentile_interval
 
-__all__ = ["CoTConfig", "CoTResult", "cot_ablation"]
+__all__ = ["CoTConfig", "CoTResult", "as_masks", "cot_ablation"]
 
 Prompting = Literal["cot", "direct"]
 
 
 @dataclass(frozen=True)
-class CoTConfig:
+class CoTConfig(Config):
     """Settings of a CoT-vs-direct run.
 
     Attributes:
@@ -59,6 +71,8 @@ class CoTConfig:
             raise ConfigError("max_new_tokens must be >= 1")
         if not 0 < self.level < 1:
             raise ConfigError("level must be in (0, 1)")
+        if isinstance(self.n_boot, bool) or not isinstance(self.n_boot, int) or self.n_boot < 1:
+            raise ConfigError(f"n_boot must be a positive whole number, got {self.n_boot!r}")
 
     def budget(self, mode: str) -> int:
         return self.max_new_tokens_cot if mode == "cot" else self.max_new_tokens_direct
@@ -70,60 +84,61 @@ def _group(label: str) -> str:
 
 
 @dataclass
-class CoTResult:
+class CoTResult(Result):
     """Every answer of a CoT run, with accuracies, intervals and drops.
 
     ``records``: one dict per (mask, mode, item) with ``task``, ``mask``, ``group`` (random
     seeds pooled), ``mode``, ``id``, ``gold``, ``output``, ``extracted``, ``correct``.
+    ``task_kind`` is the task's kind (``"context"`` / ``"knowledge"``; ``CoTResult.kind`` is
+    the result kind of the save/load protocol).
     """
 
     task: str
-    kind: str
+    task_kind: str
     model_name: str
     records: list[dict[str, Any]]
     masks: dict[str, dict[str, Any]]
-    config: dict[str, Any] = field(default_factory=dict)
+    config: CoTConfig | dict[str, Any] = field(default_factory=CoTConfig)  # a dict becomes one
 
-    def _rows(self, group: str, mode: str) -> list[dict[str, Any]]:
-        rows = [r for r in self.records if r["group"] == group and r["mode"] == mode]
-        if not rows:
+    def __post_init__(self) -> None:
+        if isinstance(self.config, dict):  # as results were built by hand before
+            self.config = CoTConfig.from_dict(self.config)
+        if not isinstance(self.config, CoTConfig):
+            raise ConfigError(f"config must be a CoTConfig, got {type(self.config).__name__}")
+
+    # -- numbers --
+    def _per_item(self, group: str, mode: str) -> tuple[list[Any], Tensor]:
+        """Item ids (sorted) and each item's correctness, averaged over the seeds of ``group``."""
+        cells: dict[Any, list[float]] = {}
+        for r in self.records:
+            if r["group"] == group and r["mode"] == mode:
+                cells.setdefault(r["id"], []).append(float(r["correct"]))
+        if not cells:
             raise ConfigError(f"no answers for mask {group!r} in mode {mode!r}")
-        return rows
+        ids = sorted(cells)
+        return ids, torch.tensor([sum(cells[i]) / len(cells[i]) for i in ids], dtype=torch.float64)
 
-    def _matrix(self, group: str, mode: str) -> np.ndarray:
-        """[item, seed] correctness (one column unless random seeds were pooled)."""
-        rows = self._rows(group, mode)
-        ids = sorted({r["id"] for r in rows})
-        masks = sorted({r["mask"] for r in rows})
-        m = np.full((len(ids), len(masks)), np.nan)
-        for r in rows:
-            m[ids.index(r["id"]), masks.index(r["mask"])] = float(r["correct"])
-        return m
+    def _interval(self, values: Tensor) -> tuple[float, float]:
+        boot = bootstrap_means(values, self.config.n_boot, self.config.seed)
+        lo, hi = percentile_interval(boot, self.config.level)
+        return float(lo), float(hi)
 
     def accuracy(self, group: str = "none", mode: str = "cot") -> float:
-        return float(np.nanmean(self._matrix(group, mode)))
-
-    def _boot(self, values: np.ndarray) -> tuple[float, float]:
-        rng = np.random.default_rng(self.config.get("seed", 0))
-        n = values.shape[0]
-        idx = rng.integers(0, n, size=(self.config.get("n_boot", 1000), n))
-        stats = np.nanmean(values[idx].reshape(idx.shape[0], -1), axis=1)
-        a = (1 - self.config.get("level", 0.95)) / 2
-        return float(np.quantile(stats, a)), float(np.quantile(stats, 1 - a))
+        """Share of items answered correctly (random-mask seeds averaged per item)."""
+        return float(self._per_item(group, mode)[1].mean())
 
     def interval(self, group: str = "none", mode: str = "cot") -> tuple[float, float]:
         """Bootstrap interval of the accuracy, resampling items."""
-        return self._boot(self._matrix(group, mode))
+        return self._interval(self._per_item(group, mode)[1])
 
     def drop(self, group: str, mode: str = "cot", baseline: str = "none") -> tuple[float, float, float]:
         """Accuracy lost under a mask: (drop, low, high), a paired bootstrap over items."""
-        base = np.nanmean(self._matrix(baseline, mode), axis=1)
-        masked = np.nanmean(self._matrix(group, mode), axis=1)
-        if base.shape != masked.shape:
+        base_ids, base = self._per_item(baseline, mode)
+        ids, masked = self._per_item(group, mode)
+        if ids != base_ids:
             raise ConfigError("the baseline and the mask were run on different items")
-        diff = (base - masked)[:, None]
-        lo, hi = self._boot(diff)
-        return float(diff.mean()), lo, hi
+        diff = base - masked
+        return (float(diff.mean()), *self._interval(diff))
 
     @property
     def groups(self) -> list[str]:
@@ -139,8 +154,8 @@ class CoTResult:
         for mode in self.modes:
             for g in self.groups:
                 lo, hi = self.interval(g, mode)
-                row = {"task": self.task, "kind": self.kind, "mask": g, "mode": mode,
-                       "n": int(np.isfinite(self._matrix(g, mode)).sum()),
+                row = {"task": self.task, "kind": self.task_kind, "mask": g, "mode": mode,
+                       "n": sum(r["group"] == g and r["mode"] == mode for r in self.records),
                        "accuracy": self.accuracy(g, mode), "low": lo, "high": hi}
                 if g != "none" and "none" in self.groups:
                     d, dlo, dhi = self.drop(g, mode)
@@ -153,57 +168,146 @@ class CoTResult:
 
         return pd.DataFrame(self.table())
 
-    def save(self, directory: str | Path) -> Path:
-        directory = Path(directory)
-        write_json(directory / f"cot_{self.task}.json",
-                   {"kind": "CoTResult", "task": self.task, "task_kind": self.kind,
-                    "model_name": self.model_name, "masks": self.masks, "config": self.config,
-                    "table": self.table(), "records": self.records})
-        return directory
+    # -- files --
+    @classmethod
+    def load(cls, directory: str | Path) -> CoTResult:
+        """A saved result (its directory, or the ``result.json`` in it); also the
+        ``cot_<task>.json`` an older rhlens wrote (the file, or a directory holding one)."""
+        path = Path(directory)
+        legacy = _legacy_file(path)
+        if legacy is None:
+            return super().load(path.parent if path.is_file() else path)
+        data = read_json(legacy, "a CoT result")
+        if not isinstance(data, dict) or data.get("kind") != cls.kind:
+            raise ResultError(f"{legacy} holds no {cls.kind}")
+        doc = cls.upgrade({"kind": cls.kind, "schema_version": 0, "meta": data}, 0, legacy.parent)
+        return cls._from_doc(doc, legacy.parent)
 
     @classmethod
-    def load(cls, path: str | Path) -> CoTResult:
-        path = Path(path)
-        if path.is_dir():
-            files = sorted(f for f in path.glob("cot_*.json") if not f.name.endswith(".run.json"))
-            if len(files) != 1:
-                raise ConfigError(f"{path} holds {len(files)} CoT results; pass the file")
-            path = files[0]
-        data = json.loads(path.read_text())
-        if data.get("kind") != "CoTResult":
-            raise ConfigError(f"{path} is not a saved CoTResult")
-        return cls(task=data["task"], kind=data["task_kind"], model_name=data["model_name"],
-                   records=data["records"], masks=data["masks"], config=data.get("config", {}))
+    def upgrade(cls, doc: dict[str, Any], version: int, directory: Path) -> dict[str, Any]:
+        """Schema 0: the single ``cot_<task>.json`` of earlier versions (config as a dict)."""
+        if version != 0:
+            return super().upgrade(doc, version, directory)
+        old = doc["meta"]
+        try:
+            fields = {"task": old["task"], "task_kind": old["task_kind"],
+                      "model_name": old["model_name"], "records": old["records"],
+                      "masks": old["masks"],
+                      "config": {"__config__": {"type": "CoTConfig", **old.get("config", {})}}}
+        except KeyError as exc:
+            raise ResultError(f"{directory} holds an old CoT result without {exc}") from exc
+        return {"kind": cls.kind, "schema_version": cls.schema_version, "fields": fields}
 
 
-def cot_ablation(model, task: Task | str, *, masks: Sequence[Mask] = (Mask.none(),),
-                 config: CoTConfig | None = None, tokenizer=None, means=None,
-                 out: str | Path | None = None, progress: bool = False) -> CoTResult:
+def _legacy_file(path: Path) -> Path | None:
+    """The older ``cot_<task>.json`` that ``path`` names or holds; ``None`` for a result
+    directory (or its ``result.json``), or anything else (the protocol's load explains)."""
+    if path.is_file():
+        return None if path.name == RESULT_FILE else path
+    if not path.is_dir() or (path / RESULT_FILE).exists():
+        return None
+    old = [f for f in sorted(path.glob("cot_*.json")) if not f.name.endswith(".run.json")]
+    if len(old) > 1:
+        raise ResultError(f"{path} holds {len(old)} CoT results ({', '.join(f.name for f in old)}); "
+                          "load one of the files")
+    return old[0] if old else None
+
+
+# ---------------------------------------------------------------------------------- masks
+def as_masks(masks: Any = None, *, k: int | None = None, seeds: int | Sequence[int] = 0,
+             mode: str = "uniform") -> list[Mask]:
+    """The masks of a run, the unmasked baseline ``"none"`` first (added when missing).
+
+    ``masks`` may be ``None`` (the baseline only); a :class:`~rhlens.ablation.Mask` or a list
+    of them; a list of ``(layer, head)`` pairs (one mask, labelled ``heads-<n>``); or a
+    :class:`~rhlens.scores.RetrievalScores` with ``k``: its top-``k`` heads, plus ``k``
+    random non-retrieval heads per seed in ``seeds`` (a count or a list; none by default),
+    as :func:`rhlens.niah.sweep_masks` draws them.
+    ``mode`` is how the heads of pairs and scores are knocked out. Masks act only while
+    answering (``phase="decode"``), as in the paper.
+    """
+    if isinstance(masks, RetrievalScores):
+        if k is None or isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ConfigError(f"masks from retrieval scores need k >= 1 (the top-K heads), got {k!r}")
+        from rhlens.niah import sweep_masks
+
+        # sweep_masks always draws random controls: with no seeds keep none and top-K only.
+        out = sweep_masks(masks, ks=[k], seeds=seeds or 1, mode=mode)
+        if not seeds:
+            out = [m for m in out if not m.label.startswith("random-")]
+    else:
+        if k is not None:
+            raise ConfigError("k picks the top-K heads of RetrievalScores; pass the scores as masks")
+        items = [] if masks is None else [masks] if isinstance(masks, Mask) else list(masks)
+        if items and all(isinstance(m, Mask) for m in items):
+            out = items
+        elif items and not any(isinstance(m, Mask) for m in items):
+            out = [Mask(tuple(_pair(h) for h in items), mode, label=f"heads-{len(items)}")]
+        elif items:
+            raise ConfigError("masks: give Mask objects or (layer, head) pairs, not a mix")
+        else:
+            out = []
+    if not any(m.label == "none" for m in out):
+        out = [Mask.none(), *out]
+    labels = [m.label for m in out]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"mask labels must be unique, got {labels}")
+    if any(m.phase == "all" and m.heads for m in out):
+        raise ConfigError("CoT masks act while answering (phase='decode'), as in the paper")
+    return out
+
+
+def _pair(head: Any) -> tuple[int, int]:
+    try:
+        layer, h = head
+        return int(layer), int(h)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"heads are (layer, head) pairs, got {head!r}") from exc
+
+
+# -------------------------------------------------------------------------------- the run
+def _fingerprint(task: Task) -> str:
+    """What a resumed log must match: every item's prompts and gold answer."""
+    h = hashlib.sha256()
+    for it in task:
+        h.update(json.dumps([it.id, it.cot_prompt, it.direct_prompt, it.answer]).encode())
+    return h.hexdigest()[:16]
+
+
+def cot_ablation(model, task: Task | str | Path | Iterable[Any], *, masks: Any = None,
+                 k: int | None = None, seeds: int | Sequence[int] = 0, mask_mode: str = "uniform",
+                 grade: Callable[[str, str], bool] | None = None, config: CoTConfig | None = None,
+                 tokenizer=None, means=None, out: str | Path | None = None,
+                 progress: bool = False) -> CoTResult:
     """Accuracy of CoT and direct answers under each mask (the paper's Figure 10).
 
     Args:
-        task: a :class:`~rhlens.cot.tasks.Task` or a name/path for :func:`get_task`.
-        masks: e.g. ``sweep_masks(scores, ks=[20], seeds=3)``: none, top-K, random-K per seed.
-        out: each answer is appended to ``out/cot_<task>.jsonl`` as it is made; a rerun with
-            the same ``out`` skips what is there.
+        task: a :class:`~rhlens.cot.items.Task`, a name or file for :func:`get_task`, or
+            your own items: ``(prompt, answer)`` pairs, :class:`~rhlens.cot.items.Question`
+            or ``TaskItem`` objects (see :func:`~rhlens.cot.items.as_task` for how their
+            answers are graded; ``grade(output, gold) -> bool`` replaces that rule).
+        masks, k, seeds, mask_mode: what to knock out (:func:`as_masks`): ``Mask`` objects,
+            ``(layer, head)`` pairs, or ``RetrievalScores`` with ``k`` (top-K, and random-K
+            per seed); the unmasked baseline is always run.
+        config: :class:`CoTConfig`.
+        means: per-head means for ``mode="mean"`` masks.
+        out: a run directory; each answer is appended to ``out/cot_<task>.jsonl`` as it is
+            made, and a rerun with the same ``out`` skips what is there.
     """
     config = config or CoTConfig()
-    task = get_task(task) if isinstance(task, (str, Path)) else task
+    task = get_task(task) if isinstance(task, (str, Path)) else as_task(task, grade=grade)
     tokenizer = tokenizer or getattr(model, "tokenizer", None)
-    masks = list(masks)
-    labels = [m.label for m in masks]
-    if len(set(labels)) != len(labels):
-        raise ConfigError(f"mask labels must be unique, got {labels}")
-    if any(m.phase == "all" and m.heads for m in masks):
-        raise ConfigError("CoT masks act while answering (phase='decode'), as in the paper")
+    if tokenizer is None:
+        raise ConfigError("pass the tokenizer: the model has none attached")
+    masks = as_masks(masks, k=k, seeds=seeds, mode=mask_mode)
     hooks = {m.label: ablation_hooks(model, m.heads, mode=m.mode, phase=m.phase, means=means)
-             for m in masks}
+             for m in masks}  # validates every mask against the model before any compute
     name = getattr(model, "rhlens_name", None) or "model"
     log = None
     if out is not None:
         log = ProbeLog(out, {"model": name, "task": task.name, "items": [it.id for it in task],
-                             "config": asdict(config), "masks": [m.to_dict() for m in masks]},
-                       name=f"cot_{task.name}.jsonl")
+                             "prompts": _fingerprint(task), "config": config.to_dict(),
+                             "masks": [m.to_dict() for m in masks]}, name=f"cot_{task.name}.jsonl")
     sink = Records(log, progress=progress, total=len(task) * len(masks) * len(config.prompting),
                    desc=f"cot {task.name}")
     done = sink.done
@@ -225,5 +329,5 @@ def cot_ablation(model, task: Task | str, *, masks: Sequence[Mask] = (Mask.none(
     sink.close()
     records = [done[f"{m.label}|{mode}|{it.id}"] for mode in config.prompting for m in masks
                for it in task]
-    return CoTResult(task=task.name, kind=task.kind, model_name=name, records=records,
-                     masks={m.label: m.to_dict() for m in masks}, config=asdict(config))
+    return CoTResult(task=task.name, task_kind=task.kind, model_name=name, records=records,
+                     masks={m.label: m.to_dict() for m in masks}, config=config)

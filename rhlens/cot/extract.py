@@ -14,7 +14,9 @@ drift into fake accuracy drops. The extractors here therefore:
   non-answer is never scored as a lucky match.
 
 Extractors take ``(output, item)`` and scorers ``(prediction, item)``, so that a task's
-extractor can use the item's choices and a scorer its gold aliases.
+extractor can use the item's choices and a scorer its gold aliases. An item is anything with
+the fields of :class:`AnswerKey` (a :class:`~rhlens.cot.items.TaskItem`); :data:`GRADING`
+pairs an extractor with its scorer for each answer type.
 """
 
 from __future__ import annotations
@@ -22,13 +24,16 @@ from __future__ import annotations
 import re
 import string
 import unicodedata
+from collections.abc import Callable, Mapping
 from decimal import Decimal, InvalidOperation
-
-# The module, not the class: tasks.py imports this module, and annotations are resolved
-# at call time (by beartype in the tests), when both modules are fully loaded.
-from rhlens.cot import tasks as _tasks
+from typing import Any, Literal, Protocol, runtime_checkable
 
 __all__ = [
+    "GRADING",
+    "AnswerKey",
+    "AnswerType",
+    "Extractor",
+    "Scorer",
     "extract_choice",
     "extract_number",
     "extract_text",
@@ -40,6 +45,22 @@ __all__ = [
     "score_number",
     "score_text",
 ]
+
+
+@runtime_checkable
+class AnswerKey(Protocol):
+    """What grading reads from an item: the gold answer and what else counts or does not."""
+
+    answer: str
+    aliases: tuple[str, ...]
+    choices: tuple[str, ...]
+    distractors: tuple[str, ...]
+    metadata: Mapping[str, Any]
+
+
+AnswerType = Literal["number", "choice", "text"]
+Extractor = Callable[[str, AnswerKey], str | None]
+Scorer = Callable[[str | None, AnswerKey], bool]
 
 # "Answer:", "Final answer -", "the answer is", "the correct answer is:", with markdown.
 _MARKER = re.compile(
@@ -155,7 +176,7 @@ def _first_line(segment: str) -> str:
     return segment.strip().split("\n", 1)[0]
 
 
-def extract_number(text: str, item: _tasks.TaskItem | None = None) -> str | None:
+def extract_number(text: str, item: AnswerKey | None = None) -> str | None:
     """The numeric answer in ``text`` as a canonical string, or ``None``.
 
     After an answer marker, the first number of that line wins ("Answer: 12 apples" ->
@@ -193,7 +214,7 @@ _LEAD_LETTER_AFTER_MARKER = re.compile(r"(?i:option|choice)?\s*[(\[]?\s*([A-Z])(
 _TAGGED_LETTER = re.compile(r"\b(?:option|choice)\s+[(\[]?([A-Za-z])\b|[(\[]([A-Za-z])[)\]]", re.IGNORECASE)
 
 
-def extract_choice(text: str, item: _tasks.TaskItem | None = None, letters: str | None = None) -> str | None:
+def extract_choice(text: str, item: AnswerKey | None = None, letters: str | None = None) -> str | None:
     """The chosen letter ("A"-"D" by default), or ``None``.
 
     Reads, in order: the letter right after the last answer marker ("The answer is C.",
@@ -264,7 +285,7 @@ def _contains(haystack: str, needle: str) -> bool:
     return f" {needle} " in f" {haystack} "
 
 
-def extract_text(text: str, item: _tasks.TaskItem | None = None) -> str | None:
+def extract_text(text: str, item: AnswerKey | None = None) -> str | None:
     """A short free-text answer: the line after the last answer marker, else the last line.
 
     The result is stripped of markdown, quotes, filler ("It is ...") and trailing
@@ -286,7 +307,7 @@ def extract_text(text: str, item: _tasks.TaskItem | None = None) -> str | None:
     return answer
 
 
-def score_number(prediction: str | None, item: _tasks.TaskItem) -> bool:
+def score_number(prediction: str | None, item: AnswerKey) -> bool:
     """Numeric equality with the gold answer (or any alias), up to 1e-6."""
     if prediction is None:
         return False
@@ -302,12 +323,12 @@ def score_number(prediction: str | None, item: _tasks.TaskItem) -> bool:
     return False
 
 
-def score_choice(prediction: str | None, item: _tasks.TaskItem) -> bool:
+def score_choice(prediction: str | None, item: AnswerKey) -> bool:
     """The predicted letter is the gold letter (case-insensitive)."""
     return prediction is not None and prediction.strip().upper() == item.answer.strip().upper()
 
 
-def score_text(prediction: str | None, item: _tasks.TaskItem) -> bool:
+def score_text(prediction: str | None, item: AnswerKey) -> bool:
     """Normalised exact match, or whole-word containment of the gold, without a distractor.
 
     Containment accepts "Anna lives in Daln" for gold "Daln"; the distractor check (other
@@ -328,3 +349,11 @@ def score_text(prediction: str | None, item: _tasks.TaskItem) -> bool:
     return not any(
         _contains(pred, normalize_text(d)) and normalize_text(d) not in golds for d in item.distractors
     )
+
+
+# How each answer type is read and graded (a task's default extractor and scorer).
+GRADING: dict[str, tuple[Extractor, Scorer]] = {
+    "number": (extract_number, score_number),
+    "choice": (extract_choice, score_choice),
+    "text": (extract_text, score_text),
+}

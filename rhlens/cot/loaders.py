@@ -1,14 +1,16 @@
 """Loaders for the datasets Wu et al. (2024) ran the CoT experiment on, from local files.
 
 rhlens ships no copy of these datasets; users who have them on disk, in the forms they
-are usually distributed in, get a :class:`~rhlens.cot.tasks.Task` with the same CoT and
+are usually distributed in, get a :class:`~rhlens.cot.items.Task` with the same CoT and
 direct prompts as the built-in tasks:
 
 * GSM8K, JSONL: ``{"question": ..., "answer": "... #### 72"}``;
 * MMLU, CSV without header: ``question,A,B,C,D,answer-letter`` (one file per subject),
   or JSONL: ``{"question", "choices": [...], "answer": 0-based int or letter}``;
 * MuSiQue, JSONL: ``{"question", "paragraphs": [{"title", "paragraph_text"}, ...],
-  "answer", "answer_aliases"?, "answerable"?}``.
+  "answer", "answer_aliases"?, "answerable"?}``;
+* your own items, JSONL: ``{"prompt", "answer", "id"?, "aliases"?}``, graded as
+  :func:`~rhlens.cot.items.as_task` grades them.
 
 A malformed record raises :class:`~rhlens.errors.ConfigError` naming the file and line,
 before any model runs: a bad line found an hour into a masked sweep costs the sweep.
@@ -23,19 +25,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from rhlens.cot import extract as _extract
-from rhlens.cot.tasks import Task, TaskItem, make_prompts
+from rhlens.cot.extract import AnswerType, parse_number
+from rhlens.cot.items import Kind, Question, Task, TaskItem, as_task
 from rhlens.errors import ConfigError
 
 __all__ = [
     "load_gsm8k",
+    "load_items",
     "load_mmlu",
     "load_musique",
     "load_task",
     "sniff_format",
 ]
 
-Format = Literal["gsm8k", "mmlu", "musique"]
+Format = Literal["gsm8k", "mmlu", "musique", "items"]
 _LETTERS = "ABCDEFGHIJ"
 _GSM8K_ANSWER = re.compile(r"####\s*(.+?)\s*$", re.DOTALL)
 
@@ -80,10 +83,13 @@ def _check_limit(limit: int | None) -> None:
         raise ConfigError(f"limit must be >= 1 (or None for all items), got {limit}.")
 
 
-def _finish(name: str, path: Path, items: list[TaskItem], **task_kwargs: Any) -> Task:
+def _finish(name: str, path: Path, items: list[TaskItem], kind: Kind, answer_type: AnswerType,
+            description: str) -> Task:
+    """The task of a loaded file, graded as its ``answer_type``; an empty file is refused."""
     if not items:
         raise ConfigError(f"{path} holds no usable items.")
-    return Task(name=name, items=tuple(items), **task_kwargs)
+    return Task(name=name, items=tuple(items), kind=kind, answer_type=answer_type,
+                description=description)
 
 
 # -------------------------------------------------------------------------------- GSM8K
@@ -104,36 +110,17 @@ def load_gsm8k(path: str | Path, *, limit: int | None = None, name: str | None =
         match = _GSM8K_ANSWER.search(solution)
         if match is None:
             raise _fail(path, line, "field 'answer' has no '#### <number>' final answer")
-        gold = _extract.parse_number(match.group(1))
+        gold = parse_number(match.group(1))
         if gold is None:
             raise _fail(path, line, f"final answer {match.group(1)!r} is not a number")
-        cot, direct = make_prompts(question, "number")
-        items.append(
-            TaskItem(
-                id=_item_id("gsm8k", line, record),
-                question=question,
-                answer=gold,
-                cot_prompt=cot,
-                direct_prompt=direct,
-                metadata={
-                    "source": str(path),
-                    "line": line,
-                    "rationale": solution[: match.start()].strip(),
-                },
-            )
-        )
+        items.append(TaskItem.ask(
+            _item_id("gsm8k", line, record), question, gold, what="number",
+            metadata={"source": str(path), "line": line,
+                      "rationale": solution[: match.start()].strip()}))
         if limit is not None and len(items) >= limit:
             break
-    return _finish(
-        name or f"gsm8k:{path.stem}",
-        path,
-        items,
-        kind="context",
-        extractor=_extract.extract_number,
-        scorer=_extract.score_number,
-        answer_type="number",
-        description=f"GSM8K-format math word problems from {path.name}",
-    )
+    return _finish(name or f"gsm8k:{path.stem}", path, items, "context", "number",
+                   f"GSM8K-format math word problems from {path.name}")
 
 
 # --------------------------------------------------------------------------------- MMLU
@@ -145,17 +132,9 @@ def _mmlu_item(
     letters = _LETTERS[: len(choices)]
     options = "\n".join(f"{letter}. {text}" for letter, text in zip(letters, choices))
     intro = f"The following is a multiple choice question about {subject}.\n\n" if subject else ""
-    cot, direct = make_prompts(f"{intro}{question}\n{options}", "letter")
-    return TaskItem(
-        id=rid,
-        question=question,
-        answer=answer,
-        cot_prompt=cot,
-        direct_prompt=direct,
-        aliases=(),
-        choices=tuple(choices),
-        metadata={"source": str(path), "line": line, "subject": subject},
-    )
+    return TaskItem.ask(rid, question, answer, body=f"{intro}{question}\n{options}", what="letter",
+                        choices=tuple(choices),
+                        metadata={"source": str(path), "line": line, "subject": subject})
 
 
 def _subject_from(path: Path) -> str:
@@ -165,16 +144,8 @@ def _subject_from(path: Path) -> str:
 
 
 def _mmlu_task(name: str, path: Path, items: list[TaskItem]) -> Task:
-    return _finish(
-        name,
-        path,
-        items,
-        kind="knowledge",
-        extractor=_extract.extract_choice,
-        scorer=_extract.score_choice,
-        answer_type="choice",
-        description=f"MMLU-format multiple choice from {path.name}",
-    )
+    return _finish(name, path, items, "knowledge", "choice",
+                   f"MMLU-format multiple choice from {path.name}")
 
 
 def _load_mmlu_csv(path: Path, limit: int | None, name: str | None) -> Task:
@@ -324,31 +295,46 @@ def load_musique(
         if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
             raise _fail(path, line, "field 'answer_aliases' must be a list of strings")
         context = "\n\n".join(blocks)
-        cot, direct = make_prompts(f"{context}\n\nQuestion: {question}", "answer")
-        items.append(
-            TaskItem(
-                id=_item_id("musique", line, record),
-                question=question,
-                answer=answer.strip(),
-                cot_prompt=cot,
-                direct_prompt=direct,
-                context=context,
-                aliases=tuple(a.strip() for a in aliases if a.strip()),
-                metadata={"source": str(path), "line": line, "answerable": answerable},
-            )
-        )
+        items.append(TaskItem.ask(
+            _item_id("musique", line, record), question, answer.strip(),
+            body=f"{context}\n\nQuestion: {question}", context=context,
+            aliases=tuple(a.strip() for a in aliases if a.strip()),
+            metadata={"source": str(path), "line": line, "answerable": answerable}))
         if limit is not None and len(items) >= limit:
             break
-    return _finish(
-        name or f"musique:{path.stem}",
-        path,
-        items,
-        kind="context",
-        extractor=_extract.extract_text,
-        scorer=_extract.score_text,
-        answer_type="text",
-        description=f"MuSiQue-format multi-hop QA from {path.name}",
-    )
+    return _finish(name or f"musique:{path.stem}", path, items, "context", "text",
+                   f"MuSiQue-format multi-hop QA from {path.name}")
+
+
+# --------------------------------------------------------------------------- your items
+
+
+def load_items(path: str | Path, *, limit: int | None = None, name: str | None = None) -> Task:
+    """Your own ``(prompt, answer)`` items from JSONL: ``prompt``, ``answer`` (string or
+    number), optional ``id`` and ``aliases``. The prompts get the CoT and direct instructions
+    and the answers are graded as :func:`~rhlens.cot.items.as_task` grades free-form items
+    (numbers numerically, text by normalised match or whole-word containment)."""
+    path = Path(path)
+    _check_limit(limit)
+    questions: list[Question] = []
+    for line, record in _read_jsonl(path):
+        prompt = _string_field(path, line, record, "prompt")
+        answer = record.get("answer")
+        if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+            answer = str(answer)
+        if not isinstance(answer, str) or not answer.strip():
+            raise _fail(path, line, f"field 'answer' must be a non-empty string or a number, "
+                                    f"got {answer!r:.60}")
+        aliases = record.get("aliases") or []
+        if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
+            raise _fail(path, line, "field 'aliases' must be a list of strings")
+        questions.append(Question(prompt, answer, id=_item_id("item", line, record),
+                                  aliases=tuple(a.strip() for a in aliases if a.strip())))
+        if limit is not None and len(questions) >= limit:
+            break
+    if not questions:
+        raise ConfigError(f"{path} holds no usable items.")
+    return as_task(questions, name=name or f"items:{path.stem}")
 
 
 # ------------------------------------------------------------------------------ sniffing
@@ -357,7 +343,8 @@ def load_musique(
 def sniff_format(path: str | Path) -> Format:
     """Which loader reads ``path``: by suffix for CSV (MMLU), by the first record's keys.
 
-    ``paragraphs`` means MuSiQue, ``choices`` MMLU, an ``answer`` with ``####`` GSM8K.
+    ``paragraphs`` means MuSiQue, ``choices`` MMLU, an ``answer`` with ``####`` GSM8K,
+    ``prompt`` and ``answer`` your own items.
     """
     path = Path(path)
     if path.suffix.lower() == ".csv":
@@ -370,12 +357,15 @@ def sniff_format(path: str | Path) -> Format:
         answer = record.get("answer")
         if "question" in record and isinstance(answer, str) and "####" in answer:
             return "gsm8k"
+        if "prompt" in record and "answer" in record:
+            return "items"
         raise _fail(
             path,
             line,
             f"cannot tell the dataset format from the keys {sorted(record)}: expected GSM8K "
             "(question, answer with '#### n'), MMLU (question, choices, answer) or MuSiQue "
-            "(question, paragraphs, answer); pass format=... to choose",
+            "(question, paragraphs, answer) or your items (prompt, answer); pass format=... "
+            "to choose",
         )
     raise ConfigError(f"{path} is empty.")
 
@@ -396,4 +386,6 @@ def load_task(
         return load_mmlu(path, limit=limit, **kwargs)
     if fmt == "musique":
         return load_musique(path, limit=limit, **kwargs)
-    raise ConfigError(f"Unknown dataset format {fmt!r}: use 'gsm8k', 'mmlu' or 'musique'.")
+    if fmt == "items":
+        return load_items(path, limit=limit, **kwargs)
+    raise ConfigError(f"Unknown dataset format {fmt!r}: use 'gsm8k', 'mmlu', 'musique' or 'items'.")

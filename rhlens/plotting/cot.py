@@ -8,15 +8,19 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from rhlens.cot.experiment import CoTResult
+from rhlens.errors import ConfigError
 
 __all__ = ["plot_cot_bars"]
 
 
 def plot_cot_bars(results: CoTResult | Sequence[CoTResult]) -> Figure:
-    """Accuracy per task x prompting (groups) x mask (bars), with bootstrap intervals."""
+    """Accuracy per task x prompting (groups) x mask (bars), with bootstrap intervals.
+
+    ``results``: one :class:`CoTResult` per task (saved results load with ``CoTResult.load``).
+    """
     results = [results] if isinstance(results, CoTResult) else list(results)
     if not results:
-        raise ValueError("no CoT results to plot")
+        raise ConfigError("no CoT results to plot")
     rows = [row for r in results for row in r.table()]
     groups = list(dict.fromkeys((row["task"], row["mode"]) for row in rows))
     masks = list(dict.fromkeys(row["mask"] for row in rows))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from rhlens.cot import load_items
 from rhlens.cot.loaders import load_gsm8k, load_mmlu, load_musique, load_task, sniff_format
 from rhlens.cot.tasks import get_task
 from rhlens.errors import ConfigError
@@ -124,6 +125,7 @@ def test_musique_bad_paragraphs() -> None:
         ("mmlu_mini.jsonl", "mmlu"),
         ("geography_test.csv", "mmlu"),
         ("musique_mini.jsonl", "musique"),
+        ("items_mini.jsonl", "items"),
     ],
 )
 def test_sniff_format(name: str, fmt: str) -> None:
@@ -159,3 +161,18 @@ def test_empty_and_missing_files(tmp_path: Path) -> None:
         load_gsm8k(empty)
     with pytest.raises(ConfigError, match="Cannot read"):
         load_gsm8k(tmp_path / "missing.jsonl")
+
+
+def test_your_own_items() -> None:
+    task = load_items(FIXTURES / "items_mini.jsonl")
+    assert task.name == "items:items_mini" and task.answer_type == "text"
+    assert [it.id for it in task] == ["item-key", "item-L2", "item-L4"]  # blank line skipped
+    assert [it.answer for it in task] == ["under the blue flowerpot", "42", "Paris"]
+    assert task.items[2].aliases == ("Paris, France",)
+    assert task.items[0].question in task.items[0].cot_prompt
+    assert task.grade("It is under the blue flowerpot.", task.items[0])
+    assert task.grade("The Louvre is in Paris, France", task.items[2])
+    assert not task.grade("Lyon", task.items[2])
+    assert len(load_items(FIXTURES / "items_mini.jsonl", limit=1)) == 1
+    with pytest.raises(ConfigError, match="line 2: field 'answer' must be a non-empty string"):
+        load_items(FIXTURES / "items_bad.jsonl")
