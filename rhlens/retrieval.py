@@ -29,6 +29,7 @@ from torch import Tensor
 
 from rhlens.engine import GenerationConfig, StepState, current_phase, generate_many
 from rhlens.errors import ConfigError, ProbeError
+from rhlens.identity import run_header
 from rhlens.io import ProbeLog, Records
 from rhlens.probe import Probe
 from rhlens.scores import RetrievalScores
@@ -229,10 +230,7 @@ def detect_retrieval_heads(model, probes: Sequence[Probe], *, config: DetectConf
     name = getattr(model, "rhlens_name", None) or str(getattr(model.cfg, "model_name", "model"))
     log = None
     if out is not None:
-        # How many probes share a batch changes the cost, not the experiment.
-        settings = {k: v for k, v in asdict(config).items() if k != "batch_size"}
-        header = {"model": name, "config": settings}
-        log = ProbeLog(Path(out), header)
+        log = ProbeLog(Path(out), run_header(model, probes, config))
 
     device = next(model.parameters()).device
     state = StepState()
@@ -246,7 +244,7 @@ def detect_retrieval_heads(model, probes: Sequence[Probe], *, config: DetectConf
     todo.sort(key=lambda p: (p.length, p.needle_id, p.meta.get("haystack", ""), -p.depth))
 
     sink = Records(log, progress=progress, total=len(probes), desc="detect", unit="probe",
-                   initial=len(probes) - len(todo))
+                   initial=len(probes) - len(todo), weights={p.key: p.n_tokens for p in probes})
     records = sink.done
     gens = generate_many(model, tokenizer, [p.prompt_ids for p in todo],
                          config=config.generation(), hooks=recorder.hooks(), state=state,
@@ -267,7 +265,7 @@ def detect_retrieval_heads(model, probes: Sequence[Probe], *, config: DetectConf
                 per_probe = (now - t_last) / gen.info.get("batch_size", 1)
             rec = {
                 "key": probe.key, "length": probe.length, "depth": probe.depth,
-                "needle_id": probe.needle_id, "n_tokens": probe.n_tokens,
+                "needle_id": probe.needle_id, "n_tokens": probe.n_tokens, **probe.placement,
                 "prompt_ids": list(probe.prompt_ids), "needle_span": list(probe.needle_span),
                 "response_ids": gen.response_ids, "response": gen.response,
                 "stop_reason": gen.stop_reason, "rouge_recall": recall,

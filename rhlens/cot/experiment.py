@@ -24,6 +24,7 @@ from rhlens.ablation import Mask, ablation_hooks
 from rhlens.cot.tasks import Task, get_task
 from rhlens.engine import GenerationConfig, chat_prompt, generate_many
 from rhlens.errors import ConfigError
+from rhlens.identity import run_header
 from rhlens.io import ProbeLog, Records, write_json
 
 __all__ = ["CoTConfig", "CoTResult", "cot_ablation"]
@@ -201,9 +202,8 @@ def cot_ablation(model, task: Task | str, *, masks: Sequence[Mask] = (Mask.none(
     name = getattr(model, "rhlens_name", None) or "model"
     log = None
     if out is not None:
-        log = ProbeLog(out, {"model": name, "task": task.name, "items": [it.id for it in task],
-                             "config": asdict(config), "masks": [m.to_dict() for m in masks]},
-                       name=f"cot_{task.name}.jsonl")
+        log = ProbeLog(out, run_header(model, None, config, task=task.name, items=[it.id for it in task],
+                                       masks=[m.to_dict() for m in masks]), name=f"cot_{task.name}.jsonl")
     sink = Records(log, progress=progress, total=len(task) * len(masks) * len(config.prompting),
                    desc=f"cot {task.name}")
     done = sink.done
