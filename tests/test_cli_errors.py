@@ -213,3 +213,20 @@ def test_ctrl_c_says_what_happens_next(command, note, tmp_path, monkeypatch, cap
     assert main([*command, "--lengths", "450", "--depths", "50", "--n-needles", "1",
                  "--out", str(out)]) == 130
     assert note.replace("{out}", str(out)) in capsys.readouterr().out
+
+
+def test_coinciding_depths_are_a_one_line_warning(tmp_path, monkeypatch, capsys):
+    """The paper's placement puts depths 0 and 25 of a 400-token probe at one position: the
+    command says so (once, one line) before the model loads, and goes on."""
+    import rhlens.cli.prepare
+
+    def stop(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rhlens.cli.prepare, "load", stop)
+    assert main(["detect", "--lengths", "400", "--depths", "0,25,100", "--n-needles", "1",
+                 "--out", str(tmp_path / "o")]) == 130
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("rhlens: warning:")]
+    assert len(warnings) == 1
+    assert "at length 400, depths 0 and 25 all land at depth 0%" in warnings[0]
+    assert "--placement token" in warnings[0]

@@ -79,32 +79,34 @@ def percent(text: str) -> float:
     return value
 
 
-def int_list(*, minimum: int | None = None) -> Callable[[str], tuple[int, ...]]:
-    def parse(text: str) -> tuple[int, ...]:
+Bound = float | int | None
+
+
+def _number_list(kind: type, what: str, lo: Bound, hi: Bound) -> Callable[[str], tuple]:
+    """A parser of ``"a,b,c"`` into numbers of ``kind``, each in ``[lo, hi]``; nothing empty."""
+    def parse(text: str) -> tuple:
         items = [x.strip() for x in text.split(",")]
         if not any(items):
-            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}")
         if not all(items):
             raise argparse.ArgumentTypeError(f"empty item in {text!r}")
-        values = tuple(_number(x, int, "comma-separated integers") for x in items)
-        if minimum is not None and min(values) < minimum:
-            raise argparse.ArgumentTypeError(f"every value must be >= {minimum}, got {text!r}")
+        values = tuple(_number(x, kind, f"comma-separated {what}") for x in items)
+        if lo is not None and hi is not None and not lo <= min(values) <= max(values) <= hi:
+            raise argparse.ArgumentTypeError(f"every value must lie in [{lo:g}, {hi:g}], got {text!r}")
+        if lo is not None and min(values) < lo:
+            raise argparse.ArgumentTypeError(f"every value must be >= {lo:g}, got {text!r}")
         return values
     return parse
+
+
+def int_list(*, minimum: int | None = None) -> Callable[[str], tuple]:
+    """Comma-separated whole numbers, each >= ``minimum``."""
+    return _number_list(int, "integers", minimum, None)
 
 
 def float_list(*, lo: float | None = None, hi: float | None = None) -> Callable[[str], tuple]:
-    def parse(text: str) -> tuple[float, ...]:
-        items = [x.strip() for x in text.split(",")]
-        if not any(items):
-            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
-        if not all(items):
-            raise argparse.ArgumentTypeError(f"empty item in {text!r}")
-        values = tuple(_number(x, float, "comma-separated numbers") for x in items)
-        if (lo is not None and min(values) < lo) or (hi is not None and max(values) > hi):
-            raise argparse.ArgumentTypeError(f"every value must lie in [{lo:g}, {hi:g}], got {text!r}")
-        return values
-    return parse
+    """Comma-separated numbers, each in ``[lo, hi]``."""
+    return _number_list(float, "numbers", lo, hi)
 
 
 # ---- flag groups ---------------------------------------------------------------------------
@@ -120,6 +122,21 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--offline", action="store_true",
                    help="never use the network: a hub id must already be in the local Hugging "
                         "Face cache (fails at once instead of retrying)")
+
+
+def add_prompt_args(g) -> None:
+    """What the needle hides in and how the prompt is wrapped (probes and ``ask``)."""
+    g.add_argument("--haystack", default=None, metavar="DIR|stdlib|synthetic",
+                   help="directory of .txt files, 'stdlib' (default: Python's docstrings) or "
+                        "'synthetic'")
+    g.add_argument("--no-chat-template", action="store_true",
+                   help="plain prompt ending in 'Answer:', no chat template")
+
+
+def resume_note(what: str) -> Callable[[argparse.Namespace], str]:
+    """What a resumable command says when Ctrl-C stops it."""
+    return lambda args: (f"interrupted; every finished {what} is saved in {args.out}: rerun the "
+                         "same command to resume")
 
 
 def add_probe_args(p: argparse.ArgumentParser, *, lengths: str = "500,1000,1500,2000",
@@ -151,13 +168,9 @@ def add_probe_args(p: argparse.ArgumentParser, *, lengths: str = "500,1000,1500,
                         "built-in needles)")
     g.add_argument("--n-needles", type=positive_int, default=None, metavar="N",
                    help="use only the first N needles (built-in or from --needles)")
-    g.add_argument("--haystack", default=None, metavar="DIR|stdlib|synthetic",
-                   help="directory of .txt files, 'stdlib' (default: Python's docstrings) or "
-                        "'synthetic'")
+    add_prompt_args(g)
     g.add_argument("--answer-buffer", type=nonnegative_int, default=answer_buffer, metavar="N",
                    help=f"tokens of each length kept free for the answer (default {answer_buffer})")
-    g.add_argument("--no-chat-template", action="store_true",
-                   help="plain prompt ending in 'Answer:', no chat template")
     g.set_defaults(default_lengths=lengths, default_depths=depths)
     if max_new_tokens is None:
         return

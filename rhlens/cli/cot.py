@@ -14,6 +14,7 @@ from rhlens.cli.args import (
     nonnegative_int,
     positive_int,
     repeated,
+    resume_note,
     say,
 )
 from rhlens.errors import ConfigError
@@ -48,9 +49,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--no-chat-template", action="store_true",
                    help="plain prompts, no chat template")
     add_out_args(p)
-    p.set_defaults(func=cmd_cot, interrupted=lambda args: (
-        f"interrupted; every finished answer is saved in {args.out}: rerun the same command "
-        "to resume"))
+    p.set_defaults(func=cmd_cot, interrupted=resume_note("answer"))
 
 
 def cmd_cot(args: argparse.Namespace) -> int:

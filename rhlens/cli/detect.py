@@ -10,9 +10,11 @@ from rhlens.cli.args import (
     add_model_args,
     add_out_args,
     add_probe_args,
+    add_prompt_args,
     detect_config,
     percent,
     positive_int,
+    resume_note,
     say,
 )
 
@@ -34,7 +36,7 @@ def add_parsers(sub) -> None:
                    help="probes of one length decoded together (default 8; results do not "
                         "depend on it)")
     add_out_args(p)
-    p.set_defaults(func=cmd_detect, interrupted=_resume_note)
+    p.set_defaults(func=cmd_detect, interrupted=resume_note("probe"))
 
     p = sub.add_parser("ask", help="answer one needle-in-a-haystack probe (a smoke test)",
                        description="Build one probe with the first built-in needle and let the "
@@ -45,18 +47,10 @@ def add_parsers(sub) -> None:
                         "(default 600)")
     p.add_argument("--depth", type=percent, default=50.0, metavar="D",
                    help="needle depth in percent of the haystack (default 50)")
-    p.add_argument("--haystack", default=None, metavar="DIR|stdlib|synthetic",
-                   help="directory of .txt files, 'stdlib' (default) or 'synthetic'")
-    p.add_argument("--no-chat-template", action="store_true",
-                   help="plain prompt ending in 'Answer:', no chat template")
+    add_prompt_args(p)
     p.add_argument("--max-new-tokens", type=positive_int, default=40, metavar="N",
                    help="tokens the model may answer with, at most (default 40)")
     p.set_defaults(func=cmd_ask, interrupted=lambda args: "interrupted")
-
-
-def _resume_note(args: argparse.Namespace) -> str:
-    return (f"interrupted; every finished probe is saved in {args.out}: rerun the same "
-            "command to resume")
 
 
 def cmd_detect(args: argparse.Namespace) -> int:

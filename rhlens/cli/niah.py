@@ -15,6 +15,7 @@ from rhlens.cli.args import (
     niah_config,
     positive_int,
     repeated,
+    resume_note,
     say,
 )
 from rhlens.errors import ConfigError
@@ -38,7 +39,7 @@ def add_parsers(sub) -> None:
                         "none). top needs --scores; random draws K heads from the model's grid, "
                         "never one scoring above 0.1")
     add_out_args(p)
-    p.set_defaults(func=cmd_niah, interrupted=_resume_note)
+    p.set_defaults(func=cmd_niah, interrupted=resume_note("answer"))
 
     p = sub.add_parser("mask-sweep", help="NIAH score against K: top-K vs random-K heads masked",
                        description="The paper's Figure 7: mask the top-K retrieval heads and K "
@@ -53,12 +54,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--seeds", type=positive_int, default=3, metavar="N",
                    help="random-K masks per K, seeds 0..N-1 (default 3)")
     add_out_args(p)
-    p.set_defaults(func=cmd_mask_sweep, interrupted=_resume_note)
-
-
-def _resume_note(args: argparse.Namespace) -> str:
-    return (f"interrupted; every finished answer is saved in {args.out}: rerun the same command "
-            "to resume")
+    p.set_defaults(func=cmd_mask_sweep, interrupted=resume_note("answer"))
 
 
 def _means(args, model, tok, probes):

@@ -15,6 +15,7 @@ from rhlens.cli.args import (
     int_list,
     patch_config,
     positive_int,
+    resume_note,
     say,
 )
 from rhlens.errors import ConfigError
@@ -71,8 +72,7 @@ def _resumable() -> bool:
 
 def _interrupted(args: argparse.Namespace) -> str:
     if _resumable():
-        return (f"interrupted; every finished pair is saved in {args.out}: rerun the same "
-                "command to resume")
+        return resume_note("pair")(args)
     return "interrupted; nothing was saved (patch keeps its results only when it finishes)"
 
 
