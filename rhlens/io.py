@@ -145,6 +145,9 @@ def check_resume(out: str | Path, header: RunHeader, name: str = "probes.jsonl",
     out = Path(out)
     head_path = _header_path(out, name)
     if not head_path.exists():
+        if (out / name).exists() and (out / name).stat().st_size:
+            raise ConfigError(f"{out / name} holds records but {head_path.name} is missing, so "
+                              "what made them is unknown; choose another output directory")
         return None
     old = read_run_json(head_path)
     if "identity" not in old:

@@ -441,7 +441,9 @@ def load_hf(name: str | None = None, *, attn_implementation: str = "sdpa", dtype
             model = AutoModelForCausalLM.from_pretrained(
                 str(source), attn_implementation="eager", dtype=dtype, local_files_only=local)
     except Exception as exc:
-        if _in_cache(source):
+        unreadable = isinstance(exc, (OSError, ValueError, KeyError, TypeError)) or \
+            type(exc).__name__ == "SafetensorError"
+        if unreadable and _in_cache(source):
             raise _damaged_cache(source, exc) from exc
         if isinstance(exc, OSError):
             raise ModelLoadError(unknown_model(display, f"loading it failed: {first_line(exc)}")) from exc

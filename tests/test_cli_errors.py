@@ -40,6 +40,9 @@ def _files(tmp: Path) -> None:
     run = tmp / "damaged_run"
     run.mkdir()
     (run / "run.json").write_text('{"identity": {"model": ')
+    summary = tmp / "damaged_summary"
+    summary.mkdir()
+    (summary / "summary.json").write_text('{"probes": 2, ')
     det = tmp / "damaged_tensors"
     (det / "scores").mkdir(parents=True)
     (det / "scores" / "meta.json").write_text(json.dumps({"kind": "RetrievalScores",
@@ -121,6 +124,8 @@ CASES = [
      "give an .html file or a directory"),
     case("report nothing", ["report", "--out", "{tmp}/r.html"], "give at least one RUN_DIR"),
     case("report damaged tensors", ["report", "{tmp}/damaged_tensors", "--out", "{tmp}/r.html"], "damaged"),
+    case("report damaged summary.json", ["report", "{tmp}/damaged_summary", "--out", "{tmp}/r.html"],
+         "a file in {tmp}/damaged_summary is damaged (JSONDecodeError"),
     case("official without --fetch", ["official"], "the following arguments are required: --fetch"),
     case("official into a file", ["official", "--fetch", "{tmp}/a_file"], "is a file"),
     # models

@@ -104,6 +104,11 @@ def test_run_folders_from_older_or_damaged_runs(tmp_path):
     (old / "run.json").write_text(json.dumps({"model": "m", "config": {}}))
     with pytest.raises(ConfigError, match="started by an earlier rhlens"):
         ProbeLog(old, run_header({"name": "m"}))
+    orphan = tmp_path / "orphan"
+    orphan.mkdir()
+    (orphan / "probes.jsonl").write_text('{"key": "a"}\n')
+    with pytest.raises(ConfigError, match=r"run\.json is missing"):
+        ProbeLog(orphan, run_header({"name": "m"}))
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "run.json").write_text('{"identity": ')

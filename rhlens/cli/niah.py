@@ -36,8 +36,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--scores", default=None, metavar="RUN_DIR|FILE", help=SCORES_HELP)
     p.add_argument("--mask", action="append", metavar="SPEC",
                    help="none | top:K | random:K[:SEED] | heads:L.H,L.H (repeatable; default "
-                        "none). top needs --scores; random draws K heads from the model's grid, "
-                        "never one scoring above 0.1")
+                        "none). top needs --scores; random draws K heads from the model's grid "
+                        "(with --scores, never one scoring above 0.1 or among the top K)")
     add_out_args(p)
     p.set_defaults(func=cmd_niah, interrupted=resume_note("answer"))
 
