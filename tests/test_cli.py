@@ -118,8 +118,8 @@ def test_resume_with_an_edited_needles_file_is_refused(tmp_path, reuse_model, ca
     row = {"needle": "The vault code at the Orlen museum is 4471.", "id": "vault",
            "question": "What is the vault code at the Orlen museum?", "real_needle": "4471"}
     needles.write_text(json.dumps(row) + "\n")
-    argv = ["detect", *GRID, "--needles", str(needles), "--device", "cpu", "--out",
-            str(tmp_path / "run")]
+    argv = ["detect", *GRID, "--needles", str(needles), "--max-new-tokens", "8", "--device", "cpu",
+            "--out", str(tmp_path / "run")]
     assert main(argv) == 0
     needles.write_text(json.dumps({**row, "needle": row["needle"].replace("4471", "4471 exactly")})
                        + "\n")
@@ -131,7 +131,7 @@ def test_resume_with_an_edited_needles_file_is_refused(tmp_path, reuse_model, ca
 def test_niah_with_masks_from_a_run(detect_run, tmp_path):
     out = tmp_path / "niah"
     assert main(["niah", *GRID, "--n-needles", "1", "--scores", str(detect_run),
-                 "--mask", "heads:0.1,2.3", "--mask", "random:3:1",
+                 "--mask", "heads:0.1,2.3", "--mask", "random:3:1", "--max-new-tokens", "12",
                  "--device", "cpu", "--out", str(out)]) == 0
     data = json.loads((out / "niah_result.json").read_text())
     assert set(data["masks"]) == {"heads:0.1,2.3", "random-3-s1"}
@@ -144,7 +144,8 @@ def test_niah_with_masks_from_a_run(detect_run, tmp_path):
 def test_mask_sweep(detect_run, tmp_path):
     out = tmp_path / "sweep"
     assert main(["mask-sweep", *GRID, "--n-needles", "1", "--scores", str(detect_run),
-                 "--ks", "2", "--seeds", "1", "--device", "cpu", "--out", str(out)]) == 0
+                 "--ks", "2", "--seeds", "1", "--max-new-tokens", "12", "--device", "cpu",
+                 "--out", str(out)]) == 0
     sweep = json.loads((out / "mask_sweep.json").read_text())
     assert sweep["ks"] == [0, 2] and sweep["seeds"] == [0]
     masks = json.loads((out / "niah_result.json").read_text())["masks"]
