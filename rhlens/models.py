@@ -250,6 +250,13 @@ def _in_cache(source: Path | str) -> bool:
         return False
 
 
+def _unreadable(exc: BaseException) -> bool:
+    """An error that says a model's files could not be read (not a bug, not memory)."""
+    return isinstance(exc, (OSError, ValueError, KeyError, TypeError, AttributeError)) or \
+        type(exc).__name__ in ("SafetensorError", "StrictDataclassClassValidationError",
+                               "StrictDataclassFieldValidationError")
+
+
 def _damaged_cache(source: Path | str, exc: BaseException) -> ModelLoadError:
     return ModelLoadError(
         f"rhlens' cached model folder {source} is damaged ({first_line(exc)}); delete it "
@@ -315,7 +322,9 @@ def model_shape(name: str | None = None, *, offline: bool | None = None) -> Mode
 
         cfg = AutoConfig.from_pretrained(str(location), local_files_only=is_offline(offline))
         return _shape_from_config(cfg)
-    except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
+    except Exception as exc:
+        if not _unreadable(exc):
+            raise
         if _in_cache(location):
             raise _damaged_cache(location, exc) from exc
         raise ModelLoadError(f"cannot read the config of {src.display}: {first_line(exc)}") from exc
@@ -408,7 +417,9 @@ def load_tokenizer(name: str | None = None, *, offline: bool | None = None):
     display, source, _ = _resolve(name, offline=offline)
     try:
         return AutoTokenizer.from_pretrained(str(source), local_files_only=is_offline(offline))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except Exception as exc:
+        if not _unreadable(exc):
+            raise
         if _in_cache(source):
             raise _damaged_cache(source, exc) from exc
         raise ModelLoadError(f"cannot load the tokenizer of {display!r}: {first_line(exc)}") from exc
@@ -441,9 +452,7 @@ def load_hf(name: str | None = None, *, attn_implementation: str = "sdpa", dtype
             model = AutoModelForCausalLM.from_pretrained(
                 str(source), attn_implementation="eager", dtype=dtype, local_files_only=local)
     except Exception as exc:
-        unreadable = isinstance(exc, (OSError, ValueError, KeyError, TypeError)) or \
-            type(exc).__name__ == "SafetensorError"
-        if unreadable and _in_cache(source):
+        if _unreadable(exc) and _in_cache(source):
             raise _damaged_cache(source, exc) from exc
         if isinstance(exc, OSError):
             raise ModelLoadError(unknown_model(display, f"loading it failed: {first_line(exc)}")) from exc

@@ -208,14 +208,24 @@ def test_broken_gguf_files_are_one_line_errors(tmp_path, content, message):
     assert "\n" not in str(err.value)
 
 
-def test_damaged_model_cache_says_how_to_clear_it(tmp_path, monkeypatch):
+@pytest.mark.parametrize("config", [
+    '{"model_type": "llama", "num_hidden',  # cut short
+    '{"model_type": "llama", "num_hidden_layers": 30, "num_attention_heads": 9}',  # inconsistent
+])
+@pytest.mark.parametrize("entry", ["model_shape", "load_tokenizer", "load_model"])
+def test_damaged_model_cache_says_how_to_clear_it(tmp_path, monkeypatch, config, entry):
     monkeypatch.setenv("RHLENS_CACHE", str(tmp_path))
     folder = models_mod._gguf_cache_folder(_gguf(), "smollm2-135m")[0]
     folder.mkdir(parents=True)
-    (folder / "config.json").write_text('{"model_type": "llama", "num_hidden')
+    (folder / "config.json").write_text(config)
     (folder / "model.safetensors").write_bytes(b"\x00" * 100)
-    with pytest.raises(ModelLoadError, match=r"cached model folder .* is damaged .*rm -r"):
-        load_model(device="cpu")
+    call = getattr(models_mod, entry)
+    if entry == "model_shape" and "num_attention_heads" in config:
+        assert call().grid == (30, 9)  # what it reads is there; loading then fails
+        call = models_mod.load_tokenizer
+    with pytest.raises(ModelLoadError, match=r"cached model folder .* is damaged .*rm -r") as err:
+        call()
+    assert "\n" not in str(err.value)
 
 
 def test_offline_unknown_hub_id_fails_at_once():
