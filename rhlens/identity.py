@@ -98,7 +98,9 @@ def run_header(model: Any = None, probes: Sequence[Any] | None = None, config: A
         probes: :class:`~rhlens.probe.Probe` objects (a ``ProbeSet`` too); ``None`` for runs
             that are not over probes (then name their items in ``extra``).
         config: the run's settings (a dataclass or a dict), split by :func:`split_settings`.
-        extra: more of the identity, e.g. ``masks=[m.to_dict() for m in masks]``.
+        extra: more of the identity, e.g. ``masks=[m.to_dict() for m in masks]``; a kernel
+            policy (``kernel_policy=``, ``kernels=`` or ``policy=``, a dict) is split like a
+            config's: ``expand_kv`` into the identity, the whole policy recorded.
     """
     from rhlens.probes import probes_grid, probes_identity
 
@@ -115,7 +117,12 @@ def run_header(model: Any = None, probes: Sequence[Any] | None = None, config: A
         recorded["grid"] = probes_grid(probes)
     if config is not None:
         identity["config"], recorded["config"] = split_settings(config)
-    identity.update(_plain(extra))
+    for key, value in _plain(extra).items():
+        if key in _KERNEL_POLICY_KEYS and isinstance(value, dict):  # e.g. the resolved policy
+            identity[key] = {k: v for k, v in value.items() if k in RESULT_SHAPING_KERNEL_KEYS}
+            recorded[key] = value
+        else:
+            identity[key] = value
     return RunHeader(_plain(identity), _plain(recorded))
 
 

@@ -35,6 +35,20 @@ def test_cost_only_settings_are_recorded_not_identity():
                         "kernels": {"expand_kv": True, "rows": 16}}
 
 
+def test_a_resolved_kernel_policy_is_recorded_and_only_expand_kv_is_identity():
+    policy = {"type": "KernelPolicy", "rows": "row", "av": "mm", "keys_first": False,
+              "expand_kv": False}
+    head = run_header({"name": "m"}, None, {"max_new_tokens": 5}, kernel_policy=policy)
+    assert head.identity["kernel_policy"] == {"expand_kv": False}
+    assert head.recorded["kernel_policy"] == policy
+    other_device = run_header({"name": "m"}, None, {"max_new_tokens": 5},
+                              kernel_policy={**policy, "rows": "slab", "keys_first": True})
+    assert diff_identity(head.identity, other_device.identity) == []
+    bf16_copy = run_header({"name": "m"}, None, {"max_new_tokens": 5},
+                           kernel_policy={**policy, "expand_kv": True})
+    assert diff_identity(head.identity, bf16_copy.identity) == ["kernel_policy.expand_kv: False -> True"]
+
+
 def test_header_of_a_run(toy_model):
     model, _ = toy_model
     head = run_header(model, _probes(), _Settings(), masks=[{"heads": [[1, 2]]}])
