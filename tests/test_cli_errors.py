@@ -100,9 +100,11 @@ CASES = [
     case("patch scores of another model", ["patch", "--scores", "{tmp}/gemma_grid.json"],
      "covers 18 layers x 4 heads"),
     case("patch layers outside the model", ["patch", "--layers", "0,30"], "the model has layers 0..29"),
-    case("scores with string values", ["niah", "--scores", "{tmp}/strings.json"], "cannot be read"),
+    case("scores with string values", ["niah", "--scores", "{tmp}/strings.json"],
+         "{tmp}/strings.json"),  # (how it says what is wrong is the scores module's business)
     case("scores missing", ["mask-sweep", "--scores", "{tmp}/nope.json"], "does not exist"),
-    case("scores: damaged tensors", ["niah", "--scores", "{tmp}/damaged_tensors"], "cannot be read"),
+    case("scores: damaged tensors", ["niah", "--scores", "{tmp}/damaged_tensors"],
+         "{tmp}/damaged_tensors"),
     # devices
     case("device tpu", ["detect", "--device", "tpu"], "unknown device 'tpu'"),
     case("device cuda:99", ["detect", "--device", "cuda:99"],
@@ -125,7 +127,7 @@ CASES = [
     case("report nothing", ["report", "--out", "{tmp}/r.html"], "give at least one RUN_DIR"),
     case("report damaged tensors", ["report", "{tmp}/damaged_tensors", "--out", "{tmp}/r.html"], "damaged"),
     case("report damaged summary.json", ["report", "{tmp}/damaged_summary", "--out", "{tmp}/r.html"],
-         "a file in {tmp}/damaged_summary is damaged (JSONDecodeError"),
+         "damaged"),
     case("official without --fetch", ["official"], "the following arguments are required: --fetch"),
     case("official into a file", ["official", "--fetch", "{tmp}/a_file"], "is a file"),
     # models

@@ -62,7 +62,8 @@ def scores(path: str | None, shape):
     try:
         loaded = RetrievalScores.from_any(path)
     except RhlensError as exc:
-        raise ConfigError(f"--scores {path}: {exc}") from None
+        raise ConfigError(f"--scores: {exc}" if str(path) in str(exc) else
+                          f"--scores {path}: {exc}") from None
     except FileNotFoundError as exc:
         raise ConfigError(f"--scores {path}: {exc.strerror or exc}") from None
     except Exception as exc:
