@@ -207,6 +207,7 @@ def test_lengths_help_says_the_answer_buffer_is_included(capsys):
     assert main(["detect", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "Each length includes the --answer-buffer (200 tokens by default)" in text
+    assert "(315 for the default model and needles)" in text
 
 
 def test_version(capsys):

@@ -157,7 +157,8 @@ def add_probe_args(p: argparse.ArgumentParser, *, lengths: str = "500,1000,1500,
         help=f"context lengths in tokens, comma-separated (default {lengths}). Each length "
              f"includes the --answer-buffer ({answer_buffer} tokens by default) kept free for "
              "the answer, so the prompt gets LENGTH minus that; a length too short for the "
-             "template, question and needle is refused with the smallest one that fits")
+             "template, question and needle is refused with the smallest one that fits (315 "
+             "for the default model and needles)")
     length.add_argument("--length-range", type=positive_int, nargs=3, metavar=("MIN", "MAX", "COUNT"),
                         help="COUNT lengths evenly spaced from MIN to MAX tokens (the paper's "
                              "grid); whole numbers")
