@@ -1,8 +1,19 @@
-"""rhlens: retrieval heads, found, knocked out and patched, on any TransformerLens-bridged model."""
+"""rhlens: retrieval heads, found, knocked out and patched, on any TransformerLens-bridged model.
+
+The top-level names are imported lazily (PEP 562), so that ``import rhlens`` and
+``rhlens --help`` do not pay for torch and transformers until something needs them.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
 from rhlens.errors import ConfigError, ModelLoadError, ProbeError, RhlensError
-from rhlens.models import load_model
-from rhlens.scores import RetrievalScores
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from rhlens.models import load_model
+    from rhlens.scores import RetrievalScores
 
 __all__ = [
     "ConfigError",
@@ -13,3 +24,17 @@ __all__ = [
     "load_model",
 ]
 __version__ = "0.1.0"
+
+_LAZY = {"load_model": "rhlens.models", "RetrievalScores": "rhlens.scores"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'rhlens' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -11,6 +11,11 @@ Three ways to knock a head out, each a TransformerLens hook on the bridge:
 ``phase="decode"`` (what the paper's code does) leaves the prompt's prefill alone and
 masks only while the model answers; ``phase="all"`` masks the prefill too. Hooks are
 attached only inside :func:`ablate_heads`, a context manager, so nothing stays attached.
+
+Which heads: :func:`top_k_mask` (the K best retrieval heads, by the one top-K rule),
+:func:`random_k_mask` (K heads drawn from the model's grid, never a retrieval head), and
+:func:`parse_mask` for the specs a user types (``none``, ``top:K``, ``random:K[:seed]``,
+``heads:L.H,...``); :func:`mean_reference_prompts` picks the prompts ``mode="mean"`` averages.
 """
 
 from __future__ import annotations
@@ -33,7 +38,12 @@ __all__ = [
     "ablate_heads",
     "ablation_hooks",
     "head_means",
+    "mean_reference_prompts",
+    "parse_mask",
     "random_heads",
+    "random_k_heads",
+    "random_k_mask",
+    "top_k_mask",
 ]
 
 Head = tuple[int, int]
@@ -81,6 +91,123 @@ class Mask:
     def to_dict(self) -> dict:
         return {"heads": [list(h) for h in self.heads], "mode": self.mode, "phase": self.phase,
                 "label": self.label}
+
+
+# ---- choosing heads ------------------------------------------------------------------------
+RETRIEVAL_THRESHOLD = 0.1  # the paper's line between retrieval heads and the rest
+
+
+def _grid(scores, grid: tuple[int, int] | None) -> tuple[int, int]:
+    if grid is not None:
+        return int(grid[0]), int(grid[1])
+    if scores is None:
+        raise ConfigError("need the model's grid (n_layers, n_heads) or retrieval scores")
+    return scores.n_layers, scores.n_heads
+
+
+def _check_k(k: int, n_cells: int, what: str) -> None:
+    if not 1 <= k <= n_cells:
+        raise ConfigError(f"{what}: K must be between 1 and the model's {n_cells} heads, got {k}")
+
+
+def top_k_mask(scores, k: int, *, mode: Mode = "uniform", phase: PhaseName = "decode") -> Mask:
+    """The ``k`` best retrieval heads (:func:`rhlens.stats.top_k_heads`: ties by layer, head),
+    labelled ``top-k``."""
+    from rhlens.stats import top_k_heads
+
+    _check_k(k, scores.n_layers * scores.n_heads, f"top-{k}")
+    return Mask(tuple(top_k_heads(scores.mean, k)), mode, phase, label=f"top-{k}")
+
+
+def random_k_heads(scores, k: int, *, seed: int = 0, grid: tuple[int, int] | None = None,
+                   exclude_threshold: float = RETRIEVAL_THRESHOLD) -> list[Head]:
+    """``k`` heads drawn from the model's grid, never a retrieval head nor a top-``k`` head.
+
+    ``grid`` is the model's ``(n_layers, n_heads)`` (default: the scores'); without
+    ``scores``, heads are drawn from the whole grid. Heads scoring above
+    ``exclude_threshold`` and the top-``k`` heads are excluded, so a random mask never
+    hides a retrieval head.
+    """
+    n_layers, n_heads = _grid(scores, grid)
+    _check_k(k, n_layers * n_heads, f"random-{k}")
+    banned: list[Head] = []
+    if scores is not None:
+        if (scores.n_layers, scores.n_heads) != (n_layers, n_heads):
+            raise ConfigError(f"the scores cover {scores.n_layers} x {scores.n_heads} heads, the "
+                              f"model {n_layers} x {n_heads}: scores of another model?")
+        from rhlens.stats import heads_above, top_k_heads
+
+        banned = sorted(set(heads_above(scores.mean, exclude_threshold)) |
+                        set(top_k_heads(scores.mean, k)))
+    return random_heads(n_layers, n_heads, k, seed=seed, exclude=banned)
+
+
+def random_k_mask(scores, k: int, *, seed: int = 0, grid: tuple[int, int] | None = None,
+                  mode: Mode = "uniform", phase: PhaseName = "decode") -> Mask:
+    """:func:`random_k_heads` as a mask labelled ``random-k-s<seed>``."""
+    heads = random_k_heads(scores, k, seed=seed, grid=grid)
+    return Mask(tuple(heads), mode, phase, label=f"random-{k}-s{seed}")
+
+
+MASK_SPECS = "none, top:K, random:K[:seed] or heads:L.H,L.H,..."
+
+
+def parse_mask(spec: str, *, grid: tuple[int, int] | None = None, scores=None,
+               mode: Mode = "uniform", phase: PhaseName = "decode") -> Mask:
+    """A mask from a spec: ``none``, ``top:K``, ``random:K[:seed]`` or ``heads:L.H,L.H``.
+
+    ``grid`` is the model's ``(n_layers, n_heads)``: heads and K are checked against it (and
+    random heads drawn from it). ``top:K`` needs ``scores``; ``random:K`` uses them, when
+    given, to leave retrieval heads out.
+    """
+    kind, _, rest = spec.strip().partition(":")
+    if kind == "none" and not rest:
+        return Mask((), mode, phase, label="none")
+    if kind == "heads":
+        heads = []
+        for item in rest.split(","):
+            parts = item.strip().split(".")
+            if len(parts) != 2 or not all(x.strip().isdigit() for x in parts):
+                raise ConfigError(f"mask {spec!r}: heads are written layer.head (e.g. heads:3.1,"
+                                  f"10.4), got {item.strip()!r}")
+            heads.append((int(parts[0]), int(parts[1])))
+        if grid is not None:
+            for la, h in heads:
+                if not (0 <= la < grid[0] and 0 <= h < grid[1]):
+                    raise ConfigError(f"mask {spec!r}: head {la}.{h} is outside the model's "
+                                      f"{grid[0]} layers x {grid[1]} heads")
+        return Mask(tuple(heads), mode, phase, label=spec.strip())
+    if kind not in ("top", "random"):
+        raise ConfigError(f"a mask is {MASK_SPECS}; got {spec!r}")
+    parts = rest.split(":")
+    if not rest or len(parts) > (2 if kind == "random" else 1) or \
+            not all(x.strip().lstrip("-").isdigit() for x in parts):
+        form = "top:K" if kind == "top" else "random:K or random:K:SEED"
+        raise ConfigError(f"mask {spec!r}: expected {form} with whole numbers")
+    k, seed = int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
+    if kind == "top":
+        if scores is None:
+            raise ConfigError(f"mask {spec}: top-K needs retrieval scores (--scores: a detection "
+                              "run or a paper JSON file)")
+        if grid is not None and (scores.n_layers, scores.n_heads) != tuple(grid):
+            raise ConfigError(f"the scores cover {scores.n_layers} x {scores.n_heads} heads, the "
+                              f"model {grid[0]} x {grid[1]}: scores of another model?")
+        return top_k_mask(scores, k, mode=mode, phase=phase)
+    return random_k_mask(scores, k, seed=seed, grid=grid, mode=mode, phase=phase)
+
+
+def mean_reference_prompts(probes: Sequence, n: int = 4) -> list[tuple[int, ...]]:
+    """The prompts whose head outputs ``mode="mean"`` averages: the first ``n`` probes'.
+
+    The first probes of a grid are its shortest length, so the reference costs little; pass
+    them to :func:`head_means`.
+    """
+    if n < 1:
+        raise ConfigError(f"need at least one reference prompt, got n={n}")
+    probes = list(getattr(probes, "probes", probes))
+    if not probes:
+        raise ConfigError("mean ablation needs probes to average head outputs over")
+    return [tuple(p.prompt_ids) for p in probes[:n]]
 
 
 def _check_heads(model, heads: Sequence[Sequence[int]]) -> dict[int, list[int]]:

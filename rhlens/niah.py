@@ -15,7 +15,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +24,7 @@ import numpy as np
 from rhlens.ablation import Mask, ablation_hooks, random_heads
 from rhlens.engine import GenerationConfig, generate_many
 from rhlens.errors import ConfigError
+from rhlens.identity import run_header
 from rhlens.io import ProbeLog, Records
 from rhlens.probe import Probe
 from rhlens.results import Config, Result, ResultError
@@ -211,14 +212,15 @@ def niah_sweep(model, probes: Sequence[Probe], *, masks: Sequence[Mask] = (Mask.
     name = getattr(model, "rhlens_name", None) or "model"
     log = None
     if out is not None:
-        log = ProbeLog(out, {"model": name, "config": asdict(config),
-                             "masks": [m.to_dict() for m in masks],
-                             "probes": [p.key for p in probes]}, name=NIAH_LOG)
+        log = ProbeLog(out, run_header(model, probes, config, masks=[m.to_dict() for m in masks],
+                                       kernel_policy=config.generation().describe(model)["kernel_policy"]),
+                       name=NIAH_LOG)
     finished = log.done if log else {}
     order = sorted(probes, key=lambda p: (p.length, p.needle_id, -p.depth))
     work = [(p, m) for p in order for m in masks if f"{m.label}|{p.key}" not in finished]
     total = len(probes) * len(masks)
-    sink = Records(log, progress=progress, total=total, desc="niah", initial=total - len(work))
+    sink = Records(log, progress=progress, total=total, desc="niah", initial=total - len(work),
+                   weights={f"{m.label}|{p.key}": p.n_tokens for p in probes for m in masks})
     gens = generate_many(
         model, tokenizer, [p.prompt_ids for p, _ in work], config=config.generation(),
         item_hooks=lambda i: hooks[work[i][1].label],

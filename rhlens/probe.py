@@ -21,7 +21,8 @@ class Probe:
             ``real_needle`` inside the needle sentence): the positions a retrieval head copies from.
         real_needle: the expected answer; ROUGE-1 recall of the response is taken against it.
         length: target context length in tokens (the grid coordinate).
-        depth: needle depth in percent of the haystack (the grid coordinate).
+        depth: requested needle depth in percent of the haystack (the grid coordinate);
+            where the needle really went is :attr:`placed_depth`.
         needle_id: which needle was inserted.
         question: the question asked.
         meta: anything else worth keeping with results (haystack source, seed, ...).
@@ -55,6 +56,18 @@ class Probe:
     def key(self) -> str:
         """A stable identifier for resuming runs: length, depth and needle."""
         return f"len{self.length}-depth{self.depth:g}-{self.needle_id}"
+
+    @property
+    def placed_depth(self) -> float:
+        """The needle's actual depth: haystack tokens before it, in percent of the haystack
+        (``depth`` when the probe was made by hand and does not say)."""
+        return float(self.meta.get("placed_depth", self.depth))
+
+    @property
+    def placement(self) -> dict[str, Any]:
+        """Where the needle really is, for records: ``placed_depth`` and ``insert_token``."""
+        return {"placed_depth": self.placed_depth,
+                "insert_token": int(self.meta.get("insert_token", self.needle_span[0]))}
 
     @property
     def n_tokens(self) -> int:

@@ -2,42 +2,57 @@
 
 A probe is built at the token level, as the paper's harness does: the haystack is
 tokenized once, cut to the length budget, the needle's tokens are inserted at the depth's
-position moved back to the nearest sentence end, and the prompt template's tokens are put
-around it. Because the needle's tokens are placed (not searched for), its span is known
-exactly; the answer (``real_needle``) is located inside the needle through the tokenizer's
-character offsets, so a tokenizer that merges across the answer's edge still gets the
-right tokens. Anything that cannot be located raises :class:`ProbeError` (the paper's code
-silently scored such probes 0).
+position moved back to the nearest sentence end (``placement="sentence"``, the paper's rule)
+or exactly there (``placement="token"``), and the prompt template's tokens are put around it.
+Each probe records where its needle really went (``placed_depth``, ``insert_token``), and two
+requested depths that land on the same position are reported (:class:`PlacementWarning`).
+Because the needle's tokens are placed (not searched for), its span is known exactly; the
+answer (``real_needle``) is located inside the needle on token boundaries through the
+tokenizer's character offsets (never inside another word), so a tokenizer that merges
+across the answer's edge still gets the right tokens. Anything that cannot be located
+raises :class:`ProbeError` (the paper's code silently scored such probes 0).
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import json
-import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
+from typing import Any, Literal
 
 from rhlens.errors import ConfigError, ProbeError
+from rhlens.haystacks import (
+    DirectoryHaystack,
+    Haystack,
+    StdlibHaystack,
+    SyntheticHaystack,
+    make_haystack,
+    sha256_text,
+)
 from rhlens.probe import Probe
+from rhlens.results import Config
 
 __all__ = [
     "BUILTIN_NEEDLES",
     "DirectoryHaystack",
     "Haystack",
     "Needle",
+    "PlacementWarning",
     "ProbeConfig",
     "StdlibHaystack",
     "SyntheticHaystack",
     "build_probe",
     "build_probes",
+    "check_placements",
     "load_needles",
     "make_haystack",
+    "probes_grid",
+    "probes_identity",
+    "sha256_text",
 ]
+
 
 
 # --------------------------------------------------------------------------------------
@@ -54,6 +69,11 @@ class Needle:
     question: str
     real_needle: str
     id: str = "needle"
+
+    @property
+    def sha256(self) -> str:
+        """Content hash of the needle (its id and three texts)."""
+        return sha256_text(json.dumps([self.id, self.needle, self.question, self.real_needle]))
 
     def __post_init__(self) -> None:
         for name in ("needle", "question", "real_needle"):
@@ -105,8 +125,16 @@ def load_needles(path: str | Path) -> list[Needle]:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"needles file {path} does not exist")
+    if path.is_dir():
+        raise ConfigError(f"needles file {path} is a directory; give a .jsonl file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}, line {line}: not UTF-8 text ({exc.reason} at byte "
+                          f"{exc.start}); save the file as UTF-8") from None
     needles = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -129,158 +157,6 @@ def load_needles(path: str | Path) -> list[Needle]:
 
 
 # --------------------------------------------------------------------------------------
-# Haystacks
-# --------------------------------------------------------------------------------------
-class Haystack:
-    """Filler text. Subclasses return the same text for the same settings (deterministic)."""
-
-    name = "haystack"
-
-    def text(self, min_chars: int) -> str:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def describe(self) -> dict:
-        return {"haystack": self.name}
-
-
-def _clean(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip()
-
-
-@dataclass(frozen=True)
-class DirectoryHaystack(Haystack):
-    """All ``.txt`` files of a directory, in name order (the paper used Paul Graham's essays)."""
-
-    directory: str
-
-    @property
-    def name(self) -> str:  # type: ignore[override]
-        return f"dir:{self.directory}"
-
-    def text(self, min_chars: int) -> str:
-        folder = Path(self.directory)
-        if not folder.is_dir():
-            raise ConfigError(f"haystack directory {folder} does not exist")
-        files = sorted(folder.glob("*.txt"))
-        if not files:
-            raise ConfigError(f"haystack directory {folder} holds no .txt files")
-        texts = [_clean(f.read_text(encoding="utf-8", errors="replace")) for f in files]
-        texts = [t for t in texts if t]
-        if not texts:
-            raise ConfigError(f"the .txt files in {folder} are all empty")
-        parts, total = [], 0
-        while total < min_chars:  # cycle through the files when they are short
-            for chunk in texts:
-                parts.append(chunk)
-                total += len(chunk) + 1
-                if total >= min_chars:
-                    break
-        return " ".join(parts)
-
-
-_STDLIB_MODULES = (
-    "collections", "json", "pathlib", "functools", "itertools", "argparse", "datetime",
-    "decimal", "fractions", "statistics", "textwrap", "difflib", "string", "calendar",
-    "csv", "heapq", "bisect", "enum", "dataclasses", "contextlib", "shutil", "tarfile",
-    "zipfile", "random", "re", "io", "queue", "threading", "subprocess", "socket", "uuid",
-    "base64", "html", "inspect", "logging", "typing", "unittest", "urllib.parse",
-    "email.message", "http.client", "math", "os",
-)
-
-
-@lru_cache(maxsize=1)
-def _stdlib_text() -> str:
-    paragraphs: list[str] = []
-    for mod_name in _STDLIB_MODULES:
-        try:
-            mod = importlib.import_module(mod_name)
-        except ImportError:  # a trimmed Python build; the rest is still deterministic
-            continue
-        docs = [inspect.getdoc(mod)]
-        for attr in sorted(vars(mod)):
-            obj = vars(mod)[attr]
-            if attr.startswith("_") or getattr(obj, "__module__", None) != mod.__name__:
-                continue
-            if inspect.isclass(obj) or inspect.isfunction(obj):
-                docs.append(inspect.getdoc(obj))
-        for doc in docs:
-            if not doc:
-                continue
-            # Keep prose, drop doctest and indented code lines.
-            lines = [ln for ln in doc.splitlines()
-                     if not ln.lstrip().startswith((">>>", "...")) and not ln.startswith("    ")]
-            para = _clean(" ".join(lines))
-            if len(para) > 40:
-                paragraphs.append(para if para.endswith((".", "!", "?")) else para + ".")
-    return " ".join(paragraphs)
-
-
-@dataclass(frozen=True)
-class StdlibHaystack(Haystack):
-    """Docstrings of the installed Python standard library, read at run time.
-
-    Needs no download and puts no third-party text in the repository. Deterministic for a
-    given Python version.
-    """
-
-    name = "stdlib-docs"
-
-    def text(self, min_chars: int) -> str:
-        text = _stdlib_text()
-        if not text:
-            raise ConfigError("no standard-library docstrings found (python -OO strips them); "
-                              "use --haystack DIR or the synthetic haystack")
-        reps = -(-min_chars // len(text))
-        return " ".join([text] * max(1, reps))
-
-
-_SUBJECTS = ("the river", "a merchant", "the old clock", "our neighbour", "the committee",
-             "a small boat", "the library", "the orchestra", "a farmer", "the winter wind",
-             "the baker", "a student", "the city council", "the mountain path", "a painter")
-_VERBS = ("crossed", "described", "repaired", "watched", "visited", "measured", "ignored",
-          "followed", "counted", "painted", "remembered", "carried", "opened", "studied")
-_OBJECTS = ("the northern bridge", "a quiet market", "the harbour lights", "an empty field",
-            "the long corridor", "a wooden fence", "the evening train", "a pile of letters",
-            "the stone well", "a narrow street", "the village square", "a box of tools")
-_TAILS = ("before the rain began", "without saying a word", "for the third time that week",
-          "while the sun was setting", "after a long discussion", "in the early morning",
-          "as everyone expected", "with great care", "despite the noise", "just in time")
-
-
-@dataclass(frozen=True)
-class SyntheticHaystack(Haystack):
-    """Seeded random sentences from a small grammar: cheap, endless, and fact-free."""
-
-    seed: int = 0
-    name = "synthetic"
-
-    def describe(self) -> dict:
-        return {"haystack": self.name, "seed": self.seed}
-
-    def text(self, min_chars: int) -> str:
-        rng = random.Random(self.seed)
-        parts, total = [], 0
-        while total < min_chars:
-            s = (f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} "
-                 f"{rng.choice(_TAILS)}.")
-            s = s[0].upper() + s[1:]
-            parts.append(s)
-            total += len(s) + 1
-        return " ".join(parts)
-
-
-def make_haystack(spec: str | Path | Haystack | None = None, seed: int = 0) -> Haystack:
-    """``None``/``"stdlib"``: standard-library docstrings; ``"synthetic"``; or a directory."""
-    if isinstance(spec, Haystack):
-        return spec
-    if spec is None or str(spec) == "stdlib":
-        return StdlibHaystack()
-    if str(spec) == "synthetic":
-        return SyntheticHaystack(seed)
-    return DirectoryHaystack(str(spec))
-
-
-# --------------------------------------------------------------------------------------
 # Prompt and probe grid
 # --------------------------------------------------------------------------------------
 DEFAULT_TEMPLATE = (
@@ -290,8 +166,11 @@ DEFAULT_TEMPLATE = (
 )
 
 
+Placement = Literal["sentence", "token"]
+
+
 @dataclass(frozen=True)
-class ProbeConfig:
+class ProbeConfig(Config):
     """The probe grid: context lengths x needle depths x needles.
 
     Attributes:
@@ -301,6 +180,11 @@ class ProbeConfig:
         chat_template: wrap the prompt in the tokenizer's chat template when it has one.
         template: the user message; must contain ``{context}`` and ``{question}``.
         haystack_seed: seed of the synthetic haystack.
+        min_haystack_tokens: refuse lengths that leave fewer haystack tokens than this.
+        placement: ``"sentence"`` (the paper's rule: the needle goes after the last sentence
+            end at or before the depth's token) or ``"token"`` (exactly at the depth's token,
+            even mid-sentence). Two depths that land on one position are reported
+            (:func:`check_placements`).
     """
 
     lengths: Sequence[int] = (500, 1000, 1500, 2000)
@@ -310,6 +194,7 @@ class ProbeConfig:
     template: str = DEFAULT_TEMPLATE
     haystack_seed: int = 0
     min_haystack_tokens: int = 16
+    placement: Placement = "sentence"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lengths", tuple(int(x) for x in self.lengths))
@@ -322,16 +207,27 @@ class ProbeConfig:
             raise ConfigError("depths is empty")
         if any(not 0 <= d <= 100 for d in self.depths):
             raise ConfigError(f"depths are percentages in [0, 100], got {self.depths}")
+        for name, values in (("lengths", self.lengths), ("depths", self.depths)):
+            twice = sorted({v for v in values if values.count(v) > 1})
+            if twice:
+                raise ConfigError(f"{name} given twice: {', '.join(f'{v:g}' for v in twice)}")
         if self.answer_buffer < 0:
             raise ConfigError("answer_buffer must be >= 0")
+        if self.min_haystack_tokens < 1:
+            raise ConfigError("min_haystack_tokens must be >= 1")
+        if self.placement not in ("sentence", "token"):
+            raise ConfigError(f"placement must be 'sentence' or 'token', got {self.placement!r}")
         if "{context}" not in self.template or "{question}" not in self.template:
             raise ConfigError("template must contain {context} and {question}")
 
     @staticmethod
-    def linspace(lo: float | int, hi: float | int, count: int, *, integer: bool = True) -> tuple:
+    def linspace(lo: float | int, hi: float | int, count: int | float, *, integer: bool = True) -> tuple:
         """``count`` values from ``lo`` to ``hi`` inclusive, evenly spaced (the paper's grid)."""
+        if isinstance(count, float) and not count.is_integer():
+            raise ConfigError(f"count must be a whole number, got {count}")
+        count = int(count)
         if count < 1:
-            raise ConfigError("count must be >= 1")
+            raise ConfigError(f"count must be >= 1, got {count}")
         if count == 1:
             return (int(lo) if integer else float(lo),)
         vals = [lo + (hi - lo) * i / (count - 1) for i in range(count)]
@@ -379,23 +275,66 @@ def _sentence_end(tokenizer, ids: Sequence[int], point: int) -> int:
     return 0
 
 
+def _answer_chars(text: str, answer: str, offsets: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """Character span of ``answer`` in ``text``, preferring an occurrence on token boundaries.
+
+    The first plain occurrence can sit inside another word (``"on"`` in ``"Tonight"``): an
+    occurrence that starts where a token starts (after its leading space) and ends where a
+    token ends wins, then one on word boundaries, then the first one (a tokenizer may merge
+    the answer with a neighbour, as in ``"42nd-floor-West,"``).
+    """
+    starts, ends = set(), set()
+    for a, b in offsets:
+        if b <= a:
+            continue
+        starts.add(a)
+        ends.add(b)
+        while a < b and text[a].isspace():
+            a += 1
+            starts.add(a)
+    found = [m.start() for m in re.finditer(f"(?={re.escape(answer)})", text)]
+
+    def rank(c0: int) -> tuple[int, int, int, int]:
+        c1 = c0 + len(answer)
+        on_tokens = c0 in starts and c1 in ends
+        on_words = (c0 == 0 or not (text[c0 - 1].isalnum() and answer[0].isalnum())) and \
+            (c1 == len(text) or not (text[c1].isalnum() and answer[-1].isalnum()))
+        return (-(on_tokens and on_words), -on_tokens, -on_words, c0)
+
+    c0 = min(found, key=rank)
+    return c0, c0 + len(answer)
+
+
 def _needle_tokens(tokenizer, needle: Needle) -> tuple[list[int], tuple[int, int]]:
     """The needle's tokens (with a leading space, as after a sentence) and the answer's span."""
     text = " " + needle.needle.strip()
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    c0 = text.index(needle.real_needle.strip())
-    c1 = c0 + len(needle.real_needle.strip())
+    c0, c1 = _answer_chars(text, needle.real_needle.strip(), offsets)
     inside = [i for i, (a, b) in enumerate(offsets) if a < c1 and b > c0 and b > a]
     if not inside:
         raise ProbeError(f"needle {needle.id!r}: its answer maps to no token")
     return ids, (inside[0], inside[-1] + 1)
 
 
+def _insertion_point(tokenizer, hay: Sequence[int], depth: float, placement: str) -> int:
+    """Where in the ``len(hay)`` haystack tokens the needle goes for ``depth`` percent."""
+    budget = len(hay)
+    if depth >= 100:
+        return budget
+    exact = int(budget * depth / 100)
+    return exact if placement == "token" else _sentence_end(tokenizer, hay, exact)
+
+
 def build_probe(tokenizer, haystack_ids: Sequence[int], needle: Needle, length: int,
                 depth: float | int, config: ProbeConfig | None = None,
                 meta: dict | None = None) -> Probe:
-    """One probe of ``length`` tokens (prompt + answer buffer) with ``needle`` at ``depth``%."""
+    """One probe of ``length`` tokens (prompt + answer buffer) with ``needle`` at ``depth``%.
+
+    ``probe.meta`` records where the needle went: ``insert_token`` (its first token in the
+    prompt), ``haystack_position`` (haystack tokens before it), ``placed_depth`` (that
+    position in percent of the haystack: the depth the probe really has).
+    """
     config = config or ProbeConfig()
     parts = _prompt_parts(tokenizer, config.template, needle.question, config.chat_template)
     needle_ids, (a0, a1) = _needle_tokens(tokenizer, needle)
@@ -411,7 +350,7 @@ def build_probe(tokenizer, haystack_ids: Sequence[int], needle: Needle, length: 
     if len(haystack_ids) < budget:
         raise ProbeError(f"the haystack has {len(haystack_ids)} tokens, {budget} are needed")
     hay = list(haystack_ids[:budget])
-    point = budget if depth >= 100 else _sentence_end(tokenizer, hay, int(budget * depth / 100))
+    point = _insertion_point(tokenizer, hay, float(depth), config.placement)
     context = hay[:point] + needle_ids + hay[point:]
     start = len(parts.prefix) + point
     prompt = parts.prefix + context + parts.suffix
@@ -419,9 +358,90 @@ def build_probe(tokenizer, haystack_ids: Sequence[int], needle: Needle, length: 
     # The answer must be readable at the span: a last guard against off-by-one placement.
     if prompt[span[0]:span[1]] != needle_ids[a0:a1]:  # pragma: no cover - internal invariant
         raise ProbeError(f"needle {needle.id!r} could not be located in the prompt")
+    placed = {"insert_token": start, "needle_tokens": len(needle_ids), "haystack_position": point,
+              "haystack_tokens": budget, "placed_depth": round(100 * point / budget, 2),
+              "placement": config.placement, "needle_sha256": needle.sha256,
+              "chat_template": config.chat_template, "template_sha256": sha256_text(config.template)}
     return Probe(prompt_ids=tuple(prompt), needle_span=span, real_needle=needle.real_needle,
                  length=length, depth=depth, needle_id=needle.id, question=needle.question,
-                 meta={"insert_token": start, "needle_tokens": len(needle_ids), **(meta or {})})
+                 meta={**placed, **(meta or {})})
+
+
+class PlacementWarning(UserWarning):
+    """Two requested depths put a needle at the same position (see :func:`check_placements`)."""
+
+
+def check_placements(probes: Sequence[Probe], *, strict: bool = False) -> list[str]:
+    """Find probes of one length and needle whose needles sit at the same position.
+
+    Under ``placement="sentence"`` (the paper's rule) a depth moves back to the previous
+    sentence end, so on short contexts or text with few full stops several depths land on
+    one position: their prompts are identical though their depths differ. Each probe records
+    its ``placed_depth``; this warns (:class:`PlacementWarning`) with every such group, or
+    raises :class:`ProbeError` when ``strict``. It warns rather than refuses by default
+    because the paper's rule does this on the default grid and haystack (500 tokens, depths
+    25 and 50), and the default command must run. Returns the messages.
+    """
+    groups: dict[tuple, list[Probe]] = {}
+    for p in probes:
+        if p.meta.get("haystack_position") is not None:
+            groups.setdefault((p.length, p.needle_id, p.meta["haystack_position"]), []).append(p)
+    clashes: dict[tuple, tuple[str, float]] = {}
+    for (length, needle, _), group in groups.items():
+        if len(group) > 1:
+            depths = " and ".join(f"{p.depth:g}" for p in group)
+            clashes.setdefault((length, depths), (needle, group[0].placed_depth))
+    if not clashes:
+        return []
+    how = next(iter(probes)).meta.get("placement", "sentence")
+    what = "; ".join(f"at length {length}, depths {depths} all land at depth {placed:g}%"
+                     for (length, depths), (_, placed) in list(clashes.items())[:4])
+    more = f" (and {len(clashes) - 4} more)" if len(clashes) > 4 else ""
+    fix = ("placement='token' (--placement token) puts the needle exactly at each depth"
+           if how == "sentence" else "use fewer depths or longer lengths")
+    message = (f"needle positions coincide: {what}{more}, the same prompt under two depths; "
+               f"each probe records its placed_depth; {fix}")
+    if strict:
+        raise ProbeError(message)
+    import warnings
+
+    warnings.warn(message, PlacementWarning, stacklevel=3)
+    return [message]
+
+
+def probes_identity(probes: Sequence[Probe]) -> dict[str, Any]:
+    """What the probes are made of, for a run's identity.
+
+    The haystack (source and content hash), the template and chat-template flag, and the
+    placement rule must be the same for every record of a run; ``needles`` (id -> content
+    hash) and ``prompts`` (probe key -> hash of its tokens and answer span, which catches
+    anything else) are *keyed*: a resume compares them only on the needles and probes both
+    runs have, so a grid may be extended or cut (see :func:`probes_grid`) but a probe never
+    changes under its key.
+    """
+    def distinct(key: str) -> Any:
+        values = sorted({json.dumps(p.meta.get(key), sort_keys=True) for p in probes})
+        values = [json.loads(v) for v in values]
+        return values[0] if len(values) == 1 else values
+
+    haystack = distinct("haystack")
+    if isinstance(haystack, str) and haystack.startswith("dir:"):
+        haystack = "dir"  # the folder may move; its content hash is what matters
+    return {
+        "haystack": haystack, "haystack_seed": distinct("seed"),
+        "haystack_sha256": distinct("haystack_sha256"),
+        "chat_template": distinct("chat_template"), "template_sha256": distinct("template_sha256"),
+        "placement": distinct("placement"),
+        "needles": {p.needle_id: p.meta.get("needle_sha256") for p in probes},
+        "prompts": {p.key: sha256_text(json.dumps([list(p.prompt_ids), list(p.needle_span),
+                                                   p.real_needle]))[:16] for p in probes},
+    }
+
+
+def probes_grid(probes: Sequence[Probe]) -> dict[str, Any]:
+    """The grid the probes cover: recorded with a run, but no part of its identity."""
+    return {"lengths": sorted({p.length for p in probes}), "depths": sorted({p.depth for p in probes}),
+            "needles": sorted({p.needle_id for p in probes}), "n_probes": len(probes)}
 
 
 def _haystack_ids(tokenizer, haystack: Haystack, n_tokens: int) -> list[int]:
@@ -455,6 +475,10 @@ class ProbeSet(Sequence):
     def __getitem__(self, i):
         return self.probes[i]
 
+    def identity(self) -> dict[str, Any]:
+        """See :func:`probes_identity`."""
+        return probes_identity(self.probes)
+
 
 def build_probes(tokenizer, *, config: ProbeConfig | None = None,
                  needles: Sequence[Needle] | str | Path | None = None,
@@ -485,7 +509,8 @@ def build_probes(tokenizer, *, config: ProbeConfig | None = None,
         )
     hs = make_haystack(haystack, config.haystack_seed)
     hay_ids = _haystack_ids(tokenizer, hs, max(config.lengths))
-    meta = hs.describe()
+    meta = {**hs.describe(), "haystack_sha256": hs.sha256()}
     probes = [build_probe(tokenizer, hay_ids, n, length, depth, config, meta)
               for length in config.lengths for depth in config.depths for n in needles]
+    check_placements(probes)
     return ProbeSet(probes=probes, config=config, needles=needles, haystack=meta)

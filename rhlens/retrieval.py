@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,6 +38,7 @@ from rhlens.engine import (
     generate_many,
 )
 from rhlens.errors import ConfigError, ProbeError
+from rhlens.identity import run_header
 from rhlens.io import ProbeLog, Records
 from rhlens.probe import Probe
 from rhlens.results import Config
@@ -468,10 +469,8 @@ def detect_retrieval_heads(model, probes: Sequence[Probe], *, config: DetectConf
     if out is not None:
         # How many probes share a batch changes the cost, not the experiment; the kernels that
         # ran (which can round bf16 scores differently) are recorded as resolved.
-        settings = {k: v for k, v in asdict(config).items() if k not in ("batch_size", "policy")}
-        header = {"model": name, "config": settings,
-                  "kernel_policy": config.generation().describe(model)["kernel_policy"]}
-        log = ProbeLog(Path(out), header)
+        log = ProbeLog(Path(out), run_header(
+            model, probes, config, kernel_policy=config.generation().describe(model)["kernel_policy"]))
 
     device = next(model.parameters()).device
     state = StepState()
@@ -485,7 +484,7 @@ def detect_retrieval_heads(model, probes: Sequence[Probe], *, config: DetectConf
     todo.sort(key=lambda p: (p.length, p.needle_id, p.meta.get("haystack", ""), -p.depth))
 
     sink = Records(log, progress=progress, total=len(probes), desc="detect", unit="probe",
-                   initial=len(probes) - len(todo))
+                   initial=len(probes) - len(todo), weights={p.key: p.n_tokens for p in probes})
     records = sink.done
     gens = generate_many(model, tokenizer, [p.prompt_ids for p in todo],
                          config=config.generation(), hooks=recorder.hooks(), state=state,
@@ -506,7 +505,7 @@ def detect_retrieval_heads(model, probes: Sequence[Probe], *, config: DetectConf
                 per_probe = (now - t_last) / gen.info.get("batch_size", 1)
             rec = {
                 "key": probe.key, "length": probe.length, "depth": probe.depth,
-                "needle_id": probe.needle_id, "n_tokens": probe.n_tokens,
+                "needle_id": probe.needle_id, "n_tokens": probe.n_tokens, **probe.placement,
                 "prompt_ids": list(probe.prompt_ids), "needle_span": list(probe.needle_span),
                 "response_ids": gen.response_ids, "response": gen.response,
                 "stop_reason": gen.stop_reason, "rouge_recall": recall,

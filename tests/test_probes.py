@@ -135,3 +135,135 @@ def test_answer_span_with_a_merging_tokenizer_uses_offsets(tok):
                     length=400, depth=50)
     s, e = p.needle_span
     assert "42nd-floor-West" in tok.decode(list(p.prompt_ids[s:e]))
+
+
+# ---- where the needle really is --------------------------------------------------------------
+def _ends_sentence(tok, token_id) -> bool:
+    return tok.decode([token_id]).rstrip().endswith((".", "!", "?"))
+
+
+def test_each_probe_records_where_its_needle_went(tok):
+    needle = BUILTIN_NEEDLES[0]
+    needle_ids = tok(" " + needle.needle, add_special_tokens=False)["input_ids"]
+    for placement in ("sentence", "token"):
+        ps = build_probes(tok, config=ProbeConfig(lengths=(900,), depths=(10, 40, 70),
+                                                  placement=placement), needles=[needle])
+        for p in ps:
+            at, pos, budget = p.meta["insert_token"], p.meta["haystack_position"], p.meta["haystack_tokens"]
+            assert list(p.prompt_ids[at:at + len(needle_ids)]) == needle_ids  # the needle is there
+            assert p.placed_depth == pytest.approx(100 * pos / budget, abs=0.01)
+            assert p.placement == {"placed_depth": p.placed_depth, "insert_token": at}
+            wanted = int(budget * p.depth / 100)
+            if placement == "token":
+                assert pos == wanted
+            else:  # the last sentence end at or before the requested token, found by scanning
+                hay = list(p.prompt_ids[at - pos:at]) + list(p.prompt_ids[at + len(needle_ids):])
+                ends = [i for i in range(1, wanted + 1) if _ends_sentence(tok, hay[i - 1])]
+                assert pos == (ends[-1] if ends else 0)
+                assert p.placed_depth <= p.depth
+
+
+def test_depths_landing_on_one_position_are_reported(tok):
+    from rhlens.probes import PlacementWarning, check_placements
+
+    # At 400 tokens of the standard-library haystack, depths 0 and 25 share a sentence end.
+    with pytest.warns(PlacementWarning, match=r"at length 400, depths 0 and 25 all land at depth 0%"):
+        ps = build_probes(tok, config=ProbeConfig(lengths=(400,), depths=(0, 25, 100)),
+                          needles=[BUILTIN_NEEDLES[0]])
+    assert [p.placed_depth for p in ps] == [0.0, 0.0, 100.0]
+    with pytest.raises(ProbeError, match="needle positions coincide"):
+        check_placements(ps.probes, strict=True)
+    # Exact token placement puts them apart.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PlacementWarning)
+        ps = build_probes(tok, config=ProbeConfig(lengths=(400,), depths=(0, 25, 100),
+                                                  placement="token"), needles=[BUILTIN_NEEDLES[0]])
+    assert len({p.meta["insert_token"] for p in ps}) == 3
+
+
+def test_text_without_sentence_ends_puts_every_depth_at_the_start(tok, tmp_path):
+    from rhlens.probes import PlacementWarning
+
+    (tmp_path / "a.txt").write_text("words without any full stop " * 300)
+    with pytest.warns(PlacementWarning, match="depths 0 and 25 and 50 and 75 all land at depth 0%"):
+        ps = build_probes(tok, config=ProbeConfig(lengths=(600,)), needles=[BUILTIN_NEEDLES[1]],
+                          haystack=tmp_path)
+    assert [p.placed_depth for p in ps] == [0.0, 0.0, 0.0, 0.0, 100.0]
+
+
+def test_the_answer_is_found_on_token_boundaries_not_inside_a_word(tok):
+    n = Needle("Tonight the spare key is on the top shelf.", "Where is the spare key tonight?",
+               "on", id="tonight")
+    p = build_probe(tok, tok("Plain words. " * 100, add_special_tokens=False)["input_ids"], n,
+                    length=400, depth=50)
+    s, e = p.needle_span
+    assert tok.decode(list(p.prompt_ids[s:e])).strip() == "on"
+    # and not the "on" of "Tonight", which starts the needle
+    assert s > p.meta["insert_token"] + 1
+
+
+def test_answers_in_other_scripts_are_located(tok):
+    n = Needle("Das Passwort lautet 北京烤鸭 und nichts anderes.", "Wie lautet das Passwort?",
+               "北京烤鸭", id="cjk")
+    p = build_probe(tok, tok("Plain words. " * 100, add_special_tokens=False)["input_ids"], n,
+                    length=400, depth=50)
+    s, e = p.needle_span
+    assert tok.decode(list(p.prompt_ids[s:e])).strip() == "北京烤鸭"
+
+
+def test_needles_file_that_is_not_utf8_or_is_a_folder(tmp_path):
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(json.dumps({"needle": "x", "question": "y", "real_needle": "x"}).encode()
+                    + b"\n" + '{"needle": "café"}'.encode("latin-1") + b"\n")
+    with pytest.raises(ConfigError, match=r"line 2: not UTF-8 text"):
+        load_needles(bad)
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_needles(tmp_path)
+
+
+def test_grid_values_given_twice_or_a_fractional_count():
+    with pytest.raises(ConfigError, match="lengths given twice: 500"):
+        ProbeConfig(lengths=(500, 900, 500))
+    with pytest.raises(ConfigError, match="depths given twice: 50"):
+        ProbeConfig(depths=(50, 50.0))
+    with pytest.raises(ConfigError, match="whole number"):
+        ProbeConfig.linspace(500, 1000, 2.7)
+    # (under the test suite's runtime type checks the Literal annotation refuses it first)
+    with pytest.raises(Exception, match="placement"):
+        ProbeConfig(placement="middle")
+
+
+# ---- identity --------------------------------------------------------------------------------
+def test_probes_identity_changes_with_everything_that_shapes_the_prompts(tok, tmp_path):
+    from rhlens.probes import probes_identity
+
+    def ident(**kw):
+        cfg = kw.pop("config", ProbeConfig(lengths=(450,), depths=(50,)))
+        return probes_identity(build_probes(tok, config=cfg, **kw).probes)
+
+    base = ident(needles=list(BUILTIN_NEEDLES[:2]))
+    assert ident(needles=list(BUILTIN_NEEDLES[:2])) == base
+    edited = Needle(BUILTIN_NEEDLES[0].needle.replace("Vell", "Vella"), BUILTIN_NEEDLES[0].question,
+                    BUILTIN_NEEDLES[0].real_needle, id=BUILTIN_NEEDLES[0].id)
+    changes = {
+        "needles": ident(needles=[edited, BUILTIN_NEEDLES[1]]),
+        "haystack": ident(needles=list(BUILTIN_NEEDLES[:2]), haystack="synthetic"),
+        "chat_template": ident(needles=list(BUILTIN_NEEDLES[:2]),
+                               config=ProbeConfig(lengths=(450,), depths=(50,), chat_template=False)),
+        "template_sha256": ident(needles=list(BUILTIN_NEEDLES[:2]), config=ProbeConfig(
+            lengths=(450,), depths=(50,), template="Doc: {context}\nQ: {question}")),
+    }
+    for key, other in changes.items():
+        assert other[key] != base[key], key
+        assert other["prompts"].keys() == base["prompts"].keys()
+        changed = {k for k in base["prompts"] if other["prompts"][k] != base["prompts"][k]}
+        mine = {k for k in base["prompts"] if k.endswith(BUILTIN_NEEDLES[0].id)}
+        assert changed == (mine if key == "needles" else set(base["prompts"])), key
+    assert changes["needles"]["needles"][BUILTIN_NEEDLES[1].id] == base["needles"][BUILTIN_NEEDLES[1].id]
+    (tmp_path / "a.txt").write_text("One sentence here. Another one there. " * 200)
+    a = ident(needles=[BUILTIN_NEEDLES[0]], haystack=tmp_path)
+    (tmp_path / "a.txt").write_text("One sentence here. Another one where. " * 200)
+    b = ident(needles=[BUILTIN_NEEDLES[0]], haystack=tmp_path)
+    assert a["haystack"] == b["haystack"] == "dir" and a["haystack_sha256"] != b["haystack_sha256"]

@@ -33,6 +33,7 @@ from rhlens.cot.items import Task, as_task
 from rhlens.cot.tasks import get_task
 from rhlens.engine import GenerationConfig, chat_prompt, generate_many
 from rhlens.errors import ConfigError
+from rhlens.identity import run_header
 from rhlens.io import ProbeLog, Records
 from rhlens.results import RESULT_FILE, Config, Result, ResultError, read_json
 from rhlens.scores import RetrievalScores
@@ -305,9 +306,10 @@ def cot_ablation(model, task: Task | str | Path | Iterable[Any], *, masks: Any =
     name = getattr(model, "rhlens_name", None) or "model"
     log = None
     if out is not None:
-        log = ProbeLog(out, {"model": name, "task": task.name, "items": [it.id for it in task],
-                             "prompts": _fingerprint(task), "config": config.to_dict(),
-                             "masks": [m.to_dict() for m in masks]}, name=f"cot_{task.name}.jsonl")
+        log = ProbeLog(out, run_header(model, None, config, task=task.name,
+                                       items=[it.id for it in task], prompts=_fingerprint(task),
+                                       masks=[m.to_dict() for m in masks]),
+                       name=f"cot_{task.name}.jsonl")
     sink = Records(log, progress=progress, total=len(task) * len(masks) * len(config.prompting),
                    desc=f"cot {task.name}")
     done = sink.done

@@ -1,0 +1,112 @@
+"""What a subcommand does before the model loads: everything that can fail on a typo, fails here.
+
+In order: take the output folder (it must be writable and not in use by another process),
+check the device, read the model's grid and context from its config (no weights), load
+the tokenizer, build and check the probes, load the scores and check them against the
+grid, and check that a run already in the folder is the same run. Only then do the
+weights load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from rhlens.cli.args import needles, probe_config, say
+from rhlens.errors import ConfigError, RhlensError
+
+__all__ = ["check_resume", "load", "model_facts", "probes", "scores", "take_output", "tokenizer"]
+
+
+def take_output(args: argparse.Namespace) -> Path:
+    """``--out``, created, checked writable and locked for this process."""
+    from rhlens.io import lock_output
+
+    return lock_output(args.out)
+
+
+def model_facts(args: argparse.Namespace):
+    """The device checked and the model's :class:`~rhlens.models.ModelShape`, weights unread."""
+    from rhlens.models import check_device, model_shape
+
+    args.device = check_device(args.device)
+    return model_shape(args.model, offline=args.offline)
+
+
+def tokenizer(args: argparse.Namespace):
+    from rhlens.models import load_tokenizer
+
+    return load_tokenizer(args.model, offline=args.offline)
+
+
+def probes(args: argparse.Namespace, tok, shape, *, max_new_tokens: int | None = None):
+    """The probe grid the flags describe, checked against the model's context."""
+    from rhlens.probes import build_probes
+    from rhlens.retrieval import check_probes
+
+    built = build_probes(tok, config=probe_config(args), needles=needles(args),
+                         haystack=args.haystack, max_length=shape.n_ctx)
+    if max_new_tokens is not None:
+        check_probes(built.probes, shape.n_ctx, max_new_tokens)
+    return built
+
+
+def scores(path: str | None, shape):
+    """Retrieval scores from ``--scores``, checked against the model's grid."""
+    if path is None:
+        return None
+    from rhlens.scores import RetrievalScores
+
+    try:
+        loaded = RetrievalScores.from_any(path)
+    except RhlensError as exc:
+        raise ConfigError(f"--scores: {exc}" if str(path) in str(exc) else
+                          f"--scores {path}: {exc}") from None
+    except FileNotFoundError as exc:
+        raise ConfigError(f"--scores {path}: {exc.strerror or exc}") from None
+    except Exception as exc:
+        # json, safetensors and the paper format's own errors: a damaged or foreign file
+        if not isinstance(exc, (ValueError, TypeError, KeyError, OSError, RuntimeError)) and \
+                type(exc).__name__ != "SafetensorError":
+            raise
+        raise ConfigError(f"--scores {path} cannot be read ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}); is it a detection "
+                          "run, saved scores or a paper-format JSON file?") from None
+    if (loaded.n_layers, loaded.n_heads) != shape.grid:
+        raise ConfigError(f"--scores {path} covers {loaded.n_layers} layers x {loaded.n_heads} "
+                          f"heads, the model {shape.n_layers} x {shape.n_heads}: scores of "
+                          "another model?")
+    return loaded
+
+
+def check_resume(args: argparse.Namespace, out: Path, log_name: str, probe_set=None,
+                 config: Any = None) -> None:
+    """Refuse, before loading weights, to resume a run made with another model, probes or
+    settings.
+
+    Only those parts are compared here (the ones the library's header computes the same
+    way); the library compares the whole identity (masks, items) when it opens the log.
+    """
+    from rhlens.identity import run_header
+    from rhlens.io import check_resume as check
+    from rhlens.models import describe_model
+
+    model = describe_model(args.model, dtype=args.dtype, offline=args.offline)
+    unknown = ("model.weights_sha256",) if model.get("weights_sha256") is None else ()
+    only = ("model", *(("probes",) if probe_set is not None else ()),
+            *(("config",) if config is not None else ()))
+    check(out, run_header(model, probe_set, config), log_name, only=only, ignore=unknown)
+
+
+def load(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The model and tokenizer, saying what is happening."""
+    from rhlens.models import load_model
+
+    say(f"loading {args.model or 'the default model (SmolLM2-135M-Instruct)'} ...")
+    t = time.perf_counter()
+    model, tok = load_model(args.model, device=args.device, dtype=args.dtype, offline=args.offline)
+    say(f"  loaded in {time.perf_counter() - t:.1f} s: {model.cfg.n_layers} layers x "
+        f"{model.cfg.n_heads} heads on {args.device}")
+    return model, tok
