@@ -356,6 +356,8 @@ class _Run:
 
 
 def _kind(meta_json: Path) -> str | None:
+    if not meta_json.exists():  # a result saved by rhlens.results: result.json
+        meta_json = meta_json.with_name("result.json")
     if not meta_json.exists():
         return None
     try:
