@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import einops
@@ -81,7 +81,7 @@ def attn_results(model, on: bool) -> Iterator[None]:
             model.set_use_attn_result(False)
 
 
-def cell_hooks(layer: int, head: int, atoms: Sequence[str], source: Mapping[str, Tensor],
+def cell_hooks(layer: int, head: int, atoms: Sequence[str], source: Any,
                positions: Tensor | None, group: int) -> list[Hook]:
     """The hooks that write one head's source activations into a run.
 
@@ -139,7 +139,7 @@ def cell_hooks(layer: int, head: int, atoms: Sequence[str], source: Mapping[str,
 
 @torch.no_grad()
 def run_cells(model, forward: Callable[[list[Hook]], Tensor], cells: Sequence[Head],
-              atoms: Sequence[str], source: Mapping[str, Tensor], positions: Tensor | None,
+              atoms: Sequence[str], source: Any, positions: Tensor | None,
               metric: Callable[[Tensor], Tensor], on_cell: Callable[[], None] | None = None,
               ) -> Float[Tensor, "cell batch"]:
     """The metric of one patched run per cell; ``forward(hooks)`` runs the target with them."""
@@ -180,7 +180,7 @@ def _positions(positions: str | Sequence[int] | PatchPair, n: int) -> tuple[int,
     return pos
 
 
-def check_cache(cache: Mapping[str, Tensor], names: Sequence[str], batch: int, n: int,
+def check_cache(cache: Any, names: Sequence[str], batch: int, n: int,
                 atoms: Sequence[str]) -> None:
     """Refuse a cache that lacks a hook, or whose shapes are not those of the tokens."""
     keys = set(cache.keys())
@@ -206,7 +206,7 @@ def check_cache(cache: Mapping[str, Tensor], names: Sequence[str], batch: int, n
 
 
 def patch_activation(model, corrupted_tokens: Tensor | Sequence[Sequence[int]],
-                     clean_cache: Mapping[str, Tensor], metric: Callable[[Tensor], Tensor], *,
+                     clean_cache: Any, metric: Callable[[Tensor], Tensor], *,
                      activation: str = "z", layers: Sequence[int] | None = None,
                      heads: Sequence[Head] | None = None,
                      positions: str | Sequence[int] | PatchPair = "all",
@@ -262,7 +262,7 @@ def patch_activation(model, corrupted_tokens: Tensor | Sequence[Sequence[int]],
 
     def forward(hooks: list[Hook]) -> Tensor:
         ctx = model.hooks(fwd_hooks=hooks) if hooks else contextlib.nullcontext()
-        with ctx, attn_results(model, "result" in atoms):
+        with attn_results(model, "result" in atoms), ctx:
             return model(tokens)
 
     with torch.no_grad():

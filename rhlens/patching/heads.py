@@ -95,7 +95,7 @@ def _generic_pair(model, pair: PatchPair, config: PatchConfig,
     def forward(hooks: list, ids: Tensor) -> Tensor:
         ctx = model.hooks(fwd_hooks=hooks) if hooks else contextlib.nullcontext()
         attn = native_attention(model) if native else contextlib.nullcontext()
-        with ctx, attn, attn_results(model, "result" in atoms):
+        with attn_results(model, "result" in atoms), ctx, attn:
             return hf(input_ids=ids, use_cache=False, logits_to_keep=n_keep).logits
 
     captured: dict[str, Tensor] = {}

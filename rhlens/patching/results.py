@@ -208,6 +208,7 @@ Row = tuple[int, int, float, float]
 
 
 def _rows(items: Any) -> list[Row]:
+    """``(layer, head, effect, score)`` tuples from tuples, lists or the old files' dicts."""
     out = []
     for r in items or []:
         if isinstance(r, dict):
@@ -277,6 +278,8 @@ class PatchingVsRetrieval(Result):
         names = [f.name for f in dataclasses.fields(cls)]
         fields = {k: old[k] for k in names if k in old}
         fields["effect"], fields["score"] = _grid(old["effect"]), _grid(old["score"])
+        for name in ("causal_not_retrieval", "retrieval_not_causal", "both"):
+            fields[name] = _rows(old.get(name))
         fields["patch_config"] = {"__config__": {
             "type": "PatchConfig",
             **{k: v for k, v in (old.get("patch_config") or {}).items() if k != "type"}}}
