@@ -144,7 +144,10 @@ def test_old_head_patching_result_loads(tmp_path):
     (old / "meta.json").write_text(json.dumps({"kind": "HeadPatchingResult", **meta}, indent=1))
     back = HeadPatchingResult.load(old)
     torch.testing.assert_close(back.effects, effects, equal_nan=True)
-    assert back.config == PatchConfig(layers=(1,)) and back.config.get("mode") == "exact"
+    assert back.config == PatchConfig(layers=(1,))
+    # code that read the config as a dict (the report) still can
+    assert back.config.get("mode") == "exact" and back.config["layers"] == (1,)
+    assert back.config.get("nothing", "?") == "?"
     assert back.pairs == meta["pairs"] and back.seconds == [0.5]
     assert back.top_heads(1) == [(1, 2)]
     # saved again, the new way, and opened by kind

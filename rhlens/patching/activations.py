@@ -82,14 +82,17 @@ def attn_results(model, on: bool) -> Iterator[None]:
 
 
 def cell_hooks(layer: int, head: int, atoms: Sequence[str], source: Any,
-               positions: Tensor | None, group: int) -> list[Hook]:
+               positions: Tensor | None, group: int, offset: int = 0) -> list[Hook]:
     """The hooks that write one head's source activations into a run.
 
     ``head`` is a KV head when ``atoms`` are ``k``/``v`` alone, else a query head (whose KV
-    head is ``head // group``). ``positions`` index the sequence (query positions for
-    ``pattern``); ``None`` is every position.
+    head is ``head // group``). ``positions`` index the hooked run's positions (query
+    positions for ``pattern``); ``None`` is every position. A run on top of a KV cache of
+    ``offset`` tokens sees only the positions after them, while ``source`` always holds
+    every position: the run's position ``p`` is the source's ``p + offset``.
     """
     pos = slice(None) if positions is None else positions
+    src_pos = slice(offset, None) if positions is None else positions + offset
     kv_only = kv_indexed(atoms)
     kv = head if kv_only else head // group
     hooks: list[Hook] = []
@@ -99,7 +102,7 @@ def cell_hooks(layer: int, head: int, atoms: Sequence[str], source: Any,
 
         def hook(act: Float[Tensor, "batch pos head d"], hook=None):
             act = act.clone()  # never write into a tensor another hook may hold
-            act[:, pos, index] = src[:, pos, index].to(device=act.device, dtype=act.dtype)
+            act[:, pos, index] = src[:, src_pos, index].to(device=act.device, dtype=act.dtype)
             return act
 
         return hook_name(layer, name), hook
@@ -114,7 +117,7 @@ def cell_hooks(layer: int, head: int, atoms: Sequence[str], source: Any,
 
             def pattern(act: Float[Tensor, "batch head query key"], hook=None, src=src):
                 act = act.clone()
-                act[:, head, pos] = src[:, head, pos].to(device=act.device, dtype=act.dtype)
+                act[:, head, pos] = src[:, head, src_pos].to(device=act.device, dtype=act.dtype)
                 return act
 
             hooks.append((hook_name(layer, "pattern"), pattern))
@@ -123,7 +126,7 @@ def cell_hooks(layer: int, head: int, atoms: Sequence[str], source: Any,
         values = source[hook_name(layer, "v")]
 
         def grab(act: Float[Tensor, "batch head query key"], hook=None):
-            seen["pattern"] = act[:, head, pos]  # after any pattern patch above
+            seen["pattern"] = act[:, head, pos]  # after any pattern patch above; every key
 
         def write(z: Float[Tensor, "batch pos head d_head"], hook=None):
             z = z.clone()
@@ -141,13 +144,14 @@ def cell_hooks(layer: int, head: int, atoms: Sequence[str], source: Any,
 def run_cells(model, forward: Callable[[list[Hook]], Tensor], cells: Sequence[Head],
               atoms: Sequence[str], source: Any, positions: Tensor | None,
               metric: Callable[[Tensor], Tensor], on_cell: Callable[[], None] | None = None,
-              ) -> Float[Tensor, "cell batch"]:
-    """The metric of one patched run per cell; ``forward(hooks)`` runs the target with them."""
+              offset: int = 0) -> Float[Tensor, "cell batch"]:
+    """The metric of one patched run per cell; ``forward(hooks)`` runs the target with them
+    (on top of a KV cache of ``offset`` tokens, see :func:`cell_hooks`)."""
     _, n_heads, n_kv = model_grid(model)
     group = max(1, n_heads // n_kv)
     out = []
     for layer, head in cells:
-        hooks = cell_hooks(layer, head, atoms, source, positions, group)
+        hooks = cell_hooks(layer, head, atoms, source, positions, group, offset)
         out.append(_values(metric(forward(hooks))))
         if on_cell is not None:
             on_cell()

@@ -158,7 +158,12 @@ class PatchConfig(Config):
 
     def get(self, name: str, default: Any = None) -> Any:
         """A setting by name (for code that read a result's config as a dict)."""
-        return getattr(self, name, default)
+        return getattr(self, name, default) if name in self.__dataclass_fields__ else default
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self.__dataclass_fields__:
+            raise KeyError(name)
+        return getattr(self, name)
 
 
 def _model_name(model) -> str:

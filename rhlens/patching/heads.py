@@ -11,6 +11,7 @@ uninterrupted one give the same numbers.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import time
@@ -74,48 +75,78 @@ def _fast_pair(model, pair: PatchPair, config: PatchConfig, cells: Sequence[Head
 
 def _generic_pair(model, pair: PatchPair, config: PatchConfig,
                   cells: Sequence[Head]) -> tuple[float, float, list[float]]:
-    """Any activation: capture the source's hooks, then one patched target run per cell."""
+    """Any activation: capture the source's hooks, then one patched target run per cell.
+
+    Source and target share their tokens up to the first one that differs, so every
+    activation before it is the same in both runs and a patch there changes nothing: that
+    prefix is run once into a KV cache, and each run (source, target, patched copies)
+    computes only the tokens after it. The source's activations are joined back to full
+    length, as a cache from ``run_with_cache`` would hold them.
+    """
     hf = hf_model(model)
     device = next(hf.parameters()).device
     end = run_length(pair, config.metric)
     n_keep = end - pair.answer_pos
     denoise = config.direction == "denoise"
-    target = torch.tensor([list((pair.corrupted_ids if denoise else pair.clean_ids)[:end])],
-                          device=device)
-    source = torch.tensor([list((pair.clean_ids if denoise else pair.corrupted_ids)[:end])],
-                          device=device)
+    target = (pair.corrupted_ids if denoise else pair.clean_ids)[:end]
+    source = (pair.clean_ids if denoise else pair.corrupted_ids)[:end]
+    start = next((i for i, (a, b) in enumerate(zip(target, source)) if a != b), pair.answer_pos)
+    start = min(start, pair.answer_pos)  # the runs must reach every position read
     atoms = config.atoms
     native = not needs_patterns(atoms)  # q, k, v, z: SDPA, no O(n²) pattern
     if config.positions == "all":
         index = None
     else:
         pos = range(pair.answer_pos, end) if config.positions == "answer" else config.positions
-        index = torch.tensor(list(pos), device=device)
+        index = torch.tensor([p - start for p in pos if p >= start], dtype=torch.long, device=device)
 
-    def forward(hooks: list, ids: Tensor) -> Tensor:
+    def ids(tokens: Sequence[int]) -> Tensor:
+        return torch.tensor([list(tokens)], dtype=torch.long, device=device)
+
+    def forward(hooks: list, x: Tensor, cache, keep: int = n_keep) -> Tensor:
         ctx = model.hooks(fwd_hooks=hooks) if hooks else contextlib.nullcontext()
         attn = native_attention(model) if native else contextlib.nullcontext()
         with attn_results(model, "result" in atoms), ctx, attn:
-            return hf(input_ids=ids, use_cache=False, logits_to_keep=n_keep).logits
+            return hf(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=keep).logits
 
-    captured: dict[str, Tensor] = {}
+    def capture(store: dict[str, Tensor]) -> list:
+        def grab(name: str):
+            def hook(act: Tensor, hook=None):
+                store[name] = act.detach().clone()
 
-    def grab(name: str):
-        def hook(act: Tensor, hook=None):
-            captured[name] = act.detach().clone()
+            return name, hook
 
-        return name, hook
+        return [grab(n) for n in source_names(atoms, [layer for layer, _ in cells])]
 
     def metric(logits: Tensor) -> Tensor:
         return pair_metric(logits, pair, config.metric)
 
+    from transformers import DynamicCache
+
     with torch.no_grad():
-        names = source_names(atoms, [layer for layer, _ in cells])
-        source_metric = float(metric(forward([grab(n) for n in names], source))[0])
-        target_metric = float(metric(forward([], target))[0])
-    values = run_cells(model, lambda hooks: forward(hooks, target), cells, atoms, captured,
-                       index, metric)
+        prefix = DynamicCache(config=hf.config)
+        before: dict[str, Tensor] = {}
+        if start > 0:
+            forward(capture(before), ids(target[:start]), prefix, keep=1)
+        after: dict[str, Tensor] = {}
+        source_metric = float(metric(forward(capture(after), ids(source[start:]),
+                                             copy.deepcopy(prefix)))[0])
+        full = {name: _join(before.get(name), act, name) for name, act in after.items()}
+        segment = ids(target[start:])
+        target_metric = float(metric(forward([], segment, copy.deepcopy(prefix)))[0])
+    values = run_cells(model, lambda hooks: forward(hooks, segment, copy.deepcopy(prefix)), cells,
+                       atoms, full, index, metric, offset=start)
     return source_metric, target_metric, values[:, 0].tolist()
+
+
+def _join(before: Tensor | None, after: Tensor, name: str) -> Tensor:
+    """A prefix run's activation and the following segment's, as one full-length tensor."""
+    if before is None:
+        return after
+    if name.endswith("hook_pattern"):  # [batch, head, query, key]: the prefix saw fewer keys
+        before = torch.nn.functional.pad(before, (0, after.shape[-1] - before.shape[-1]))
+        return torch.cat([before, after], dim=2)
+    return torch.cat([before, after], dim=1)
 
 
 def _header(model, config: PatchConfig, keys: Sequence[str]) -> dict[str, Any]:
