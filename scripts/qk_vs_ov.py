@@ -13,7 +13,8 @@ value/output side (what they move), measured by patching on swap pairs.
    ``z``      the whole head (its output before W_O)
    ``q+k``    query/key side: its queries and the keys of its KV head
    ``pattern`` query/key side, this head alone: its attention pattern
-   ``v``      value side: the values of its KV head (shared by its GQA group)
+   ``v``      value side: the values of its KV head (shared by its GQA group: the
+              other query heads of the group read them too)
    ``ov``     value/output side, this head alone: its own pattern times clean values
    ========== =====================================================================
 
@@ -103,11 +104,14 @@ def main() -> int:
     print(f"{len(pairs)} swap pairs of {min(p.n_tokens for p in pairs)}-"
           f"{max(p.n_tokens for p in pairs)} tokens")
 
+    # v alone is indexed by KV head (as in TransformerLens): the group a query head reads
+    group = int(model.cfg.n_heads) // int(getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads)
+    cell = {a: {(la, h): (la, h // group if a == "v" else h) for la, h in heads} for a in ACTIVATIONS}
+    configs = {a: PatchConfig(activation=a, heads=sorted(set(cell[a].values())), positions="all",
+                              direction=args.direction) for a in ACTIVATIONS}
     results = {}
-    for activation in ACTIVATIONS:
+    for activation, config in configs.items():
         t = time.perf_counter()
-        config = PatchConfig(activation=activation, heads=heads, positions="all",
-                             direction=args.direction)
         results[activation] = patch_heads(model, pairs, config=config, out=out / activation)
         print(f"  {activation:>8}: {time.perf_counter() - t:6.1f} s")
 
@@ -127,9 +131,10 @@ def main() -> int:
         row = {"layer": la, "head": h, "retrieval_score": float(scores.mean[la, h]), "effects": {}}
         cells = []
         for activation in ACTIVATIONS:
-            s = spread(results[activation].effects[:, la, h])
+            values = results[activation].effects[(slice(None), *cell[activation][la, h])]
+            s = spread(values)
             row["effects"][activation] = {**s, "per_pair": [
-                None if not math.isfinite(x) else x for x in results[activation].effects[:, la, h].tolist()]}
+                None if not math.isfinite(x) else x for x in values.tolist()]}
             cells.append(f"{s['mean']:6.3f}±{s['std']:.3f} [{s['min']:5.2f},{s['max']:5.2f}]")
         table.append(row)
         print(f"  L{la:>2}H{h} {row['retrieval_score']:6.2f} " + " ".join(f"{c:>22}" for c in cells))

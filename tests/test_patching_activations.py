@@ -54,7 +54,7 @@ def forwards(toy_run):
 
 
 @pytest.mark.parametrize("activation", sorted(TL_ALL_POS))
-def test_same_effects_as_transformer_lens(toy_run, activation):
+def test_same_effects_as_transformer_lens(toy_run, activation, tmp_path):
     model, pair, corrupted, cache, clean_logits = toy_run
     metric = logit_diff(pair)
     reference = TL_ALL_POS[activation](model, corrupted, cache, lambda lg: metric(lg)[0])
@@ -71,6 +71,9 @@ def test_same_effects_as_transformer_lens(toy_run, activation):
     # TransformerLens' result type, normalised, is the same effect
     tl = ours.to_transformer_lens()
     assert torch.allclose(tl.normalized(ours.clean).permute(2, 0, 1), ours.effects, atol=1e-5)
+    from rhlens.plotting.patching import plot_patching_heatmap
+
+    plot_patching_heatmap(ours).savefig(tmp_path / "heatmap.png")
 
 
 def test_ov_path_is_v_patching_without_grouped_queries(toy_run):
