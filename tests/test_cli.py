@@ -184,8 +184,17 @@ def test_patch(detect_run, tmp_path):
     out = tmp_path / "patch"
     assert main(["patch", "--lengths", "450", "--n-needles", "1", "--layers", "18", "--top", "3",
                  "--scores", str(detect_run), "--device", "cpu", "--quiet", "--out", str(out)]) == 0
-    for name in ("patching", "patching_heatmap.png", "patching_vs_retrieval.json"):
+    for name in ("patching", "patching_heatmap.png", "patching_vs_retrieval", "patching.jsonl"):
         assert (out / name).exists(), name
+    from rhlens.runs import read_run
+
+    contents = read_run(out)
+    assert contents.patching is not None and contents.patching.n_layers == 30
+    before = (out / "patching.jsonl").read_text()
+    # A rerun resumes: every pair is found in the log, nothing is appended.
+    assert main(["patch", "--lengths", "450", "--n-needles", "1", "--layers", "18", "--top", "3",
+                 "--scores", str(detect_run), "--device", "cpu", "--quiet", "--out", str(out)]) == 0
+    assert (out / "patching.jsonl").read_text() == before
 
 
 def test_report_into_a_new_directory(detect_run, tmp_path, capsys):

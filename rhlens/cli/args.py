@@ -267,8 +267,19 @@ def cot_config(args: argparse.Namespace):
 def patch_config(args: argparse.Namespace):
     from rhlens.patching import PatchConfig
 
+    heads = None
+    if getattr(args, "heads", None):
+        if args.layers:
+            raise _config_error("--heads and --layers: give one of them")
+        try:
+            heads = tuple(tuple(int(x) for x in item.split(".")) for item in args.heads.split(","))
+        except ValueError:
+            heads = ()
+        if not heads or any(len(h) != 2 for h in heads):
+            raise _config_error(f"--heads {args.heads!r}: heads are written layer.head (e.g. 3.1,10.4)")
     return PatchConfig(mode=args.mode, direction=args.direction, positions=args.positions,
-                       metric=args.metric, layers=args.layers, batch_size=args.batch_size)
+                       metric=args.metric, layers=args.layers, heads=heads,
+                       activation=getattr(args, "activation", "z"), batch_size=args.batch_size)
 
 
 def repeated(values) -> str:

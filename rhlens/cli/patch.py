@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import time
-from pathlib import Path
 
 from rhlens.cli import prepare
 from rhlens.cli.args import (
@@ -51,6 +49,12 @@ def add_patch_parser(sub) -> argparse.ArgumentParser:
                         "logprob: summed log-prob of the clean answer")
     p.add_argument("--layers", type=int_list(minimum=0), default=None, metavar="L,L,...",
                    help="patch only these layers (default: all)")
+    p.add_argument("--heads", default=None, metavar="L.H,L.H,...",
+                   help="patch only these heads (not with --layers)")
+    p.add_argument("--activation", default="z", metavar="NAME",
+                   help="the per-head activation patched: z (default, the head's output), q, k, v, "
+                        "pattern, result, ov (own pattern x clean values), or names joined by + "
+                        "(q+k: where the head looks)")
     p.add_argument("--batch-size", type=positive_int, default=None, metavar="N",
                    help="patched copies per forward (default: one layer's heads)")
     p.add_argument("--scores", default=None, metavar="RUN_DIR|FILE",
@@ -58,28 +62,19 @@ def add_patch_parser(sub) -> argparse.ArgumentParser:
                         "adds the effect-vs-score comparison and scatter")
     p.add_argument("--top", type=positive_int, default=10, metavar="N",
                    help="heads to list (default 10)")
-    add_out_args(p, resumable=False)
+    add_out_args(p)
     p.set_defaults(func=cmd_patch, interrupted=_interrupted)
     return p
 
 
-def _resumable() -> bool:
-    """Whether this rhlens' ``patch_heads`` keeps finished pairs in ``out`` (and resumes)."""
-    from rhlens.patching import patch_heads
-
-    return "out" in inspect.signature(patch_heads).parameters
-
-
 def _interrupted(args: argparse.Namespace) -> str:
-    if _resumable():
-        return resume_note("pair")(args)
-    return "interrupted; nothing was saved (patch keeps its results only when it finishes)"
+    return resume_note("pair")(args)
 
 
 def cmd_patch(args: argparse.Namespace) -> int:
     from rhlens.patching import make_pairs, patch_heads, patching_vs_retrieval
     from rhlens.plotting.patching import plot_patching_heatmap, plot_patching_vs_retrieval
-    from rhlens.runs import save_figure
+    from rhlens.runs import RunDir, save_figure
 
     # Everything that can fail on a typo fails here, before the model loads.
     out = prepare.take_output(args)
@@ -97,13 +92,11 @@ def cmd_patch(args: argparse.Namespace) -> int:
     say(f"patching {len(pairs)} pairs ({args.kind}, {config.mode}, {config.direction}, "
         f"positions={config.positions}, metric={config.metric}) -> {out}")
     t = time.perf_counter()
-    extra = {"out": out / "patching"} if _resumable() else {}
-    result = patch_heads(model, pairs, config=config, progress=not args.quiet, **extra)
+    result = patch_heads(model, pairs, config=config, progress=not args.quiet, out=out)
     wall = time.perf_counter() - t
 
-    out = Path(out)
-    result.save(out / "patching")
-    written = [out / "patching", save_figure(plot_patching_heatmap(result), out / "patching_heatmap.png")]
+    run = RunDir(out)
+    written = [result.save(run.patching), save_figure(plot_patching_heatmap(result), run.patching_figure)]
     say(f"\nclean vs corrupted {config.metric}, per pair:")
     for rec, c, r in zip(result.pairs, result.clean.tolist(), result.corrupted.tolist()):
         say(f"  [{rec.get('key', '?')}] clean {c:7.3f}  corrupted {r:7.3f}  "
@@ -114,8 +107,8 @@ def cmd_patch(args: argparse.Namespace) -> int:
     say(f"{wall:.1f} s in all, {wall / max(1, len(pairs)):.1f} s per pair")
     if scores is not None:
         cmp = patching_vs_retrieval(result, scores)
-        written.append(cmp.save(out / "patching_vs_retrieval.json"))
-        written.append(save_figure(plot_patching_vs_retrieval(cmp), out / "patching_vs_retrieval.png"))
+        written.append(cmp.save(run.patching_vs_retrieval))
+        written.append(save_figure(plot_patching_vs_retrieval(cmp), run.patching_vs_retrieval_figure))
         say(f"effect vs retrieval score over {int(cmp.effect.isfinite().sum())} heads: "
             f"Spearman {cmp.spearman:.3f}, Pearson {cmp.pearson:.3f}")
         for title, rows in (("causal but not retrieval", cmp.causal_not_retrieval),

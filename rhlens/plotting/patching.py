@@ -11,9 +11,13 @@ from rhlens.patching import HeadPatchingResult, PatchingVsRetrieval
 __all__ = ["plot_patching_agreement", "plot_patching_heatmap", "plot_patching_vs_retrieval"]
 
 
-def _describe(config: dict) -> str:
-    keys = ("mode", "direction", "positions", "metric")
-    return "/".join(str(config.get(k, "?")) for k in keys)
+def _describe(config) -> str:
+    """``z exact/denoise/answer/logit_diff`` from a PatchConfig."""
+    positions = config.get("positions", "?")
+    if not isinstance(positions, str):
+        positions = f"{len(positions)} positions"
+    parts = [config.get("mode", "?"), config.get("direction", "?"), positions, config.get("metric", "?")]
+    return f"{config.get('activation', 'z')} " + "/".join(str(p) for p in parts)
 
 
 def plot_patching_heatmap(result: HeadPatchingResult, *, annotate: int = 5) -> Figure:
@@ -31,7 +35,7 @@ def plot_patching_heatmap(result: HeadPatchingResult, *, annotate: int = 5) -> F
     ax = fig.add_subplot()
     im = ax.imshow(np.ma.masked_invalid(mean), cmap="RdBu_r", vmin=-vmax, vmax=vmax,
                    aspect="auto", origin="upper", interpolation="nearest")
-    ax.set_xlabel("head")
+    ax.set_xlabel("KV head" if set(result.config.atoms) <= {"k", "v"} else "head")
     ax.set_ylabel("layer")
     ax.set_xticks(range(n_heads), [str(h) for h in range(n_heads)], fontsize=7)
     step = max(1, n_layers // 15)
@@ -87,8 +91,8 @@ def plot_patching_agreement(exact: HeadPatchingResult, estimate: HeadPatchingRes
     lo = float(min(a[ok].min(), b[ok].min())) if ok.any() else 0.0
     hi = float(max(a[ok].max(), b[ok].max())) if ok.any() else 1.0
     ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls=":")
-    ax.set_xlabel(f"exact effect ({exact.config.get('mode', '?')})")
-    ax.set_ylabel(f"estimated effect ({estimate.config.get('mode', '?')})")
+    ax.set_xlabel(f"exact effect ({exact.config.mode})")
+    ax.set_ylabel(f"estimated effect ({estimate.config.mode})")
     ax.set_title(f"Spearman {stats['spearman']:.2f}, sign agreement "
                  f"{stats['sign_agreement']:.2f}\n{_describe(exact.config)}", fontsize=8)
     return fig
