@@ -12,20 +12,28 @@ from typing import TYPE_CHECKING, Any
 from rhlens.errors import ConfigError, ModelLoadError, ProbeError, RhlensError
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from rhlens.engine import EngineHook, GenerationConfig, KernelPolicy
     from rhlens.models import load_model
+    from rhlens.results import load_result
     from rhlens.scores import RetrievalScores
 
 __all__ = [
     "ConfigError",
+    "EngineHook",
+    "GenerationConfig",
+    "KernelPolicy",
     "ModelLoadError",
     "ProbeError",
     "RetrievalScores",
     "RhlensError",
     "load_model",
+    "load_result",
 ]
 __version__ = "0.1.0"
 
-_LAZY = {"load_model": "rhlens.models", "RetrievalScores": "rhlens.scores"}
+_LAZY = {"load_model": "rhlens.models", "RetrievalScores": "rhlens.scores",
+         "load_result": "rhlens.results", "EngineHook": "rhlens.engine",
+         "GenerationConfig": "rhlens.engine", "KernelPolicy": "rhlens.engine"}
 
 
 def __getattr__(name: str) -> Any:

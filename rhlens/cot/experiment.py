@@ -308,7 +308,8 @@ def cot_ablation(model, task: Task | str | Path | Iterable[Any], *, masks: Any =
     if out is not None:
         log = ProbeLog(out, run_header(model, None, config, task=task.name,
                                        items=[it.id for it in task], prompts=_fingerprint(task),
-                                       masks=[m.to_dict() for m in masks]),
+                                       masks=[m.to_dict() for m in masks],
+                                       kernel_policy=GenerationConfig().describe(model)["kernel_policy"]),
                        name=f"cot_{task.name}.jsonl")
     sink = Records(log, progress=progress, total=len(task) * len(masks) * len(config.prompting),
                    desc=f"cot {task.name}")
