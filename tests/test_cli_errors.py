@@ -204,18 +204,15 @@ def test_finished_run_in_a_read_only_folder(tmp_path, capsys):
 @pytest.mark.parametrize(("command", "note"), [
     (["detect"], "every finished probe is saved in {out}: rerun the same command to resume"),
     (["niah"], "every finished answer is saved in {out}: rerun the same command to resume"),
-    (["patch"], "nothing was saved"),
+    (["patch"], "every finished pair is saved in {out}: rerun the same command to resume"),
 ])
 def test_ctrl_c_says_what_happens_next(command, note, tmp_path, monkeypatch, capsys):
-    import rhlens.cli.patch
     import rhlens.cli.prepare
 
     def interrupt(args):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(rhlens.cli.prepare, "load", interrupt)
-    if command == ["patch"] and rhlens.cli.patch._resumable():
-        note = "every finished pair is saved in {out}: rerun the same command to resume"
     out = tmp_path / "o"
     assert main([*command, "--lengths", "450", "--depths", "50", "--n-needles", "1",
                  "--out", str(out)]) == 130
