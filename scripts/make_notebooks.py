@@ -43,7 +43,8 @@ below, or `rhlens detect` on the command line)."""),
 import os
 
 LENGTHS = (450,)       # context lengths in tokens (the prompt plus a 200-token answer buffer)
-DEPTHS = (20, 80)      # where the needle sits, in percent of the haystack
+DEPTHS = (20, 100)     # where the needle goes, in percent of the haystack (moved back to the
+                       # previous sentence end, as in the paper: see "placed depth" below)
 N_NEEDLES = 1          # how many of the built-in needles to use
 MAX_NEW_TOKENS = 32    # answer budget per probe (the paper uses 50)
 TOP = 10               # heads to list
@@ -75,8 +76,9 @@ import pandas as pd
 
 probes = build_probes(tok, config=ProbeConfig(lengths=LENGTHS, depths=DEPTHS),
                       needles=BUILTIN_NEEDLES[:N_NEEDLES])
-pd.DataFrame([{"probe": p.key, "tokens": p.n_tokens, "needle span": p.needle_span,
-               "question": p.question, "expected": p.real_needle} for p in probes])"""),
+pd.DataFrame([{"probe": p.key, "placed depth": round(p.placed_depth, 1), "tokens": p.n_tokens,
+               "needle span": p.needle_span, "question": p.question, "expected": p.real_needle}
+              for p in probes])"""),
     ("code", """\
 probe = probes[0]
 gen = generate(model, tok, probe.prompt_ids, config=GenerationConfig(max_new_tokens=MAX_NEW_TOKENS))
@@ -179,7 +181,7 @@ from pathlib import Path
 from rhlens.official import find_official_dir
 
 LENGTHS = (450,)        # context lengths in tokens for detection
-DEPTHS = (20, 80)       # needle depths in percent
+DEPTHS = (20, 100)      # needle depths in percent (at 450 tokens, 20-90 all land at ~19%)
 N_NEEDLES = 2           # built-in needles (probes = lengths x depths x needles)
 MAX_NEW_TOKENS = 32     # answer budget per probe
 SWEEP_PROBES = 2        # probes for the masking curve
@@ -344,7 +346,8 @@ below is an illustration of the method on this model, not a measurement."""),
 import os
 
 LENGTH = 450          # context length in tokens (the prompt plus a 200-token answer buffer)
-DEPTH = 50            # where the needle sits, in percent of the haystack
+DEPTH = 20            # where the needle goes, in percent of the haystack (moved back to the
+                      # previous sentence end: probe.placed_depth)
 NEEDLE = 0            # which built-in needle
 MAX_NEW_TOKENS = 32   # answer budget (the paper uses 50)
 K = 10                # heads in the top-K mask of the CoT comparison
@@ -389,7 +392,7 @@ gen = generate(model, tok, probe.prompt_ids, config=GenerationConfig(max_new_tok
 {"question": probe.question, "expected": probe.real_needle, "answer": gen.response,
  "ROUGE-1 recall": rouge1_recall(probe.real_needle, gen.response),
  "prompt tokens": probe.n_tokens, "answer tokens": len(gen.response_ids),
- "needle span": probe.needle_span}"""),
+ "needle span": probe.needle_span, "placed depth (%)": round(probe.placed_depth, 1)}"""),
     ("md", """\
 ## `run_with_cache` over prompt + answer
 
