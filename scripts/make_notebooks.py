@@ -326,8 +326,9 @@ BRING_YOUR_OWN_CACHE: list[tuple[str, str]] = [
 # Bring your own cache: retrieval scores, patching and masking from plain TransformerLens
 
 You already have a `TransformerBridge`, a prompt and `model.run_with_cache(...)`. This
-notebook shows that rhlens' analyses start from exactly that, without its run directories or
-its decode engine:
+notebook shows that rhlens' analyses start from exactly that; its own decode engine appears
+only to write the model's answer and as the reference the cache-based scores are checked
+against:
 
 1. one needle-in-a-haystack probe and the model's own answer to it;
 2. `model.run_with_cache(prompt + answer)`, the ordinary TransformerLens call;
@@ -383,8 +384,9 @@ f"{cfg.n_layers} layers x {cfg.n_heads} query heads ({cfg.n_key_value_heads} KV 
 
 A probe is a haystack with one needle sentence in it and a question only the needle answers;
 `needle_span` is where the answer's tokens sit in the prompt. The answer is the model's own
-greedy reply (`generate` is rhlens' decode loop; the bridge's own `generate` gives the same
-tokens, only slower): a retrieval head is defined by what it does while the model answers."""),
+greedy reply, here from rhlens' `generate` (one from your own decoding loop serves as well:
+the cache below is scored on whatever answer is appended). A retrieval head is defined by
+what it does while the model answers."""),
     ("code", """\
 probe, = build_probes(tok, config=ProbeConfig(lengths=(LENGTH,), depths=(DEPTH,)),
                       needles=[BUILTIN_NEEDLES[NEEDLE]])
