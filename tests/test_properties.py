@@ -347,6 +347,14 @@ def test_plot_property_figures(tmp_path):
     _check_figure(fig, 1, tmp_path)
     stab = stability(scores, k=3, n_boot=30, repeats=2)
     _check_figure(plot_stability(stab), 2, tmp_path)
+    # A hub-style model name used to push the left title off the figure (the demo's report).
+    stab.model_name = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    fig = plot_stability(stab)
+    fig.savefig(tmp_path / "stability.png", dpi=100)  # as the report draws it
+    for text in (*(ax.title for ax in fig.axes), fig._suptitle):
+        box = text.get_window_extent()
+        assert box.x0 >= 0 and box.x1 <= fig.bbox.width, text.get_text()
+    assert stab.model_name in fig._suptitle.get_text()
     _check_figure(plot_universal(universal([scores, planted("b")])), 1, tmp_path)
 
 

@@ -224,8 +224,9 @@ def plot_stability(result: StabilityResult, top: int | None = None) -> Figure:
     ax_curve.set_ylim(0, 1.05)
     ax_curve.set_xlabel("successful probes used")
     ax_curve.set_ylabel(f"Jaccard(top-{result.k} on n, top-{result.k} on all)")
-    ax_curve.set_title(f"{result.model_name}: top-{result.k} stability "
-                       f"({result.repeats} subsamples per n)")
+    # The model's name above both panels: in the left title a long one ran off the figure.
+    fig.suptitle(result.model_name, fontsize=10)
+    ax_curve.set_title(f"top-{result.k} stability ({result.repeats} subsamples per n)")
     ax_curve.legend(fontsize=8)
 
     heads = top_k_heads(result.mean, min(k, result.mean.numel())) if k else []
