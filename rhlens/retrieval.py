@@ -32,6 +32,7 @@ from rhlens.engine import (
     GenerationConfig,
     KernelPolicy,
     StepState,
+    TopKeySpec,
     current_phase,
     current_step,
     generate_many,
@@ -151,8 +152,11 @@ class TopKeyRecorder:
         self._forwards = [0] * self.n_layers
 
     def hooks(self) -> list[tuple[str, Any]]:
+        # The spec lets the captured decode step write the same argmax into the same buffer
+        # without calling the hook (rhlens.engine.captured).
         return [(f"blocks.{layer}.attn.hook_pattern",
-                 EngineHook(self._make_hook(layer), phase="decode", reads_only=True))
+                 EngineHook(self._make_hook(layer), phase="decode", reads_only=True,
+                            spec=TopKeySpec(self._buf, layer)))
                 for layer in range(self.n_layers)]
 
     def _make_hook(self, layer: int):

@@ -40,7 +40,17 @@ from rhlens.engine.attention import split_av as _split_av  # noqa: F401
 from rhlens.engine.bridge import hf_model, native_modules
 from rhlens.engine.bridge import new_cache as _new_cache  # noqa: F401
 from rhlens.engine.bridge import set_attn_impl as _set_attn_impl  # noqa: F401
-from rhlens.engine.hooks import EngineHook, HookPair, Phase, StepState, current_phase, current_step, phase
+from rhlens.engine.hooks import (
+    EngineHook,
+    HeadEditSpec,
+    HookPair,
+    Phase,
+    StepState,
+    TopKeySpec,
+    current_phase,
+    current_step,
+    phase,
+)
 from rhlens.engine.kv import KVPool as _KVPool  # noqa: F401
 from rhlens.engine.kv import plain_cache_layers as _plain_cache_layers  # noqa: F401
 from rhlens.engine.lean import LeanDecoder as _LeanDecoder  # noqa: F401
@@ -70,10 +80,12 @@ __all__ = [
     "EngineHook",
     "Generation",
     "GenerationConfig",
+    "HeadEditSpec",
     "HookPair",
     "KernelPolicy",
     "Phase",
     "StepState",
+    "TopKeySpec",
     "chat_prompt",
     "current_phase",
     "current_step",
