@@ -137,7 +137,8 @@ def test_another_masked_set_reuses_the_step(toy_model, toy_prompts):
     decoder._static = spy
     try:
         prompts = [toy_prompts[0]] * 3
-        gens = list(generate_many(model, tok, prompts, config=GenerationConfig(max_new_tokens=4, policy=CAPTURED),
+        config = GenerationConfig(max_new_tokens=4, policy=CAPTURED)
+        gens = list(generate_many(model, tok, prompts, config=config,
                                   item_hooks=lambda i: ablation_hooks(model, sets[i])))
     finally:
         del decoder._static

@@ -1,4 +1,4 @@
-"""The captured decode step: a Llama-family step on static buffers, one CUDA graph per step, built-in hooks as tensor ops.
+"""The captured decode step: a Llama-family step on static buffers, one CUDA graph, hooks as tensor ops.
 
 The lean step (:mod:`~rhlens.engine.lean`) still launches every kernel from Python and reads
 each step's token back to decide whether to stop: on a GPU host that costs more than the
@@ -270,12 +270,12 @@ class CapturedDecoder:
     # -- the step ------------------------------------------------------------------------
     def _step(self, st: _Static, k_bufs: Sequence[Tensor], v_bufs: Sequence[Tensor]) -> None:
         B, P, blk, C = st.rows, st.padded, st.block, st.keys
-        kv, g, d, n = self.n_kv, self.groups, self.head_dim, self.n_heads
+        d, n = self.head_dim, self.n_heads
         policy = self.policy
         h = self.embed(st.tok.view(P, 1))  # [P, 1, d_model]
         cos, sin = self.rotary(h, st.pos.view(1, 1))
+        split = policy.av == "split" and policy.split_from <= C
         invalid = st.key_idx > st.pos  # keys not written yet
-        split = policy.av == "split" and C >= policy.split_from
         for li, (pre_w, post_w, scaling) in enumerate(self.layers):
             kb, vb = k_bufs[li], v_bufs[li]
             q_keep = q_fill = z_keep = z_fill = None
@@ -291,25 +291,7 @@ class CapturedDecoder:
                 if real > 0:
                     kb[s0:s0 + real].index_copy_(2, st.pos, k[:real])
                     vb[s0:s0 + real].index_copy_(2, st.pos, v[:real])
-                for r in range(real):
-                    R = s0 + r
-                    keys, values = kb[R:R + 1, :, :C], vb[R:R + 1, :, :C]
-                    if g > 1:
-                        qg = q[r:r + 1].reshape(1, kv, g, d)
-                        if policy.keys_first:
-                            scores = torch.matmul(keys, qg.transpose(-2, -1)).transpose(-2, -1)
-                        else:
-                            scores = torch.matmul(qg, keys.transpose(-2, -1))
-                        scores = scores.reshape(1, n, 1, C) * scaling
-                    else:
-                        scores = torch.matmul(q[r:r + 1], keys.transpose(-2, -1)) * scaling
-                    scores = scores.masked_fill(invalid, float("-inf"))
-                    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(self.dtype)
-                    if st.top is not None:
-                        torch.argmax(weights[:, :, -1], dim=-1, out=st.top[li, R:R + 1])
-                    w = weights.reshape(1, kv, g, C)
-                    out = split_av(w, values, policy.av_block) if split else torch.matmul(w, values)
-                    st.z[R:R + 1].copy_(out.reshape(1, n, 1, d).transpose(1, 2).reshape(1, 1, n * d))
+                    self._attend(st, li, s0, real, q, kb, vb, scaling, split, invalid)
                 parts.append(self._post(hb, st.z[s0:s0 + blk], z_keep, z_fill, *post_w))
             h = parts[0] if len(parts) == 1 else torch.cat(parts)
         logits = [self._head(h[s0:s0 + blk], *self.norm, *self.lm) for s0 in range(0, P, blk)]
@@ -321,6 +303,39 @@ class CapturedDecoder:
             st.top_log.index_copy_(0, st.step, st.top.unsqueeze(0))
         st.pos += 1
         st.step += 1
+
+    def _attend(self, st: _Static, li: int, s0: int, real: int, q: Tensor, kb: Tensor, vb: Tensor,
+                scaling: float, split: bool, invalid: Tensor) -> None:
+        """Rows ``s0 .. s0 + real`` of a block attend over their first ``st.keys`` keys; the
+        outputs go to ``st.z``. The products run row by row (a GEMM's kernel, and so its
+        rounding, depends on its batch size); the masking, softmax and argmax are row-wise
+        kernels, run once for the rows together."""
+        kv, g, d, n, C = self.n_kv, self.groups, self.head_dim, self.n_heads, st.keys
+        keys_first = self.policy.keys_first
+        parts = []
+        for r in range(real):
+            keys = kb[s0 + r:s0 + r + 1, :, :C]  # [1, kv, C, d]
+            if g == 1:
+                parts.append(torch.matmul(q[r:r + 1], keys.transpose(-2, -1)))  # [1, h, 1, C]
+                continue
+            qg = q[r:r + 1].reshape(1, kv, g, d)
+            parts.append(torch.matmul(keys, qg.transpose(-2, -1)) if keys_first  # [1, kv, C, g]
+                         else torch.matmul(qg, keys.transpose(-2, -1)))  # [1, kv, g, C]
+        scores = parts[0] if real == 1 else torch.cat(parts)
+        if g > 1 and keys_first:
+            scores = scores.transpose(-2, -1)
+        scores = scores.reshape(real, n, 1, C) * scaling
+        scores = scores.masked_fill(invalid, float("-inf"))
+        weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(self.dtype)
+        if st.top is not None:
+            torch.argmax(weights[:, :, -1], dim=-1, out=st.top[li, s0:s0 + real])
+        weights = weights.reshape(real, kv, g, C)
+        outs = []
+        for r in range(real):
+            w, values = weights[r:r + 1], vb[s0 + r:s0 + r + 1, :, :C]
+            outs.append(split_av(w, values, self.policy.av_block) if split else torch.matmul(w, values))
+        out = outs[0] if real == 1 else torch.cat(outs)  # [real, kv, g, d]
+        st.z[s0:s0 + real].copy_(out.reshape(real, n, 1, d).transpose(1, 2).reshape(real, 1, n * d))
 
     # -- one decode ----------------------------------------------------------------------
     def _static(self, rows: int, keys: int, steps: int, k_bufs, v_bufs, tops, qs, zs) -> _Static:
@@ -344,7 +359,8 @@ class CapturedDecoder:
             out=torch.full((steps, rows), -1, dtype=torch.long, device=dev),
             z=torch.zeros(padded, 1, self.n_heads * self.head_dim, dtype=self.dtype, device=dev),
             top=torch.zeros(L, rows, self.n_heads, dtype=torch.long, device=dev) if record else None,
-            top_log=torch.zeros(steps, L, rows, self.n_heads, dtype=torch.long, device=dev) if record else None,
+            top_log=(torch.zeros(steps, L, rows, self.n_heads, dtype=torch.long, device=dev)
+                     if record else None),
             q_edit=self._edit_values(qs) if any(qs) else None,
             z_edit=self._edit_values(zs) if any(zs) else None)
         # One set of graphs per KV layout: buffers of another layout are another run's.
@@ -375,7 +391,8 @@ class CapturedDecoder:
         one read-back at the end)."""
         keys = -(-(n_prompt - 1 + max_new) // self.policy.bucket) * self.policy.bucket
         if keys > k_bufs[0].shape[2]:
-            raise RuntimeError("rhlens: the KV buffers are shorter than the captured step's keys (engine bug)")
+            raise RuntimeError("rhlens: the KV buffers are shorter than the captured step's keys "
+                               "(engine bug)")
         tops, qs, zs = self._specs()
         st = self._static(rows, keys, max_new, k_bufs, v_bufs, tops, qs, zs)
         # Per-run values: the inputs, the counters, the masks; keys past the prompt zeroed (a

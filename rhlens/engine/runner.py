@@ -266,7 +266,8 @@ class _Runner:
                 inp = nxt.view(rows, 1)
         return stops.result()
 
-    def _decode_captured(self, decoder, rows: int, last: list[int], n_prompt: int) -> list[tuple[list[int], str]]:
+    def _decode_captured(self, decoder, rows: int, last: list[int],
+                         n_prompt: int) -> list[tuple[list[int], str]]:
         stops = self._stops(rows)
         self.state.rows = rows
         check = SYNC_EVERY if (self.eos or self.config.stop_at_newline) else None
