@@ -229,8 +229,8 @@ def kernel_split(bench: Bench, decoder: CapturedDecoder) -> dict:
     return {k: {"ms_per_step": round(v[0], 3), "kernels_per_step": int(v[1])} for k, v in kinds.items()}
 
 
-def _steps_at(model, tok, n: int, args, bw: float | None, heads, policy) -> dict:
-    row: dict = {}
+def _steps_at(model, tok, n: int, args, bw: float | None, heads, policy, row: dict) -> None:
+    """Fills ``row`` as it goes (a failure keeps what was measured)."""
     S = args.new_tokens
     bench = Bench(model, tok, n, 1, S, heads)
     eager = CapturedDecoder(model, policy)
@@ -247,7 +247,13 @@ def _steps_at(model, tok, n: int, args, bw: float | None, heads, policy) -> dict
         row["captured_ms"] = per_step(lambda: bench.captured(graph))
         st = next(iter(graph._graphs.values()))
         if st.graph is not None:
-            row["replay_only_ms"] = per_step(lambda: [st.graph.replay() for _ in range(S)])
+            def replays() -> None:  # the S steps of a decode as graph replays, nothing else
+                st.pos.fill_(n - 1)  # (the counters index the step's buffers: reset them)
+                st.step.zero_()
+                for _ in range(S):
+                    st.graph.replay()
+
+            row["replay_only_ms"] = per_step(replays)
         lean_tp = bench.tokens_and_positions(bench.lean)
         cap_tp = bench.tokens_and_positions(lambda: bench.captured(graph))
         row["captured_vs_lean"] = agreement(cap_tp, lean_tp)
@@ -266,9 +272,11 @@ def _steps_at(model, tok, n: int, args, bw: float | None, heads, policy) -> dict
         row["floor_ms"] = nbytes["total"] / bw * 1e3
         row["best_over_floor"] = row["captured_ms"] / row["floor_ms"]
     if n == args.step_lengths[0]:
-        with bench.hooks():
-            row["kernel_split_eager"] = kernel_split(bench, eager)
-    return row
+        try:
+            with bench.hooks():
+                row["kernel_split_eager"] = kernel_split(bench, eager)
+        except Exception as exc:  # the profile is a diagnosis, not a result
+            row["kernel_split_eager"] = repr(exc)[:200]
 
 
 def _batch_at(model, tok, n: int, args, policy, one_row_ms: float) -> dict:
@@ -300,7 +308,8 @@ def section_steps(model, tok, args, bw: float | None, res: dict) -> None:
     heads = random_heads(model.cfg.n_layers, model.cfg.n_heads, 20, seed=0)
     policy = KernelPolicy().resolve(next(model.parameters()).device, model)
     for n in args.step_lengths:
-        row = out[n] = _steps_at(model, tok, n, args, bw, heads, policy)
+        row = out[n] = {}
+        _steps_at(model, tok, n, args, bw, heads, policy, row)
         log("steps", n, json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
                                     if k not in ("bytes", "kernel_split_eager")}))
         if torch.cuda.is_available():
@@ -343,13 +352,13 @@ def section_compile(model, tok, args, res: dict) -> None:
 # Prefill
 # ---------------------------------------------------------------------------------------
 @torch.no_grad()
-def section_prefill(args, device: str, dtype, res: dict) -> None:
+def section_prefill(model, tok, args, device: str, dtype, res: dict) -> None:
+    """``model``: ``--prefill-layers`` layers of the shape."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from rhlens.engine.native import _chunk_attention
 
     out = res["prefill"] = {"layers": args.prefill_layers}
-    model, tok = random_model(args.shape, dtype, device, max(args.prefill_lengths) + 64, args.prefill_layers)
     hf = hf_model(model)
     vocab = hf.config.vocab_size
     n_layers = engine._plain_cache_layers(hf)
@@ -540,6 +549,8 @@ def section_check(device: str, res: dict) -> None:
 
     out = res["check"] = {}
     lean, cap = KernelPolicy(decode="lean"), KernelPolicy(decode="captured")
+    # Every model made before any capture (a failed capture can leave the RNG unusable).
+    tiny = {dt: random_model("tiny", dt, device, 4096) for dt in (torch.float32, torch.bfloat16)}
     model, tok = load_model(str(TOY_MODEL_DIR), device=device, dtype=torch.float32)
     prompts = [make_toy_probe(tok, 60, s)[0] for s in range(4)]
     masks = ablation_hooks(model, [(0, 1), (1, 3)])
@@ -550,7 +561,7 @@ def section_check(device: str, res: dict) -> None:
         out[f"toy_fp32_{name}_captured_vs_lean"] = {**_compare(b, a), "paths": sorted(pa | pb)}
         out[f"toy_fp32_{name}_captured_batch4_vs_alone"] = _compare(c, b)
     for dt in (torch.float32, torch.bfloat16):
-        model, tok = random_model("tiny", dt, device, 4096)
+        model, tok = tiny[dt]
         probes = random_probes(tok, SHAPES["tiny"][5], [1500], [0, 30, 60, 90])
         prompts = [p.prompt_ids for p in probes]
         masks = ablation_hooks(model, random_heads(model.cfg.n_layers, model.cfg.n_heads, 5, seed=1))
@@ -614,8 +625,10 @@ def main(argv=None) -> int:
             log(name, "FAILED", repr(exc)[:500])
         save()
 
-    attempt("check", lambda: section_check(device, res))
-    model = tok = None
+    model = tok = small = None
+    # The models first: a capture that fails can leave the RNG unusable for random weights.
+    if "prefill" in sections:
+        small = random_model(args.shape, dtype, device, max(args.prefill_lengths) + 64, args.prefill_layers)
     if sections & {"steps", "probe", "grid", "masked", "compile"}:
         t = time.perf_counter()
         need = max([*args.lengths, *args.step_lengths, *args.grid_lengths, 0]) + args.new_tokens + 1100
@@ -624,9 +637,10 @@ def main(argv=None) -> int:
         res["load_s"] = time.perf_counter() - t
         res["kernel_policy"] = KernelPolicy().resolve(device, model).to_dict()
         log("model", res["model"], "loaded", round(res["load_s"], 1), "s")
+    attempt("check", lambda: section_check(device, res))
     attempt("steps", lambda: section_steps(model, tok, args, bw, res))
     attempt("probe", lambda: section_probe(model, tok, args, res))
-    attempt("prefill", lambda: section_prefill(args, device, dtype, res))  # a small model beside
+    attempt("prefill", lambda: section_prefill(*small, args, device, dtype, res))
     attempt("masked", lambda: section_masked(model, tok, args, res))
     attempt("grid", lambda: section_grid(model, tok, args, res))
     attempt("compile", lambda: section_compile(model, tok, args, res))

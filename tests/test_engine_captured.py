@@ -150,6 +150,26 @@ def test_another_masked_set_reuses_the_step(toy_model, toy_prompts):
         assert gen.response_ids == ref[0][0]
 
 
+def test_a_new_kv_layout_drops_the_old_steps_and_their_memory_pool(toy_model):
+    """Graphs of another run's KV buffers are dropped; once none is left, the next capture gets a
+    new memory pool (CUDA's allocator refuses to share a pool no graph holds any more)."""
+    model, _ = toy_model
+    decoder = captured_mod.CapturedDecoder(model, CAPTURED.resolve("cpu", model))
+    n_layers, none = len(decoder.layers), [[] for _ in decoder.layers]
+
+    def buffers():
+        return [torch.zeros(1, decoder.n_kv, 128, decoder.head_dim) for _ in range(2 * n_layers)]
+
+    first, second = buffers(), buffers()  # both alive: distinct addresses
+    a = decoder._static(1, 128, 4, first[:n_layers], first[n_layers:], none, none, none)
+    assert decoder._static(1, 128, 4, first[:n_layers], first[n_layers:], none, none, none) is a
+    decoder._pool = pool = object()  # as if a graph had been captured into a pool
+    decoder._static(2, 128, 4, first[:n_layers], first[n_layers:], none, none, none)
+    assert len(decoder._graphs) == 2 and decoder._pool is pool  # same buffers: kept, pool shared
+    decoder._static(1, 128, 4, second[:n_layers], second[n_layers:], none, none, none)
+    assert len(decoder._graphs) == 1 and decoder._pool is None
+
+
 def test_other_hooks_keep_the_lean_step(toy_model, toy_prompts):
     model, tok = toy_model
     seen = []

@@ -364,7 +364,12 @@ class CapturedDecoder:
             q_edit=self._edit_values(qs) if any(qs) else None,
             z_edit=self._edit_values(zs) if any(zs) else None)
         # One set of graphs per KV layout: buffers of another layout are another run's.
-        self._graphs = {k: v for k, v in self._graphs.items() if k[-2:] == key[-2:]}
+        kept = {k: v for k, v in self._graphs.items() if k[-2:] == key[-2:]}
+        if self._graphs and not kept:
+            # The graphs sharing the memory pool are gone, and with them the pool: the next
+            # capture needs a new one (the allocator refuses to share a pool nobody holds).
+            self._pool = None
+        self._graphs = kept
         self._graphs[key] = st
         return st
 

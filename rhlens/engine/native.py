@@ -95,7 +95,7 @@ def attention_lse(query: Tensor, key: Tensor, value: Tensor, causal: bool, scale
                 k, v = _expand(key, query.shape[1]), _expand(value, query.shape[1])
                 out, lse = ops._scaled_dot_product_efficient_attention(query, k, v, None, True, 0.0,
                                                                        causal, scale=scale)[:2]
-        except (RuntimeError, NotImplementedError):
+        except (RuntimeError, NotImplementedError, TypeError):
             if name == order[-1]:
                 raise
             continue
@@ -121,13 +121,13 @@ def _chunk_attention(query: Tensor, key: Tensor, value: Tensor, scale: float | N
             return merge_attention(
                 attention_lse(query, key[:, :, :cached], value[:, :, :cached], False, scale),
                 attention_lse(query, key[:, :, cached:], value[:, :, cached:], True, scale))
-        except (RuntimeError, NotImplementedError):
+        except (RuntimeError, NotImplementedError, TypeError):
             pass  # no fused kernel with a log-sum-exp here: the lower-right bias below
     elif mode == "flash_gqa" and query.device.type == "cuda":
         try:  # flash-attention 2 aligns a causal mask to the lower right when q_len != kv_len
             return torch.ops.aten._scaled_dot_product_flash_attention(
                 query, key, value, 0.0, True, False, scale=scale)[0]
-        except (RuntimeError, NotImplementedError):
+        except (RuntimeError, NotImplementedError, TypeError):
             pass
     from torch.nn.attention.bias import causal_lower_right
 
