@@ -63,8 +63,9 @@ class DetectConfig(Config):
         success_threshold: ROUGE-1 recall above which a probe counts (paper: 0.5).
         max_new_tokens: decode steps at most (paper: 50).
         stop_at_newline: stop answering at a newline (paper: yes).
-        prefill_chunk: prefill this many tokens at a time (None: 32768); a reused haystack
-            prefix is cut back to a multiple of it, so reuse changes no result.
+        prefill_chunk: prefill this many tokens at a time (None: the device's default, 16384
+            on a GPU, 32768 elsewhere); a reused haystack prefix is cut back to a multiple of
+            it, so reuse changes no result.
         reuse_prefix: reuse the KV cache of the haystack shared by consecutive probes.
         batch_size: decode up to this many probes of equal length together (fewer on a GPU
             when their KV caches would not fit; 1: one at a time). Where the lean decode

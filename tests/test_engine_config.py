@@ -94,7 +94,7 @@ def test_policy_resolves_per_device(toy_model, default_model):
         assert {k: getattr(got, k) for k in cpu} == cpu and got.resolved
     # On CUDA (resolving needs no GPU): slab products, keys-first scores, pattern @ V summed
     # in key blocks under grouped-query attention only, and the captured decode step.
-    cuda = dict(keys_first=True, decode="captured", compile=False, bucket=1024, prefill_attn="lower_right")
+    cuda = dict(keys_first=True, decode="captured", compile=False, bucket=1024, prefill_attn="split")
     assert KernelPolicy().resolve("cuda", toy) == KernelPolicy(rows="slab", av="mm", **cuda)
     assert KernelPolicy().resolve("cuda", default) == KernelPolicy(rows="slab", av="split", **cuda)
     # K/V copied per head: no groups left to split by
@@ -105,6 +105,10 @@ def test_policy_resolves_per_device(toy_model, default_model):
     assert mine.resolve("cuda", default) == mine
     with pytest.raises(ConfigError, match="resolve"):
         KernelPolicy().batch_mode(2)
+    # the prefill chunk: smaller on a GPU, where a chunk after cached keys costs what one pass does
+    config = GenerationConfig()
+    assert (config.chunk_for("cuda"), config.chunk_for("cpu"), config.chunk) == (16384, 32768, 32768)
+    assert GenerationConfig(prefill_chunk=512).chunk_for("cuda") == 512
 
 
 def _toy_probes(tok, n=2):

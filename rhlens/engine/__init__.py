@@ -24,13 +24,13 @@ Reading order (each module names its one job in its first line):
   Llama-family models (the same tensor operations on the same weights, without HF's and the
   bridge's per-module Python; bit-identical to the bridge's step in float32), chosen when only
   attention hooks are attached, else the bridge's own step;
+* :mod:`~rhlens.engine.captured`: the captured decode step (static buffers, the position on
+  the device, one CUDA graph replayed per step; the retrieval recorder and ``ablate_heads``
+  masks run from their :class:`TopKeySpec` / :class:`HeadEditSpec` as tensor ops), chosen
+  on a GPU when every attached hook has such a spec (``KernelPolicy.decode``);
 * :mod:`~rhlens.engine.runner`: :class:`GenerationConfig`, :func:`generate` and
   :func:`generate_many` (prefix reuse, prompts of equal length decoded together, each
   bit-identical to itself answered alone).
-
-A captured decode step (static buffers, device-side positions, a CUDA graph) would be one
-more module next to :mod:`~rhlens.engine.lean`, chosen by :func:`~rhlens.engine.lean.decode_step`
-for the EngineHooks it can express, with its choice recorded in the :class:`KernelPolicy`.
 """
 
 from rhlens.engine.attention import DirectHooks as _DirectHooks  # noqa: F401
@@ -58,6 +58,7 @@ from rhlens.engine.lean import decode_step as _decode_step  # noqa: F401
 from rhlens.engine.lean import lean_ok as _lean_ok  # noqa: F401
 from rhlens.engine.native import (  # noqa: F401
     DEFAULT_PREFILL_CHUNK,
+    GPU_PREFILL_CHUNK,
     _register_impl,
     _rhlens_sdpa,
     native_attention,
@@ -78,6 +79,7 @@ from rhlens.engine.runner import (
 __all__ = [
     "DEFAULT_PREFILL_CHUNK",
     "EngineHook",
+    "GPU_PREFILL_CHUNK",
     "Generation",
     "GenerationConfig",
     "HeadEditSpec",

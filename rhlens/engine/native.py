@@ -33,17 +33,28 @@ from torch import Tensor
 from rhlens.engine.bridge import attention_slots, hf_model, native_modules, set_attn_impl
 from rhlens.engine.hooks import engine_hooks, has_torch_hooks, internal_handles, phase
 
-__all__ = ["DEFAULT_PREFILL_CHUNK", "attention_lse", "merge_attention", "native_attention", "prefill",
-           "prefill_is_silent"]
+__all__ = ["DEFAULT_PREFILL_CHUNK", "GPU_PREFILL_CHUNK", "attention_lse", "default_prefill_chunk",
+           "merge_attention", "native_attention", "prefill", "prefill_is_silent"]
 
 # Prompts are prefilled in chunks of this many tokens, counted from the prompt's start, and a
 # reused prefix is cut back to a chunk boundary: a probe that reuses another's prefix then runs
-# exactly the chunks (same shapes, same kernels, same rounding) it runs alone. Large, because a
-# chunk that follows cached keys runs flash attention at about half the rate of one causal pass
-# over the whole prompt (benchmarks/prefill_attention.py: 5.9 ms for the last 4096 of 32768
-# tokens of one Llama-3-8B layer on an H100): prompts up to 32K tokens prefill in one pass, as
-# HF generate does, and longer ones in chunks that bound the activations' memory.
+# exactly the chunks (same shapes, same kernels, same rounding) it runs alone. Smaller chunks let
+# a grid reuse more of its haystacks; what a chunk after cached keys costs decides how small.
+# Through SDPA's lower-right causal bias (PyTorch's flash-attention-2 kernel) it runs at about
+# half the rate of one causal pass (an H100: 5.9 ms for the last 4096 of 32768 tokens of one
+# Llama-3-8B layer; an H200, 2026-11-29: 320-350 TFLOP/s against 580-690 for the one pass,
+# benchmarks/bench_speed.py --sections prefill): there, 32768-token chunks, prompts up to 32K in
+# one pass as HF generate does. Split into the chunk against the cached keys plus the chunk
+# against itself (KernelPolicy.prefill_attn="split", the GPU's default), a chunk costs what the
+# same rows cost in one pass (580-610 TFLOP/s; a 2-layer 131K prefill in 8192-token chunks
+# 1.02x one pass, 32K in 8192-token chunks 1.08x): on a GPU, 16384-token chunks.
 DEFAULT_PREFILL_CHUNK = 32768
+GPU_PREFILL_CHUNK = 16384
+
+
+def default_prefill_chunk(device: torch.device | str) -> int:
+    """The prefill chunk of a run on ``device`` when none is set (see above)."""
+    return GPU_PREFILL_CHUNK if torch.device(device).type == "cuda" else DEFAULT_PREFILL_CHUNK
 
 # A chunk of queries that follows cached keys needs a causal mask aligned to the lower right
 # (query i sees keys 0..offset+i). HF builds it densely ([batch, 1, chunk, keys]: quadratic

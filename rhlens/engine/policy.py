@@ -17,7 +17,7 @@ field             CUDA                                   elsewhere
 ``decode``        ``"captured"``                         ``"lean"``
 ``compile``       ``False``                              ``False``
 ``bucket``        1024                                   64
-``prefill_attn``  ``"lower_right"``                      ``"lower_right"``
+``prefill_attn``  ``"split"``                            ``"lower_right"``
 ================  =====================================  ==========================
 
 ``decode`` resolves to the fastest step the model and the hooks attached now allow (a model
@@ -161,7 +161,7 @@ class KernelPolicy(Config):
             decode=self.decode or ("captured" if cuda else "lean"),
             compile=False if self.compile is None else self.compile,
             bucket=self.bucket or (1024 if cuda else 64),
-            prefill_attn=self.prefill_attn or "lower_right")
+            prefill_attn=self.prefill_attn or ("split" if cuda else "lower_right"))
         return dataclasses.replace(policy, decode=decode_path(model, policy.decode))
 
     def batch_mode(self, rows: int) -> RowsMode:

@@ -25,7 +25,7 @@ from rhlens.engine.captured import SYNC_EVERY, captured_decoder, decode_path
 from rhlens.engine.hooks import HookPair, StepState, phase
 from rhlens.engine.kv import KVPool, plain_cache_layers
 from rhlens.engine.lean import decode_step
-from rhlens.engine.native import DEFAULT_PREFILL_CHUNK, prefill
+from rhlens.engine.native import DEFAULT_PREFILL_CHUNK, default_prefill_chunk, prefill
 from rhlens.engine.policy import KernelPolicy
 from rhlens.errors import ConfigError
 from rhlens.results import Config
@@ -50,9 +50,10 @@ class GenerationConfig(Config):
         max_new_tokens: decode steps at most (the paper: 50).
         stop_at_newline: stop at the first generated token containing a newline.
         stop_at_eos: stop at the tokenizer's end-of-sequence token(s).
-        prefill_chunk: prefill this many tokens at a time (``None``:
-            :data:`DEFAULT_PREFILL_CHUNK`, 32768). Bounds activation memory on long prompts;
-            a reused prefix is cut back to a multiple of it, so that reuse changes no result.
+        prefill_chunk: prefill this many tokens at a time (``None``: the device's default,
+            16384 on a GPU, 32768 elsewhere: :func:`~rhlens.engine.native.default_prefill_chunk`).
+            Bounds activation memory on long prompts; a reused prefix is cut back to a multiple
+            of it, so that reuse changes no result.
         reuse_prefix: in :func:`generate_many`, keep the KV cache of the tokens a prompt
             shares with the previous one instead of prefilling them again.
         batch_size: in :func:`generate_many`, answer up to this many consecutive prompts of
@@ -93,7 +94,12 @@ class GenerationConfig(Config):
 
     @property
     def chunk(self) -> int:
+        """The prefill chunk on a CPU (:meth:`chunk_for` gives any device's)."""
         return self.prefill_chunk or DEFAULT_PREFILL_CHUNK
+
+    def chunk_for(self, device: torch.device | str) -> int:
+        """The prefill chunk of a run on ``device``."""
+        return self.prefill_chunk or default_prefill_chunk(device)
 
     def resolved_policy(self, model) -> KernelPolicy:
         """The kernel policy a run of ``model`` uses, on the device its weights are on."""
@@ -173,6 +179,7 @@ class _Runner:
         self.hf = hf_model(model)
         self.device = next(self.hf.parameters()).device
         self.policy = config.policy.resolve(self.device, model)
+        self.chunk = config.chunk_for(self.device)
         n_layers = plain_cache_layers(self.hf)
         self.pool = KVPool(self.hf, n_layers) if n_layers else None
         self.eos = _eos_ids(tokenizer) if config.stop_at_eos else set()
@@ -191,7 +198,7 @@ class _Runner:
         if self.pool is None:
             return 1
         cap = n_tokens - 1 + self.config.max_new_tokens
-        return self.pool.fit_rows(self.config.batch_size, cap, self.config.chunk)
+        return self.pool.fit_rows(self.config.batch_size, cap, self.chunk)
 
     def _has_newline(self, tok: int) -> bool:
         hit = self._newline.get(tok)
@@ -224,12 +231,12 @@ class _Runner:
             if rows != 1:
                 raise RuntimeError("rhlens: batching needs a plain KV cache (engine bug)")
             cache = new_cache(self.hf)
-            prefill(self.model, bodies[0], cache, chunk=config.chunk, attn=self.policy.prefill_attn)
+            prefill(self.model, bodies[0], cache, chunk=self.chunk, attn=self.policy.prefill_attn)
             kept = [0]
         else:
-            self.pool.ensure(rows, capacity, bodies[0], items[0][2], config.reuse_prefix, config.chunk)
+            self.pool.ensure(rows, capacity, bodies[0], items[0][2], config.reuse_prefix, self.chunk)
             kept = [self.pool.fill(self.model, r, bodies[r], items[r][2], config.reuse_prefix,
-                                   config.chunk, self.policy.prefill_attn) for r in range(rows)]
+                                   self.chunk, self.policy.prefill_attn) for r in range(rows)]
             cache = None if captured is not None else self.pool.decode_cache(rows, n - 1)
         if captured is not None:
             outs = self._decode_captured(captured, rows, last, n)
