@@ -566,6 +566,24 @@ def _compare(a, b) -> dict:
             "bit_identical": sum(x[0] == y[0] and torch.equal(x[1], y[1]) for x, y in zip(a, b))}
 
 
+def _check_model(out: dict, prefix: str, model, tok, prompts, masks, n_new: int, compiled: bool) -> None:
+    """The captured step (compiled too, if asked) against the lean step, alone, and batched
+    against alone, unmasked and masked."""
+    lean, cap = KernelPolicy(decode="lean"), KernelPolicy(decode="captured")
+    comp = KernelPolicy(decode="captured", compile=True)
+    for name, m in (("plain", []), ("masked", masks)):
+        a, pa = _decode(model, tok, prompts, lean, 1, n_new, m)
+        b, pb = _decode(model, tok, prompts, cap, 1, n_new, m)
+        c, _ = _decode(model, tok, prompts, cap, 4, n_new, m)
+        out[f"{prefix}_{name}_captured_vs_lean"] = {**_compare(b, a), "paths": sorted(pa | pb)}
+        out[f"{prefix}_{name}_captured_batch4_vs_alone"] = _compare(c, b)
+        if compiled:
+            d, _ = _decode(model, tok, prompts, comp, 1, n_new, m)
+            e, _ = _decode(model, tok, prompts, comp, 4, n_new, m)
+            out[f"{prefix}_{name}_compiled_vs_lean"] = _compare(d, a)
+            out[f"{prefix}_{name}_compiled_batch4_vs_alone"] = _compare(e, d)
+
+
 @torch.no_grad()
 def section_check(device: str, res: dict, compiled: bool = False) -> None:
     """``compiled``: the captured step under torch.compile checked too."""
@@ -576,41 +594,18 @@ def section_check(device: str, res: dict, compiled: bool = False) -> None:
     from toy import TOY_MODEL_DIR, make_toy_probe
 
     out = res["check"] = {}
-    lean, cap = KernelPolicy(decode="lean"), KernelPolicy(decode="captured")
     # Every model made before any capture (a failed capture can leave the RNG unusable).
     tiny = {dt: random_model("tiny", dt, device, 4096) for dt in (torch.float32, torch.bfloat16)}
     model, tok = load_model(str(TOY_MODEL_DIR), device=device, dtype=torch.float32)
     prompts = [make_toy_probe(tok, 60, s)[0] for s in range(4)]
     masks = ablation_hooks(model, [(0, 1), (1, 3)])
-    comp = KernelPolicy(decode="captured", compile=True)
-    for name, m in (("plain", []), ("masked", masks)):
-        a, pa = _decode(model, tok, prompts, lean, 1, 8, m)
-        b, pb = _decode(model, tok, prompts, cap, 1, 8, m)
-        c, pc = _decode(model, tok, prompts, cap, 4, 8, m)
-        out[f"toy_fp32_{name}_captured_vs_lean"] = {**_compare(b, a), "paths": sorted(pa | pb)}
-        out[f"toy_fp32_{name}_captured_batch4_vs_alone"] = _compare(c, b)
-        if compiled:
-            d, _ = _decode(model, tok, prompts, comp, 1, 8, m)
-            e, _ = _decode(model, tok, prompts, comp, 4, 8, m)
-            out[f"toy_fp32_{name}_compiled_vs_lean"] = _compare(d, a)
-            out[f"toy_fp32_{name}_compiled_batch4_vs_alone"] = _compare(e, d)
+    _check_model(out, "toy_fp32", model, tok, prompts, masks, 8, compiled)
     for dt in (torch.float32, torch.bfloat16):
         model, tok = tiny[dt]
         probes = random_probes(tok, SHAPES["tiny"][5], [1500], [0, 30, 60, 90])
-        prompts = [p.prompt_ids for p in probes]
         masks = ablation_hooks(model, random_heads(model.cfg.n_layers, model.cfg.n_heads, 5, seed=1))
-        name = str(dt)[6:]
-        for mname, m in (("plain", []), ("masked", masks)):
-            a, _ = _decode(model, tok, prompts, lean, 1, 16, m)
-            b, pb = _decode(model, tok, prompts, cap, 1, 16, m)
-            c, _ = _decode(model, tok, prompts, cap, 4, 16, m)
-            out[f"tiny_gqa_{name}_{mname}_captured_vs_lean"] = {**_compare(b, a), "paths": sorted(pb)}
-            out[f"tiny_gqa_{name}_{mname}_captured_batch4_vs_alone"] = _compare(c, b)
-            if compiled:
-                d, _ = _decode(model, tok, prompts, comp, 1, 16, m)
-                e, _ = _decode(model, tok, prompts, comp, 4, 16, m)
-                out[f"tiny_gqa_{name}_{mname}_compiled_vs_lean"] = _compare(d, a)
-                out[f"tiny_gqa_{name}_{mname}_compiled_batch4_vs_alone"] = _compare(e, d)
+        _check_model(out, f"tiny_gqa_{str(dt)[6:]}", model, tok, [p.prompt_ids for p in probes], masks, 16,
+                     compiled)
     log("check", json.dumps(out))
 
 

@@ -217,3 +217,23 @@ def test_chunked_prefill_variants_answer_as_one_pass(default_model, mode):
     chunked = decode_all(model, tok, prompt, GenerationConfig(
         max_new_tokens=10, prefill_chunk=96, policy=KernelPolicy(decode="lean", prefill_attn=mode)))
     assert [t for t, _ in chunked] == [t for t, _ in one]
+
+
+def test_the_kept_decoder_does_not_keep_the_model_alive():
+    """The captured step is cached with the model (weakly): dropping the model frees both."""
+    import gc
+    import weakref
+
+    from rhlens.engine import hf_model
+    from rhlens.models import load_model
+
+    from toy import TOY_MODEL_DIR
+
+    model, tok = load_model(str(TOY_MODEL_DIR), device="cpu")
+    gen = generate(model, tok, make_toy_probe(tok, 30, 0)[0], config=GenerationConfig(max_new_tokens=2,
+                                                                                      policy=CAPTURED))
+    assert gen.info["decode"] == "captured"
+    ref = weakref.ref(hf_model(model))
+    del model, tok, gen
+    gc.collect()
+    assert ref() is None

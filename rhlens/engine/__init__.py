@@ -78,8 +78,8 @@ from rhlens.engine.runner import (
 # The underscored names: private, kept importable from here for benchmarks and tests.
 __all__ = [
     "DEFAULT_PREFILL_CHUNK",
-    "EngineHook",
     "GPU_PREFILL_CHUNK",
+    "EngineHook",
     "Generation",
     "GenerationConfig",
     "HeadEditSpec",

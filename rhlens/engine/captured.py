@@ -209,7 +209,7 @@ class CapturedDecoder:
     def __init__(self, model, policy: KernelPolicy) -> None:
         hf = hf_model(model)
         inner = hf.model
-        self.model, self.policy = model, policy
+        self.policy = policy  # no reference to the model: the cache below is keyed by it, weakly
         param = next(hf.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.n_heads, self.n_kv, self.head_dim = attention_shape(hf)
