@@ -80,12 +80,12 @@ def word_tokenizer(vocab: int):
     return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="t0")
 
 
-def random_model(shape: str, dtype: torch.dtype, device: str, max_len: int):
-    from transformer_lens.model_bridge import TransformerBridge
+def random_hf(shape: str, dtype: torch.dtype, device: str, max_len: int, layers: int | None = None):
+    """A randomly initialised HF Llama of ``shape`` (``layers``: that many of its layers only)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    hidden, inter, layers, heads, kv, vocab, theta = SHAPES[shape]
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+    hidden, inter, n_layers, heads, kv, vocab, theta = SHAPES[shape]
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers or n_layers,
                       num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
                       rope_theta=theta, max_position_embeddings=max(4096, max_len),
                       bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
@@ -93,8 +93,15 @@ def random_model(shape: str, dtype: torch.dtype, device: str, max_len: int):
     torch.manual_seed(0)
     with torch.device(device):
         hf = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
-    hf.eval()
-    tok = word_tokenizer(vocab)
+    return hf.eval()
+
+
+def random_model(shape: str, dtype: torch.dtype, device: str, max_len: int, layers: int | None = None):
+    """:func:`random_hf` booted into a TransformerBridge, with a word-level tokenizer."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    hf = random_hf(shape, dtype, device, max_len, layers)
+    tok = word_tokenizer(SHAPES[shape][5])
     bridge = TransformerBridge.boot_transformers(f"random-{shape}", hf_model=hf, tokenizer=tok)
     bridge.eval()
     bridge.rhlens_name = f"random-{shape}"

@@ -30,7 +30,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from rhlens.engine import EngineHook, HookPair, hf_model, native_attention, phase
+from rhlens.engine import EngineHook, HeadEditSpec, HookPair, hf_model, native_attention, phase
 from rhlens.errors import ConfigError
 
 __all__ = [
@@ -231,15 +231,16 @@ def ablation_hooks(model, heads: Sequence[Sequence[int]], *, mode: Mode = "unifo
     """The ``(hook name, fn)`` pairs that knock ``heads`` out; attach them with ``model.hooks``."""
     Mask(tuple(heads), mode, phase)  # validates mode and phase
     by_layer = _check_heads(model, heads)
+    n_heads = int(model.cfg.n_heads)
     if mode == "mean" and means is None:
         raise ConfigError("mode='mean' needs means=head_means(model, tokenizer, prompts)")
     hooks: list[HookPair] = []
     for layer, idx in sorted(by_layer.items()):
         index = torch.tensor(sorted(idx))
         if mode == "uniform":
-            hooks.append((f"blocks.{layer}.attn.hook_q", _zero_heads(index, phase)))
+            hooks.append((f"blocks.{layer}.attn.hook_q", _zero_heads(index, phase, n_heads)))
         elif mode == "zero":
-            hooks.append((f"blocks.{layer}.attn.hook_z", _zero_heads(index, phase)))
+            hooks.append((f"blocks.{layer}.attn.hook_z", _zero_heads(index, phase, n_heads)))
         else:
             hooks.append((f"blocks.{layer}.attn.hook_z", _set_heads(index, means[layer], phase)))
     return hooks
@@ -264,13 +265,15 @@ def _head_mask(index: Tensor):
     return mask
 
 
-def _head_hook(edit: Callable[[Tensor], Tensor], when: PhaseName) -> EngineHook:
+def _head_hook(edit: Callable[[Tensor], Tensor], when: PhaseName, spec: HeadEditSpec) -> EngineHook:
     """``edit`` (on ``[batch, pos, head, d_head]``) as an :class:`EngineHook` acting in ``when``,
     with its ``flat`` twin: the same edit on the ``[batch, pos, head * d_head]`` tensor the model
     holds, which the engine's decode step applies directly (skipping the hook point's reshapes
     and call machinery, which cost more than the edit on a GPU). Outside the engine (a user's
     ``run_with_hooks``, loop or ``generate``) it is a plain hook; ``"decode"`` acts on every
-    forward there, which is what someone calling the model by hand expects."""
+    forward there, which is what someone calling the model by hand expects. ``spec`` says the
+    same edit as data (which heads, what they become), which the captured decode step applies
+    as one tensor op per layer without calling the hook."""
 
     def hook(x: Float[Tensor, "batch pos head d_head"], hook=None) -> Tensor:
         return edit(x)
@@ -279,20 +282,27 @@ def _head_hook(edit: Callable[[Tensor], Tensor], when: PhaseName) -> EngineHook:
         b, p, _ = x.shape
         return edit(x.view(b, p, n_heads, d_head)).view(b, p, n_heads * d_head)
 
-    return EngineHook(hook, phase=when, flat=flat)
+    return EngineHook(hook, phase=when, flat=flat, spec=spec)
 
 
-def _zero_heads(index: Tensor, when: PhaseName) -> EngineHook:
+def _selected(index: Tensor, n_heads: int) -> Tensor:
+    heads = torch.zeros(n_heads, dtype=torch.bool)
+    heads[index] = True
+    return heads
+
+
+def _zero_heads(index: Tensor, when: PhaseName, n_heads: int) -> EngineHook:
     mask = _head_mask(index)
 
     def edit(x: Tensor) -> Tensor:
         return x.masked_fill(mask(x), 0)  # a new tensor: the cache's own stays as it was
 
-    return _head_hook(edit, when)
+    return _head_hook(edit, when, HeadEditSpec(_selected(index, n_heads)))
 
 
 def _set_heads(index: Tensor, layer_means: Float[Tensor, "head d_head"], when: PhaseName) -> EngineHook:
     mask = _head_mask(index)
+    spec = HeadEditSpec(_selected(index, layer_means.shape[0]), layer_means)
     cast: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
     def edit(x: Tensor) -> Tensor:
@@ -301,7 +311,7 @@ def _set_heads(index: Tensor, layer_means: Float[Tensor, "head d_head"], when: P
             cast[key] = layer_means.to(device=x.device, dtype=x.dtype)
         return torch.where(mask(x), cast[key], x)
 
-    return _head_hook(edit, when)
+    return _head_hook(edit, when, spec)
 
 
 @contextlib.contextmanager

@@ -33,6 +33,7 @@ from rhlens.engine import (
     GenerationConfig,
     KernelPolicy,
     StepState,
+    TopKeySpec,
     current_phase,
     current_step,
     generate_many,
@@ -68,8 +69,9 @@ class DetectConfig(Config):
         success_threshold: ROUGE-1 recall above which a probe counts (paper: 0.5).
         max_new_tokens: decode steps at most (paper: 50).
         stop_at_newline: stop answering at a newline (paper: yes).
-        prefill_chunk: prefill this many tokens at a time (None: 32768); a reused haystack
-            prefix is cut back to a multiple of it, so reuse changes no result.
+        prefill_chunk: prefill this many tokens at a time (None: the device's default, 16384
+            on a GPU, 32768 elsewhere); a reused haystack prefix is cut back to a multiple of
+            it, so reuse changes no result.
         reuse_prefix: reuse the KV cache of the haystack shared by consecutive probes.
         batch_size: decode up to this many probes of equal length together (fewer on a GPU
             when their KV caches would not fit; 1: one at a time). Where the lean decode
@@ -157,8 +159,11 @@ class TopKeyRecorder:
         self._forwards = [0] * self.n_layers
 
     def hooks(self) -> list[tuple[str, Any]]:
+        # The spec lets the captured decode step write the same argmax into the same buffer
+        # without calling the hook (rhlens.engine.captured).
         return [(f"blocks.{layer}.attn.hook_pattern",
-                 EngineHook(self._make_hook(layer), phase="decode", reads_only=True))
+                 EngineHook(self._make_hook(layer), phase="decode", reads_only=True,
+                            spec=TopKeySpec(self._buf, layer)))
                 for layer in range(self.n_layers)]
 
     def _make_hook(self, layer: int):

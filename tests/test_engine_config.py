@@ -55,7 +55,10 @@ cases = [(GenerationConfig, {"batch_size": "2"}), (GenerationConfig, {"max_new_t
          (GenerationConfig, {"lean_decode": 0}), (GenerationConfig, {"policy": "fast"}),
          (GenerationConfig, {"policy": {"rows": "row"}}), (KernelPolicy, {"rows": "rowz"}),
          (KernelPolicy, {"av": "flash"}), (KernelPolicy, {"slab": 2.0}), (KernelPolicy, {"slab": True}),
-         (KernelPolicy, {"keys_first": "yes"}), (KernelPolicy, {"expand_kv": 1})]
+         (KernelPolicy, {"keys_first": "yes"}), (KernelPolicy, {"expand_kv": 1}),
+         (KernelPolicy, {"decode": "graph"}), (KernelPolicy, {"compile": "yes"}),
+         (KernelPolicy, {"bucket": 0}), (KernelPolicy, {"bucket": 2.0}),
+         (KernelPolicy, {"prefill_attn": "flash"})]
 for cls, kwargs in cases:
     try:
         cls(**kwargs)
@@ -69,7 +72,7 @@ for cls, kwargs in cases:
 def test_wrong_types_are_refused_with_a_config_error():
     out = subprocess.run([sys.executable, "-c", _WRONG_TYPES], capture_output=True, text=True,
                          cwd=ROOT, check=True).stdout.splitlines()
-    assert len(out) == 15
+    assert len(out) == 20
     for line in out:
         assert line.startswith("refused"), line
         field = line.split()[1]
@@ -84,21 +87,28 @@ def test_auto_policy_is_the_default_and_survives_a_round_trip():
 
 def test_policy_resolves_per_device(toy_model, default_model):
     toy, default = toy_model[0], default_model[0]  # 4 heads / 4 KV heads; 9 heads on 3 KV heads
-    cpu = {"rows": "row", "av": "mm", "keys_first": False}
+    cpu = {"rows": "row", "av": "mm", "keys_first": False, "decode": "lean", "compile": False,
+           "bucket": 64, "prefill_attn": "lower_right"}
     for model in (toy, default):
         got = KernelPolicy().resolve("cpu", model)
         assert {k: getattr(got, k) for k in cpu} == cpu and got.resolved
-    # On CUDA (resolving needs no GPU): slab products, keys-first scores, and pattern @ V summed
-    # in key blocks under grouped-query attention only.
-    assert KernelPolicy().resolve("cuda", toy) == KernelPolicy(rows="slab", av="mm", keys_first=True)
-    assert KernelPolicy().resolve("cuda", default) == KernelPolicy(rows="slab", av="split", keys_first=True)
+    # On CUDA (resolving needs no GPU): slab products, keys-first scores, pattern @ V summed
+    # in key blocks under grouped-query attention only, and the captured decode step.
+    cuda = dict(keys_first=True, decode="captured", compile=False, bucket=1024, prefill_attn="split")
+    assert KernelPolicy().resolve("cuda", toy) == KernelPolicy(rows="slab", av="mm", **cuda)
+    assert KernelPolicy().resolve("cuda", default) == KernelPolicy(rows="slab", av="split", **cuda)
     # K/V copied per head: no groups left to split by
     assert KernelPolicy(expand_kv=True).resolve("cuda", default).av == "mm"
     # explicit choices are kept
-    mine = KernelPolicy(rows="batch", av="mm", keys_first=False, slab=4)
+    mine = KernelPolicy(rows="batch", av="mm", keys_first=False, slab=4, decode="lean", compile=True,
+                        bucket=256, prefill_attn="split")
     assert mine.resolve("cuda", default) == mine
     with pytest.raises(ConfigError, match="resolve"):
         KernelPolicy().batch_mode(2)
+    # the prefill chunk: smaller on a GPU, where a chunk after cached keys costs what one pass does
+    config = GenerationConfig()
+    assert (config.chunk_for("cuda"), config.chunk_for("cpu"), config.chunk) == (16384, 32768, 32768)
+    assert GenerationConfig(prefill_chunk=512).chunk_for("cuda") == 512
 
 
 def _toy_probes(tok, n=2):
@@ -116,7 +126,8 @@ def test_run_json_records_the_resolved_policy(toy_model, tmp_path):
     header = json.loads((tmp_path / "auto" / "run.json").read_text())
     assert header["recorded"]["kernel_policy"] == {
         "type": "KernelPolicy", "rows": "row", "slab": 16, "av": "mm", "split_from": 16384,
-        "av_block": 1024, "keys_first": False, "expand_kv": False}
+        "av_block": 1024, "keys_first": False, "expand_kv": False, "decode": "lean",
+        "compile": False, "bucket": 64, "prefill_attn": "lower_right"}
     exact = DetectConfig(max_new_tokens=4, policy=KernelPolicy(expand_kv=True, rows="batch"))
     detect_retrieval_heads(model, probes, config=exact, out=tmp_path / "exact")
     header = json.loads((tmp_path / "exact" / "run.json").read_text())

@@ -24,13 +24,13 @@ Reading order (each module names its one job in its first line):
   Llama-family models (the same tensor operations on the same weights, without HF's and the
   bridge's per-module Python; bit-identical to the bridge's step in float32), chosen when only
   attention hooks are attached, else the bridge's own step;
+* :mod:`~rhlens.engine.captured`: the captured decode step (static buffers, the position on
+  the device, one CUDA graph replayed per step; the retrieval recorder and ``ablate_heads``
+  masks run from their :class:`TopKeySpec` / :class:`HeadEditSpec` as tensor ops), chosen
+  on a GPU when every attached hook has such a spec (``KernelPolicy.decode``);
 * :mod:`~rhlens.engine.runner`: :class:`GenerationConfig`, :func:`generate` and
   :func:`generate_many` (prefix reuse, prompts of equal length decoded together, each
   bit-identical to itself answered alone).
-
-A captured decode step (static buffers, device-side positions, a CUDA graph) would be one
-more module next to :mod:`~rhlens.engine.lean`, chosen by :func:`~rhlens.engine.lean.decode_step`
-for the EngineHooks it can express, with its choice recorded in the :class:`KernelPolicy`.
 """
 
 from rhlens.engine.attention import DirectHooks as _DirectHooks  # noqa: F401
@@ -40,7 +40,17 @@ from rhlens.engine.attention import split_av as _split_av  # noqa: F401
 from rhlens.engine.bridge import hf_model, native_modules
 from rhlens.engine.bridge import new_cache as _new_cache  # noqa: F401
 from rhlens.engine.bridge import set_attn_impl as _set_attn_impl  # noqa: F401
-from rhlens.engine.hooks import EngineHook, HookPair, Phase, StepState, current_phase, current_step, phase
+from rhlens.engine.hooks import (
+    EngineHook,
+    HeadEditSpec,
+    HookPair,
+    Phase,
+    StepState,
+    TopKeySpec,
+    current_phase,
+    current_step,
+    phase,
+)
 from rhlens.engine.kv import KVPool as _KVPool  # noqa: F401
 from rhlens.engine.kv import plain_cache_layers as _plain_cache_layers  # noqa: F401
 from rhlens.engine.lean import LeanDecoder as _LeanDecoder  # noqa: F401
@@ -48,6 +58,7 @@ from rhlens.engine.lean import decode_step as _decode_step  # noqa: F401
 from rhlens.engine.lean import lean_ok as _lean_ok  # noqa: F401
 from rhlens.engine.native import (  # noqa: F401
     DEFAULT_PREFILL_CHUNK,
+    GPU_PREFILL_CHUNK,
     _register_impl,
     _rhlens_sdpa,
     native_attention,
@@ -67,13 +78,16 @@ from rhlens.engine.runner import (
 # The underscored names: private, kept importable from here for benchmarks and tests.
 __all__ = [
     "DEFAULT_PREFILL_CHUNK",
+    "GPU_PREFILL_CHUNK",
     "EngineHook",
     "Generation",
     "GenerationConfig",
+    "HeadEditSpec",
     "HookPair",
     "KernelPolicy",
     "Phase",
     "StepState",
+    "TopKeySpec",
     "chat_prompt",
     "current_phase",
     "current_step",

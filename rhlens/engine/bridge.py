@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections.abc import Callable, Iterator
 
 import torch
@@ -89,16 +88,16 @@ def attention_slots(model) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]
     return slots
 
 
-_SWAPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def bridge_swaps(hf: torch.nn.Module) -> list[Swap]:
     """(parent, name, bridge component, HF module it wraps) for every bridge component
     (found once per model: the walk costs milliseconds, and every prefill swaps)."""
-    cached = _SWAPS.get(hf)
+    # Kept on the model itself: a module-level cache keyed by the model would hold it through
+    # the parents listed here (the model is one of them), and a model once prefilled would
+    # never be freed.
+    cached = hf.__dict__.get("_rhlens_swaps")
     if cached is not None and all(parent._modules.get(name) is bridge for parent, name, bridge, _ in cached):
         return cached
-    _SWAPS[hf] = swaps = _walk_bridge(hf)
+    hf.__dict__["_rhlens_swaps"] = swaps = _walk_bridge(hf)
     return swaps
 
 

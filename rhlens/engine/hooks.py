@@ -9,7 +9,12 @@ themselves, and then the engine can take its fast paths:
 * that it only reads (``reads_only``): the lean decode step then calls it directly, without
   the hook point's call machinery (:mod:`rhlens.engine.attention`);
 * a ``flat`` twin of a per-head edit, on the ``[batch, pos, head * d_head]`` tensor the model
-  holds, which the lean step applies without reshaping to ``[batch, pos, head, d_head]``.
+  holds, which the lean step applies without reshaping to ``[batch, pos, head, d_head]``;
+* a ``spec``: what the hook does, as data (:class:`TopKeySpec`: record each head's top key;
+  :class:`HeadEditSpec`: overwrite some heads). The captured decode step
+  (:mod:`rhlens.engine.captured`) runs a spec as tensor ops on static buffers instead of
+  calling the hook, so a decode step needs no Python at all; a hook without one keeps the
+  lean step.
 
 :class:`EngineHook` carries these. Outside the engine it is an ordinary hook: it works under
 ``model.hooks(...)``, ``model.run_with_hooks``, the bridge's own ``generate`` and any
@@ -22,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -29,7 +35,8 @@ from torch import Tensor
 
 from rhlens.errors import ConfigError
 
-__all__ = ["EngineHook", "HookPair", "Phase", "StepState", "current_phase", "current_step", "phase"]
+__all__ = ["EngineHook", "HeadEditSpec", "HookPair", "Phase", "StepState", "TopKeySpec", "current_phase",
+           "current_step", "phase"]
 
 Phase = Literal["prefill", "decode"]
 HookPhase = Literal["decode", "prefill", "all"]
@@ -82,6 +89,36 @@ def phase(name: Phase, state: StepState | None = None) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------
+# What a built-in hook does, as data
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class TopKeySpec:
+    """A read-only ``hook_pattern`` hook that writes, at every decode step, each head's top-1 key
+    (absolute position: the argmax over keys of the step's pattern row, first index on ties)
+    to ``buffer[step, layer, row, head]``.
+
+    ``buffer``: a ``torch.long`` tensor ``[steps, layers, rows, heads]`` on the model's device.
+    """
+
+    buffer: Tensor
+    layer: int
+
+
+@dataclass(frozen=True, eq=False)
+class HeadEditSpec:
+    """A per-head edit at ``hook_q`` or ``hook_z``: the heads in ``heads`` (bool ``[n_heads]``)
+    are overwritten with ``fill[head]`` (``[n_heads, d_head]``), or zeros when ``fill`` is
+    ``None``; the other heads pass unchanged. The hook's ``fn`` and ``flat`` must do exactly
+    this."""
+
+    heads: Tensor
+    fill: Tensor | None = None
+
+
+Spec = TopKeySpec | HeadEditSpec
+
+
+# ---------------------------------------------------------------------------------------
 # The hook type
 # ---------------------------------------------------------------------------------------
 class EngineHook:
@@ -101,6 +138,9 @@ class EngineHook:
             ``[batch, pos, head * d_head]`` tensor (``hook_q``, ``hook_k``, ``hook_v``,
             ``hook_z``); the lean step applies it instead of calling ``fn``. It must give
             exactly what ``fn`` gives through the reshape.
+        spec: what ``fn`` does, as data the captured decode step runs without calling ``fn``
+            (:class:`TopKeySpec` on a read-only hook, :class:`HeadEditSpec` on one with a
+            ``flat`` edit). It must describe ``fn`` exactly; ``None``: arbitrary Python.
 
     Example (a user's read-only hook, as fast as the retrieval recorder)::
 
@@ -110,10 +150,11 @@ class EngineHook:
         generate(model, tok, ids, hooks=[("blocks.3.attn.hook_pattern", spy)])
     """
 
-    __slots__ = ("flat", "fn", "phase", "reads_only")
+    __slots__ = ("flat", "fn", "phase", "reads_only", "spec")
 
     def __init__(self, fn: Callable[..., Tensor | None], *, phase: HookPhase = "all",
-                 reads_only: bool = False, flat: FlatEdit | None = None) -> None:
+                 reads_only: bool = False, flat: FlatEdit | None = None,
+                 spec: Spec | None = None) -> None:
         if not callable(fn):
             raise ConfigError(f"an EngineHook wraps a hook function, got {type(fn).__name__}")
         if phase not in ("decode", "prefill", "all"):
@@ -124,7 +165,17 @@ class EngineHook:
             raise ConfigError(f"flat must be a function (x, n_heads, d_head) -> x, got {type(flat).__name__}")
         if flat is not None and reads_only:
             raise ConfigError("an EngineHook with a flat edit edits: it cannot be reads_only")
-        self.fn, self.phase, self.reads_only, self.flat = fn, phase, reads_only, flat
+        if spec is not None and not isinstance(spec, (TopKeySpec, HeadEditSpec)):
+            raise ConfigError(f"spec must be a TopKeySpec or HeadEditSpec, got {type(spec).__name__}")
+        if isinstance(spec, TopKeySpec) and not reads_only:
+            raise ConfigError("a TopKeySpec describes a read-only hook: pass reads_only=True")
+        if isinstance(spec, HeadEditSpec) and flat is None:
+            raise ConfigError("a HeadEditSpec describes an edit: pass its flat twin too")
+        self.fn, self.phase, self.reads_only, self.flat, self.spec = fn, phase, reads_only, flat, spec
+
+    def acts_in(self, when: Phase) -> bool:
+        """Whether the hook acts while the engine runs phase ``when``."""
+        return self.phase == "all" or self.phase == ("decode" if when == "decode" else "prefill")
 
     def active(self) -> bool:
         """Whether the hook acts in the phase running now."""

@@ -212,11 +212,13 @@ class KVPool:
             self.body[0], self.last = ids, 0
 
     def fill(self, model, row: int, body: tuple[int, ...], key: Hashable, reuse: bool,
-             chunk: int) -> int:
+             chunk: int, attn: str = "lower_right") -> int:
         """Prefill ``body`` into ``row``; returns how many leading tokens were reused.
 
         The reused prefix is cut back to a multiple of ``chunk``, so the rest is prefilled in
         the chunks the body alone is prefilled in: same shapes, same kernels, same numbers.
+        ``attn``: how a chunk after cached keys computes its attention (see
+        :func:`~rhlens.engine.native.prefill`).
         """
         keep = 0
         if reuse and self.last is not None and key == self.key:
@@ -228,7 +230,7 @@ class KVPool:
         self.body[row], self.last, self.key = None, None, key
         cache = buffer_cache(self.hf, [k[row:row + 1] for k in self.k],
                              [v[row:row + 1] for v in self.v], keep)
-        prefill(model, body[keep:], cache, chunk=chunk)
+        prefill(model, body[keep:], cache, chunk=chunk, attn=attn)
         self.body[row], self.last = body, row
         return keep
 

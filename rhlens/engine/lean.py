@@ -8,9 +8,8 @@ MLP's ``down(act(gate(x)) * up(x))``; residual adds as in the decoder layer) wit
 :class:`~rhlens.engine.attention.LeanAttention`, so every attention hook fires.
 
 :func:`decode_step` picks the step: lean when the architecture is one the lean step
-reproduces and only attention hooks are attached (:func:`lean_ok`), else the bridge. A
-captured step (static buffers, a CUDA graph) would be one more candidate here, tried first
-for the hooks it can express.
+reproduces and only attention hooks are attached (:func:`lean_ok`), else the bridge. The
+captured step (:mod:`~rhlens.engine.captured`) is chosen before either where it applies.
 """
 
 from __future__ import annotations

@@ -8,13 +8,23 @@ flip an argmax between near-tied keys). So the policy that ran belongs in a run'
 ``None`` fields mean "the default for this device"; :meth:`KernelPolicy.resolve` replaces
 them with concrete choices (the defaults measured in BENCHMARKS.md):
 
-=============  =====================================  ==========================
-field          CUDA                                   elsewhere
-=============  =====================================  ==========================
-``rows``       ``"slab"``                             ``"row"``
-``av``         ``"split"`` under GQA (else ``"mm"``)  ``"mm"``
-``keys_first`` ``True``                               ``False``
-=============  =====================================  ==========================
+================  =====================================  ==========================
+field             CUDA                                   elsewhere
+================  =====================================  ==========================
+``rows``          ``"slab"``                             ``"row"``
+``av``            ``"split"`` under GQA (else ``"mm"``)  ``"mm"``
+``keys_first``    ``True``                               ``False``
+``decode``        ``"captured"``                         ``"lean"``
+``compile``       ``False``                              ``False``
+``bucket``        1024                                   64
+``prefill_attn``  ``"split"``                            ``"lower_right"``
+================  =====================================  ==========================
+
+``decode`` resolves to the fastest step the model and the hooks attached now allow (a model
+the lean step does not reproduce: ``"bridge"``; a hook the captured step cannot express, i.e.
+anything but the retrieval recorder and ``ablate_heads`` masks: ``"lean"``); a hook attached
+later downgrades the step of that decode only, and each :class:`~rhlens.engine.Generation`
+says in ``info["decode"]`` which step ran.
 """
 
 from __future__ import annotations
@@ -34,6 +44,9 @@ __all__ = ["KernelPolicy"]
 
 RowsMode = Literal["slab", "row", "batch"]
 AvMode = Literal["mm", "split", "sdpa"]
+DecodeMode = Literal["captured", "lean", "bridge"]
+PrefillAttn = Literal["lower_right", "flash_gqa", "split"]
+_PREFILL_ATTN = ("lower_right", "flash_gqa", "split")
 
 
 @dataclass(frozen=True)
@@ -67,6 +80,23 @@ class KernelPolicy(Config):
         expand_kv: copy K/V for every query head under grouped-query attention, as the
             bridge does: bit-for-bit agreement with the bridge at any precision, at the cost
             of the copy (without it the single query of a step is folded into its KV group).
+        decode: the decode step. ``"captured"``: :mod:`~rhlens.engine.captured`, every
+            operation on static buffers with the KV position on the device, replayed as one
+            CUDA graph per step on a GPU (run eagerly elsewhere), the built-in hooks run as
+            tensor ops; ``"lean"``: :mod:`~rhlens.engine.lean`, hooks called from Python;
+            ``"bridge"``: TransformerLens' own forward.
+        compile: the captured step's per-layer functions through ``torch.compile`` (fused
+            element-wise kernels; the first run compiles).
+        bucket: the captured step attends over the KV buffer up to the prompt + new tokens
+            rounded up to a multiple of this (the keys past the current one masked), so that
+            one graph serves every step of a decode.
+        prefill_attn: a prefill chunk that follows cached keys (a long prompt's later chunks,
+            the rest of a prompt after a reused prefix). ``"lower_right"``: SDPA with a
+            lower-right causal bias, K/V copied per query head under GQA (PyTorch's flash
+            kernel); ``"flash_gqa"``: that flash kernel called on the grouped K/V directly;
+            ``"split"``: the chunk against the cached keys (no mask) and against itself
+            (causal, square) as two SDPA calls whose outputs are merged by their
+            log-sum-exp.
     """
 
     rows: RowsMode | None = None
@@ -76,6 +106,10 @@ class KernelPolicy(Config):
     av_block: int = 1024
     keys_first: bool | None = None
     expand_kv: bool = False
+    decode: DecodeMode | None = None
+    compile: bool | None = None
+    bucket: int | None = None
+    prefill_attn: PrefillAttn | None = None
 
     def __post_init__(self) -> None:
         if self.rows not in (None, "slab", "row", "batch"):
@@ -90,11 +124,23 @@ class KernelPolicy(Config):
             raise ConfigError(f"KernelPolicy.keys_first must be True, False or None, got {self.keys_first!r}")
         if not isinstance(self.expand_kv, bool):
             raise ConfigError(f"KernelPolicy.expand_kv must be True or False, got {self.expand_kv!r}")
+        if self.decode not in (None, "captured", "lean", "bridge"):
+            raise ConfigError(f"KernelPolicy.decode must be 'captured', 'lean', 'bridge' or None, "
+                              f"got {self.decode!r}")
+        if not isinstance(self.compile, (bool, type(None))):
+            raise ConfigError(f"KernelPolicy.compile must be True, False or None, got {self.compile!r}")
+        if self.bucket is not None and (isinstance(self.bucket, bool) or not isinstance(self.bucket, int)
+                                        or self.bucket < 1):
+            raise ConfigError(f"KernelPolicy.bucket must be an integer >= 1 or None, got {self.bucket!r}")
+        if self.prefill_attn not in (None, *_PREFILL_ATTN):
+            raise ConfigError(f"KernelPolicy.prefill_attn must be one of {', '.join(_PREFILL_ATTN)} "
+                              f"or None, got {self.prefill_attn!r}")
 
     @property
     def resolved(self) -> bool:
         """Every choice is concrete (no device default left)."""
-        return None not in (self.rows, self.av, self.keys_first)
+        return None not in (self.rows, self.av, self.keys_first, self.decode, self.compile,
+                            self.bucket, self.prefill_attn)
 
     def resolve(self, device: torch.device | str, model) -> KernelPolicy:
         """The concrete policy for ``model`` on ``device`` (explicit choices are kept)."""
@@ -107,9 +153,16 @@ class KernelPolicy(Config):
             dtype = next(hf.parameters()).dtype
             if not _sdpa_runs(torch.device(device), dtype, n_heads, n_kv, head_dim):
                 av = "mm"
-        return dataclasses.replace(
+        from rhlens.engine.captured import decode_path
+
+        policy = dataclasses.replace(
             self, rows=self.rows or ("slab" if cuda else "row"), av=av,
-            keys_first=cuda if self.keys_first is None else self.keys_first)
+            keys_first=cuda if self.keys_first is None else self.keys_first,
+            decode=self.decode or ("captured" if cuda else "lean"),
+            compile=False if self.compile is None else self.compile,
+            bucket=self.bucket or (1024 if cuda else 64),
+            prefill_attn=self.prefill_attn or ("split" if cuda else "lower_right"))
+        return dataclasses.replace(policy, decode=decode_path(model, policy.decode))
 
     def batch_mode(self, rows: int) -> RowsMode:
         """How a step of ``rows`` prompts runs its weight products (a resolved policy)."""

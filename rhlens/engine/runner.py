@@ -21,10 +21,11 @@ from jaxtyping import Int
 from torch import Tensor
 
 from rhlens.engine.bridge import hf_model, new_cache
+from rhlens.engine.captured import SYNC_EVERY, captured_decoder, decode_path
 from rhlens.engine.hooks import HookPair, StepState, phase
 from rhlens.engine.kv import KVPool, plain_cache_layers
 from rhlens.engine.lean import decode_step
-from rhlens.engine.native import DEFAULT_PREFILL_CHUNK, prefill
+from rhlens.engine.native import DEFAULT_PREFILL_CHUNK, default_prefill_chunk, prefill
 from rhlens.engine.policy import KernelPolicy
 from rhlens.errors import ConfigError
 from rhlens.results import Config
@@ -49,18 +50,19 @@ class GenerationConfig(Config):
         max_new_tokens: decode steps at most (the paper: 50).
         stop_at_newline: stop at the first generated token containing a newline.
         stop_at_eos: stop at the tokenizer's end-of-sequence token(s).
-        prefill_chunk: prefill this many tokens at a time (``None``:
-            :data:`DEFAULT_PREFILL_CHUNK`, 32768). Bounds activation memory on long prompts;
-            a reused prefix is cut back to a multiple of it, so that reuse changes no result.
+        prefill_chunk: prefill this many tokens at a time (``None``: the device's default,
+            16384 on a GPU, 32768 elsewhere: :func:`~rhlens.engine.native.default_prefill_chunk`).
+            Bounds activation memory on long prompts; a reused prefix is cut back to a multiple
+            of it, so that reuse changes no result.
         reuse_prefix: in :func:`generate_many`, keep the KV cache of the tokens a prompt
             shares with the previous one instead of prefilling them again.
         batch_size: in :func:`generate_many`, answer up to this many consecutive prompts of
             equal length together (one forward per decode step for all of them). On a GPU
             fewer are batched when their KV caches would not fit. Hooks then see a batch
             dimension of that size. ``1``: one prompt at a time.
-        lean_decode: decode through the HF modules plus a lean copy of the bridge's
-            attention when only attention hooks are attached (same hooks, same tensors);
-            ``False`` always decodes through the bridge.
+        lean_decode: decode on the engine's own steps where they apply (the captured or the
+            lean step, as ``policy.decode`` says); ``False`` always decodes through the
+            bridge.
         policy: the lean step's kernels, a :class:`KernelPolicy` (``None`` or ``"auto"``:
             every choice the device's default, resolved when a run starts; see
             :meth:`describe`).
@@ -92,7 +94,12 @@ class GenerationConfig(Config):
 
     @property
     def chunk(self) -> int:
+        """The prefill chunk on a CPU (:meth:`chunk_for` gives any device's)."""
         return self.prefill_chunk or DEFAULT_PREFILL_CHUNK
+
+    def chunk_for(self, device: torch.device | str) -> int:
+        """The prefill chunk of a run on ``device``."""
+        return self.prefill_chunk or default_prefill_chunk(device)
 
     def resolved_policy(self, model) -> KernelPolicy:
         """The kernel policy a run of ``model`` uses, on the device its weights are on."""
@@ -111,7 +118,8 @@ class Generation:
 
     ``response_ids`` holds every generated token, the stopping token included (its step was
     observed like the others); ``response`` is the text without the stopping token.
-    ``info["batch_row"]`` is the prompt's row in the batch it was decoded with.
+    ``info["batch_row"]`` is the prompt's row in the batch it was decoded with;
+    ``info["decode"]`` the decode step that ran (``"captured"``, ``"lean"`` or ``"bridge"``).
     """
 
     prompt_ids: tuple[int, ...]
@@ -136,6 +144,33 @@ def _eos_ids(tokenizer) -> set[int]:
     return ids
 
 
+class _Stops:
+    """Each row's tokens until its stop (EOS, newline, or none yet)."""
+
+    def __init__(self, rows: int, eos: set[int], newline: Callable[[int], bool] | None) -> None:
+        self.outs: list[list[int]] = [[] for _ in range(rows)]
+        self.stops: list[str | None] = [None] * rows
+        self.eos, self.newline = eos, newline
+
+    def add(self, toks: Sequence[int]) -> bool:
+        """One step's tokens (one per row); True when every row has stopped."""
+        for r, tok in enumerate(toks):
+            if self.stops[r] is not None:
+                continue
+            self.outs[r].append(tok)
+            if tok in self.eos:
+                self.stops[r] = "eos"
+            elif self.newline is not None and self.newline(tok):
+                self.stops[r] = "newline"
+        return all(s is not None for s in self.stops)
+
+    def add_steps(self, steps: Sequence[Sequence[int]]) -> bool:
+        return any(self.add(toks) for toks in steps)
+
+    def result(self) -> list[tuple[list[int], str]]:
+        return [(o, s or "length") for o, s in zip(self.outs, self.stops)]
+
+
 class _Runner:
     """Prefills and decodes batches of equal-length prompts for :func:`generate_many`."""
 
@@ -144,16 +179,26 @@ class _Runner:
         self.hf = hf_model(model)
         self.device = next(self.hf.parameters()).device
         self.policy = config.policy.resolve(self.device, model)
+        self.chunk = config.chunk_for(self.device)
         n_layers = plain_cache_layers(self.hf)
         self.pool = KVPool(self.hf, n_layers) if n_layers else None
         self.eos = _eos_ids(tokenizer) if config.stop_at_eos else set()
         self._newline: dict[int, bool] = {}
 
+    def _path(self) -> str:
+        """The decode step for the hooks attached now (see :class:`KernelPolicy`'s ``decode``)."""
+        if not self.config.lean_decode:
+            return "bridge"
+        wanted = self.policy.decode
+        if self.pool is None and wanted == "captured":  # the captured step needs the pool's buffers
+            wanted = "lean"
+        return decode_path(self.model, wanted)
+
     def max_rows(self, n_tokens: int) -> int:
         if self.pool is None:
             return 1
         cap = n_tokens - 1 + self.config.max_new_tokens
-        return self.pool.fit_rows(self.config.batch_size, cap, self.config.chunk)
+        return self.pool.fit_rows(self.config.batch_size, cap, self.chunk)
 
     def _has_newline(self, tok: int) -> bool:
         hit = self._newline.get(tok)
@@ -172,55 +217,73 @@ class _Runner:
         for i, _, _ in items:
             if on_start is not None:
                 on_start(i)
+        path = self._path()
+        captured = None
+        if path == "captured":
+            captured = captured_decoder(self.model, self.policy)
+            if not captured.applies(rows, config.max_new_tokens):
+                path, captured = "lean", None
+        capacity = n - 1 + config.max_new_tokens
+        if captured is not None:  # the captured step attends over whole buckets of keys
+            capacity = -(-capacity // self.policy.bucket) * self.policy.bucket
+        last = [ids[-1] for _, ids, _ in items]
         if self.pool is None:  # sliding-window caches: a fresh cache, one prompt at a time
             if rows != 1:
                 raise RuntimeError("rhlens: batching needs a plain KV cache (engine bug)")
             cache = new_cache(self.hf)
-            prefill(self.model, bodies[0], cache, chunk=config.chunk)
+            prefill(self.model, bodies[0], cache, chunk=self.chunk, attn=self.policy.prefill_attn)
             kept = [0]
         else:
-            self.pool.ensure(rows, n - 1 + config.max_new_tokens, bodies[0], items[0][2],
-                             config.reuse_prefix, config.chunk)
+            self.pool.ensure(rows, capacity, bodies[0], items[0][2], config.reuse_prefix, self.chunk)
             kept = [self.pool.fill(self.model, r, bodies[r], items[r][2], config.reuse_prefix,
-                                   config.chunk) for r in range(rows)]
-            cache = self.pool.decode_cache(rows, n - 1)
-        outs = self._decode(cache, [ids[-1] for _, ids, _ in items], n)
+                                   self.chunk, self.policy.prefill_attn) for r in range(rows)]
+            cache = None if captured is not None else self.pool.decode_cache(rows, n - 1)
+        if captured is not None:
+            outs = self._decode_captured(captured, rows, last, n)
+        else:
+            outs = self._decode(cache, last, n, path)
         gens = []
         for r, ((_, ids, _), (out, stop)) in enumerate(zip(items, outs)):
             text_ids = out[:-1] if stop != "length" else out
             response = self.tokenizer.decode(text_ids, skip_special_tokens=True).strip()
             gens.append(Generation(prompt_ids=ids, response_ids=out, response=response,
                                    stop_reason=stop, reused_prefix=kept[r],
-                                   info={"batch_row": r, "batch_size": rows}))
+                                   info={"batch_row": r, "batch_size": rows, "decode": path}))
         return gens
 
-    def _decode(self, cache, last: list[int], n_prompt: int) -> list[tuple[list[int], str]]:
+    def _stops(self, rows: int) -> _Stops:
+        return _Stops(rows, self.eos, self._has_newline if self.config.stop_at_newline else None)
+
+    def _decode(self, cache, last: list[int], n_prompt: int, path: str) -> list[tuple[list[int], str]]:
         config, state = self.config, self.state
         rows = len(last)
         inp = torch.tensor([[t] for t in last], dtype=torch.long, device=self.device)  # [rows, 1]
-        outs: list[list[int]] = [[] for _ in range(rows)]
-        stops: list[str | None] = [None] * rows
+        stops = self._stops(rows)
         state.rows = rows
-        forward = decode_step(self.model, config.lean_decode, self.policy)
+        forward = decode_step(self.model, path == "lean", self.policy)
         with phase("decode", state):
             for step in range(config.max_new_tokens):
                 state.step = step
                 state.n_seen = n_prompt + step
                 logits = forward(inp, cache, n_prompt - 1 + step)  # [rows, 1, vocab]
                 nxt = logits[:, -1].argmax(-1)
-                toks = nxt.tolist()  # the one host sync per step: needed to decide whether to stop
-                for r, tok in enumerate(toks):
-                    if stops[r] is not None:
-                        continue
-                    outs[r].append(tok)
-                    if tok in self.eos:
-                        stops[r] = "eos"
-                    elif config.stop_at_newline and self._has_newline(tok):
-                        stops[r] = "newline"
-                if all(s is not None for s in stops):
+                # the one host sync per step: needed to decide whether to stop
+                if stops.add(nxt.tolist()):
                     break
                 inp = nxt.view(rows, 1)
-        return [(o, s or "length") for o, s in zip(outs, stops)]
+        return stops.result()
+
+    def _decode_captured(self, decoder, rows: int, last: list[int],
+                         n_prompt: int) -> list[tuple[list[int], str]]:
+        stops = self._stops(rows)
+        self.state.rows = rows
+        check = SYNC_EVERY if (self.eos or self.config.stop_at_newline) else None
+        pool = self.pool
+        with phase("decode", self.state):
+            ran = decoder.decode(pool.k, pool.v, rows, n_prompt, last, self.config.max_new_tokens,
+                                 stops.add_steps, check)
+        decoder.crop(ran, [len(o) for o in stops.outs])
+        return stops.result()
 
 
 def generate(model, tokenizer, prompt_ids: Sequence[int] | Tensor, *,
