@@ -52,28 +52,20 @@ def _attentions(hf, tokens: list[int]) -> list[torch.Tensor]:
     return [a[0] for a in out.attentions]
 
 
-def _naive_mass(hf, prompt: list[int], answer: list[int], span) -> list[list[float]]:
-    """Attention on ``span`` at each answer step (row n - 1 + s), averaged over the steps."""
-    att = _attentions(hf, prompt + answer[:-1])
-    n, (start, end) = len(prompt), span
-    out = []
-    for layer in att:
-        row = []
-        for h in range(layer.shape[0]):
-            steps = [sum(float(layer[h, n - 1 + s, j]) for j in range(start, end))
-                     for s in range(len(answer))]
-            row.append(sum(steps) / len(steps))
-        out.append(row)
-    return out
-
-
-def _naive_rows_mass(hf, prompt: list[int], rows, span) -> list[list[float]]:
-    att = _attentions(hf, prompt)
+def _naive_rows_mass(hf, tokens: list[int], rows, span) -> list[list[float]]:
+    """Attention on ``span`` from query rows ``[r0, r1)`` of ``tokens``, averaged over the rows."""
+    att = _attentions(hf, tokens)
     out = []
     for layer in att:
         out.append([sum(sum(float(layer[h, r, j]) for j in range(*span)) for r in range(*rows))
                     / (rows[1] - rows[0]) for h in range(layer.shape[0])])
     return out
+
+
+def _naive_mass(hf, prompt: list[int], answer: list[int], span) -> list[list[float]]:
+    """Attention on ``span`` at each answer step (row n - 1 + s), averaged over the steps."""
+    n = len(prompt)
+    return _naive_rows_mass(hf, prompt + answer[:-1], (n - 1, n - 1 + len(answer)), span)
 
 
 def _naive_forced_copy(hf, prompt: list[int], answer: list[int], span) -> list[list[float]]:

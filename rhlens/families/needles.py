@@ -50,20 +50,18 @@ STOP_WORDS: frozenset[str] = frozenset((
 
 _BY_ID = {n.id: n for n in BUILTIN_NEEDLES}
 
+def _asked_otherwise(needle_id: str, question: str) -> Needle:
+    """The built-in needle ``needle_id`` (same sentence, same answer) with another question."""
+    n = _BY_ID[needle_id]
+    return Needle(needle=n.needle, question=question, real_needle=n.real_needle, id=f"{needle_id}-nl")
+
+
 # Written for rhlens: the built-in needles, asked about in other words.
 NONLITERAL_NEEDLES: tuple[Needle, ...] = (
-    Needle(needle=_BY_ID["lighthouse-soup"].needle,
-           question="Which spice flavours the broth served at the coastal beacon?",
-           real_needle=_BY_ID["lighthouse-soup"].real_needle, id="lighthouse-soup-nl"),
-    Needle(needle=_BY_ID["observatory-password"].needle,
-           question="What secret phrase grants entry to the astronomy building?",
-           real_needle=_BY_ID["observatory-password"].real_needle, id="observatory-password-nl"),
-    Needle(needle=_BY_ID["pellmoor-dragon"].needle,
-           question="How can someone soothe the fire-breathing beast?",
-           real_needle=_BY_ID["pellmoor-dragon"].real_needle, id="pellmoor-dragon-nl"),
-    Needle(needle=_BY_ID["orlen-key"].needle,
-           question="Where was the item that opens the crystal gallery stashed?",
-           real_needle=_BY_ID["orlen-key"].real_needle, id="orlen-key-nl"),
+    _asked_otherwise("lighthouse-soup", "Which spice flavours the broth served at the coastal beacon?"),
+    _asked_otherwise("observatory-password", "What secret phrase grants entry to the astronomy building?"),
+    _asked_otherwise("pellmoor-dragon", "How can someone soothe the fire-breathing beast?"),
+    _asked_otherwise("orlen-key", "Where was the item that opens the crystal gallery stashed?"),
 )
 
 NEEDLE_SETS: dict[str, tuple[Needle, ...]] = {"literal": BUILTIN_NEEDLES,

@@ -54,7 +54,6 @@ class AnswerRecorder:
         self._mass = torch.zeros(max_steps, n_layers, max_batch, n_heads, device=device)
         self._spans: list[tuple[int, int] | None] = [None] * max_batch
         self._on = torch.zeros(max_batch, 0, device=device)  # [row, absolute key]: 1 on the span
-        self._forwards = [0] * n_layers
         self._rows = 0  # rows given a span since the last decode step (see begin)
         self._open = False
 
@@ -99,17 +98,19 @@ class AnswerRecorder:
     @property
     def n_steps(self) -> int:
         """Steps recorded outside the engine since the last :meth:`reset`."""
-        return max(self._forwards)
+        return self.top.n_steps
 
     def reset(self) -> None:
         """Clear the buffers (spans stay)."""
         self.top.reset()
         self._mass.zero_()
-        self._forwards = [0] * self.n_layers
 
     # ---- hooks --------------------------------------------------------------------------
     def hooks(self) -> list[tuple[str, Any]]:
-        """``TopKeyRecorder``'s hooks plus one mass hook per layer (all read-only, decode-only)."""
+        """``TopKeyRecorder``'s hooks plus one mass hook per layer (all read-only, decode-only).
+
+        A layer's mass hook comes after its top-key hook (hooks fire in the order attached),
+        so outside the engine it reads the step that hook has just counted."""
         return [*self.top.hooks(),
                 *((f"blocks.{layer}.attn.hook_pattern",
                    EngineHook(self._mass_hook(layer), phase="decode", reads_only=True))
@@ -120,17 +121,10 @@ class AnswerRecorder:
             B, H, Q, K = pattern.shape  # the step's query is the last one
             self._open = False  # the batch is running: the next begin() starts a new one
             state = current_step() or (self.state if current_phase() == "decode" else None)
-            if state is not None:
+            if state is not None:  # an engine decode step
                 step, offset = state.step, state.absolute(K)
-            else:
-                step, offset = self._forwards[layer], 0
-                if step >= self.max_steps:
-                    raise ConfigError(f"the recorder holds {self.max_steps} steps; reset() it between "
-                                      "runs or make it with a larger max_steps")
-                self._forwards[layer] = step + 1
-            if self._mass.shape[2] < B:
-                raise ConfigError(f"the recorder holds {self._mass.shape[2]} batch rows, the model "
-                                  f"runs {B}; make it with max_batch={B}")
+            else:  # a forward outside the engine: the one this layer's top-key hook counted
+                step, offset = self.top.n_steps - 1, 0
             self._fit(offset + K)
             on = self._on[:B, offset:offset + K]  # [B, K]
             torch.sum(pattern[:, :, -1].detach().float() * on[:, None], dim=-1,
