@@ -14,6 +14,8 @@ from rhlens.stats import top_k_heads
 __all__ = ["plot_damage_curves", "plot_family_correlations", "plot_family_tops"]
 
 _RANDOM_COLOR = "0.45"
+_MARKERS = ("o", "^", "v", "D", "P", "X")
+_LINES = ("-", "--", "-.", ":")
 
 
 def plot_family_correlations(families: FamilySet) -> Figure:
@@ -73,14 +75,16 @@ def plot_damage_curves(results: DamageResult | Sequence[DamageResult], titles: S
     axes = fig.subplots(1, len(results), squeeze=False)[0]
     for i, (ax, res) in enumerate(zip(axes, results)):
         ks = res.all_ks
-        for name in res.rankings:
-            ax.plot(ks, res.curve(name), "o-", ms=3, label=f"{name} top-K")
+        for j, name in enumerate(res.rankings):  # families often share heads: tell lines apart
+            ax.plot(ks, res.curve(name), marker=_MARKERS[j % len(_MARKERS)], ms=4 + (j % 3),
+                    ls=_LINES[j % len(_LINES)], alpha=0.85, label=f"{name} top-K")
         per_seed = np.array([[float(res.per_probe(x).mean()) for x in labels]
                              for labels in res.labels_of("random")[1:]])  # [k, seed]
         base = res.curve("random")[0]
         mean = np.concatenate([[base], per_seed.mean(1)])
         std = np.concatenate([[0.0], per_seed.std(1)])
-        ax.plot(ks, mean, "s--", ms=3, color=_RANDOM_COLOR, label=f"random-K ({len(res.seeds)} seeds)")
+        seeds = f"{len(res.seeds)} seed{'s' if len(res.seeds) > 1 else ''}"
+        ax.plot(ks, mean, "s-", ms=3, lw=2, color=_RANDOM_COLOR, label=f"random-K ({seeds})")
         ax.fill_between(ks, mean - std, mean + std, color=_RANDOM_COLOR, alpha=0.2)
         ax.set_xscale("symlog", linthresh=1)
         ax.set_xticks(ks, [str(k) for k in ks])

@@ -45,7 +45,7 @@ def _label(run: RunContents) -> str:
 
 def _model(run: RunContents) -> str:
     for part in (run.scores, run.patching, run.sweep.niah if run.sweep else None, run.niah,
-                 *run.cot):
+                 *run.cot, *run.of_kind("FamilySet")):
         if part is not None and getattr(part, "model_name", None):
             return part.model_name
     return "?"

@@ -28,13 +28,17 @@ def _agreement(fs: FamilySet, top: int, dpi: int) -> Section:
     from rhlens.plotting import plot_family_correlations, plot_family_tops
 
     where = f" on the {fs.needle_set} needles" if fs.needle_set else ""
-    sec = Section(f"Score families of {fs.model_name}{where}")
     answers = getattr(fs.config, "answers", "model")
+    how = "" if answers == "model" else " (reference answers)"
+    tag = (fs.needle_set or "probes") + ("" if answers == "model" else "-reference")
+    sec = Section(f"Score families of {fs.model_name}{where}{how}")
+    spans = (f"mass looks at the {getattr(fs.config, 'mass_span', 'answer')} span, query at the "
+             f"{getattr(fs.config, 'query_span', 'needle')} span")
     sec.add(Text(
         f"Each family ranks the {fs.families[0].n_layers} x {fs.families[0].n_heads} heads its own way "
-        + ("(copy and mass at the model's own answers, means over the probes it answered)"
+        + ("(copy and mass at the model's own answers, means over the probes it answered"
            if answers == "model" else "(copy and mass with the needle's answer teacher-forced, every probe "
-           "counted)") + ". Spearman and top-10 overlap are against the paper's copy score."))
+           "counted") + f"; {spans}). Spearman and top-10 overlap are against the paper's copy score."))
     defined = set(fs.defined())
     for name in fs.names:
         if name not in defined:
@@ -54,13 +58,11 @@ def _agreement(fs: FamilySet, top: int, dpi: int) -> Section:
         sec.add(Text(f"{n_global} of {len(fs.layer_types)} layers attend globally (layers "
                      f"{', '.join(str(i) for i, t in enumerate(fs.layer_types) if t == 'global')}); "
                      "the others through a sliding window."))
-    sec.add(Table(("family", "what it measures"),
-                  tuple((n, FAMILIES[n]) for n in fs.names), caption="Definitions"))
     if len(defined) >= 2:
-        sec.add(image(plot_family_correlations(fs), f"family-correlations-{fs.needle_set or 'probes'}",
+        sec.add(image(plot_family_correlations(fs), f"family-correlations-{tag}",
                       "Spearman rank correlation between families' head scores.", dpi))
     if defined:
-        sec.add(image(plot_family_tops(fs), f"family-tops-{fs.needle_set or 'probes'}",
+        sec.add(image(plot_family_tops(fs), f"family-tops-{tag}",
                       "Each family's top-10 heads on the layer x head grid.", dpi))
     return sec
 
@@ -102,6 +104,10 @@ def families_section(sets: Sequence[FamilySet], damages: Sequence[DamageResult],
     sec.add(Text("Which heads retrieve? The paper's copy score against attention mass on the needle "
                  "while answering, attention from the question to the needle, and TransformerLens' "
                  "head detectors; judged by what masking each family's top heads does to NIAH."))
+    names = list(dict.fromkeys(n for fs in sets for n in fs.names))
+    if names:
+        sec.add(Table(("family", "what it measures"), tuple((n, FAMILIES[n]) for n in names),
+                      caption="Definitions"))
     sec.children.extend(_agreement(fs, top, dpi) for fs in sets)
     sec.children.extend(_damage(res, dpi) for res in damages)
     return sec
