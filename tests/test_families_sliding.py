@@ -76,3 +76,34 @@ def test_gemma_families_agree_across_passes_past_the_sliding_window(gemma):
     sliding = [la for la, k in enumerate(kinds) if k == "sliding"]
     assert ref["mass"].per_probe[0, sliding].abs().max() == 0
     assert ref["mass"].per_probe[0].max() > 0.05  # a global layer's head looks at it
+
+
+@pytest.mark.slow
+@needs_gemma
+def test_gemma_head_patching_past_the_window_matches_full_forwards(gemma):
+    """Exact head patching (a prefix KV cache, then the answer rows through the bridge) on a
+    prompt longer than the sliding window equals a naive patch of full bridge forwards."""
+    from rhlens.patching import PatchConfig, make_pairs, patch_heads
+    from rhlens.probes import BUILTIN_NEEDLES, ProbeConfig, build_probes
+
+    model, tok = gemma
+    probes = build_probes(tok, config=ProbeConfig(lengths=(900,), depths=(80,)), needles=[BUILTIN_NEEDLES[1]])
+    pair = make_pairs(tok, probes)[0]
+    assert len(pair.clean_ids) > 600
+    layers = (0, 5)  # a sliding layer and a global one
+    result = patch_heads(model, [pair], config=PatchConfig(mode="exact", layers=layers))
+    clean = torch.tensor([pair.clean_ids])
+    corrupted = torch.tensor([pair.corrupted_ids])
+    a = pair.answer_pos
+    with torch.no_grad():
+        _, cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_z"))
+        for layer in layers:
+            for head in range(4):
+                def put(z, hook=None, layer=layer, head=head):
+                    z = z.clone()
+                    z[:, a:, head] = cache[f"blocks.{layer}.attn.hook_z"][:, a:, head]
+                    return z
+
+                logits = model.run_with_hooks(corrupted, fwd_hooks=[(f"blocks.{layer}.attn.hook_z", put)])
+                want = float(logits[0, a, pair.clean_token] - logits[0, a, pair.corrupted_token])
+                assert result.patched[0, layer, head].item() == pytest.approx(want, abs=2e-3), (layer, head)
