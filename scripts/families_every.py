@@ -1,13 +1,15 @@
-"""Every rhlens analysis of one model through the CLI: detection, masking, patching, CoT, properties, report.
+"""Every rhlens analysis of a model on top of scripts/families.py: detection, masking, patching, CoT, report.
 
-Run for Gemma-3-270M next to the default model; small grids sized for 2 shared CPU cores
-(about 20 minutes a model). Each step is the ``rhlens`` command a user would type, so the
-folders resume when rerun. Writes ``<out>/<model>/{detect,sweep,patch,cot}``, the report
-``<out>/<model>/report.html`` (with the score-families runs of ``scripts/families.py`` when
-they are there) and ``<out>/<model>/every.json``: the headline numbers, and where the top
-retrieval heads sit in sliding-window vs global layers::
+Detection and masking come from the families run (its ``copy`` family is the paper's
+detection on 20 probes; its damage sweep is the masking sweep, top-K against random-K): the
+copy scores are written as a detection run (``rhlens.runs.save_detection_run``: scores, paper
+JSON, properties, figures). Patching and CoT vs direct run through the ``rhlens`` command a
+user would type (small grids for 2 shared CPU cores, resumable). Writes
+``<out>/<model>/{detect,patch,cot}``, ``<out>/<model>/report.html`` (every run of the model,
+the families included) and ``<out>/<model>/every.json``: the headline numbers, and where the
+top retrieval heads sit in sliding-window vs global layers::
 
-    PYTHONPATH=. python scripts/families_every.py --model gemma-3-270m [--out runs/every]
+    PYTHONPATH=. python scripts/families_every.py --model gemma-3-270m [--families runs/families]
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 from pathlib import Path
 
 from rhlens.cli import main as rhlens
-from rhlens.results import read_json, write_json
+from rhlens.results import write_json
 
 
 def run(*argv: str) -> None:
@@ -33,50 +35,45 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="gemma-3-270m")
     ap.add_argument("--out", default="runs/every")
-    ap.add_argument("--families", default="runs/families",
-                    help="the output of scripts/families.py, added to the report when present")
+    ap.add_argument("--families", default="runs/families", help="the output of scripts/families.py")
     args = ap.parse_args()
-    base = Path(args.out) / args.model
+    from rhlens.cot.experiment import CoTResult
+    from rhlens.families import DamageResult, FamilySet
+    from rhlens.patching import PatchingVsRetrieval
+    from rhlens.runs import save_detection_run
+    from rhlens.scores import RetrievalScores
+
+    base, fam = Path(args.out) / args.model, Path(args.families) / args.model / "literal"
+    fs = FamilySet.load(fam / "families" / "result")
+    copy = fs["copy"]
+    scores = RetrievalScores(per_probe=copy.per_probe, success=copy.success, model_name=copy.model_name,
+                             n_kv_heads=copy.n_kv_heads, probes=copy.probes, config=fs.config.detect)
+    save_detection_run(base / "detect", scores)
     m = ["--model", args.model, "--quiet"]
-    grid = ["--lengths", "1000", "--depths", "10,30,50,70,90", "--max-new-tokens", "32"]
-    run("detect", *m, *grid, "--prefill-chunk", "64", "--out", str(base / "detect"))
-    run("mask-sweep", *m, "--scores", str(base / "detect"), "--lengths", "1000", "--depths", "50",
-        "--ks", "0,5,20", "--seeds", "1", "--max-new-tokens", "24", "--out", str(base / "sweep"))
     run("patch", *m, "--scores", str(base / "detect"), "--lengths", "700", "--depths", "50",
         "--n-needles", "2", "--out", str(base / "patch"))
     run("cot", *m, "--task", "arithmetic", "--scores", str(base / "detect"), "--k", "5", "--seeds", "1",
         "--n-items", "6", "--max-new-tokens-cot", "80", "--out", str(base / "cot"))
 
-    from rhlens.families import FamilySet
-    from rhlens.niah import MaskSweepResult
-    from rhlens.patching import PatchingVsRetrieval
-    from rhlens.scores import RetrievalScores
-
-    scores = RetrievalScores.load(base / "detect" / "scores")
-    families = Path(args.families) / args.model / "literal" / "families"
-    kinds = FamilySet.load(families / "result").layer_types if (families / "result").exists() else None
+    kinds = fs.layer_types
     top = scores.top(10)
     summary = {"model": args.model, "successful_probes": f"{scores.n_successful}/{scores.n_probes}",
                "top10": [[la, h, round(s, 3)] for la, h, s in top],
-               "fraction_above_0.1": scores.fraction_above(0.1),
-               "detect_summary": read_json(base / "detect" / "summary.json")}
+               "fraction_above_0.1": scores.fraction_above(0.1)}
     if kinds:
-        summary["layer_types"] = kinds
-        summary["top10_in_global_layers"] = sum(kinds[la] == "global" for la, _, _ in top) / len(top)
-        summary["global_layer_share"] = kinds.count("global") / len(kinds)
         above = scores.retrieval_heads(0.1)
-        summary["heads_above_0.1_in_global_layers"] = \
-            f"{sum(kinds[la] == 'global' for la, _ in above)}/{len(above)}"
-    sweep = MaskSweepResult.load(base / "sweep" / "mask_sweep")
-    summary["mask_sweep"] = sweep.curve()
+        summary.update(layer_types=kinds, global_layer_share=kinds.count("global") / len(kinds),
+                       top10_in_global_layers=sum(kinds[la] == "global" for la, _, _ in top) / len(top),
+                       heads_above_01_in_global_layers=f"{sum(kinds[la] == 'global' for la, _ in above)}"
+                                                       f"/{len(above)}")
+    damage = DamageResult.load(fam / "damage" / "result")
+    summary["masking"] = {name: {"k_half": s["k_half"], "auc": s["auc"], "curve": s["curve"]}
+                          for name, s in damage.summary().items() if name in ("copy", "random")}
     cmp = PatchingVsRetrieval.load(base / "patch" / "patching_vs_retrieval")
     summary["patching_vs_retrieval"] = {"spearman": cmp.spearman, "pearson": cmp.pearson}
-    from rhlens.cot.experiment import CoTResult
-
-    cot = CoTResult.load(base / "cot" / "cot" / "arithmetic")
-    summary["cot"] = cot.table()
+    summary["cot"] = CoTResult.load(base / "cot" / "cot" / "arithmetic").table()
     write_json(base / "every.json", summary)
-    dirs = [str(base / d) for d in ("detect", "sweep", "patch", "cot")]
+    dirs = [str(base / d) for d in ("detect", "patch", "cot")]
     dirs += [str(p) for p in sorted((Path(args.families) / args.model).glob("*literal")) if p.is_dir()]
     run("report", *dirs, "--out", str(base / "report.html"))
 
