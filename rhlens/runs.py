@@ -60,6 +60,8 @@ _HOMES: dict[str, tuple[str, ...]] = {
     "NIAHResult": ("rhlens.niah",), "MaskSweepResult": ("rhlens.niah",),
     "HeadPatchingResult": ("rhlens.patching",), "PatchingVsRetrieval": ("rhlens.patching",),
     "CoTResult": ("rhlens.cot.experiment", "rhlens.cot"),
+    "FamilyScores": ("rhlens.families",), "FamilySet": ("rhlens.families",),
+    "DamageResult": ("rhlens.families",),
 }
 
 

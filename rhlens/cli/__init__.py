@@ -1,11 +1,11 @@
 """The ``rhlens`` command: parse flags into configs, check them, call the library, save, say where.
 
 Every subcommand is a thin composition of functions a notebook can call directly:
-``detect``/``ask`` (:mod:`.detect`), ``niah``/``mask-sweep`` (:mod:`.niah`), ``cot``,
-``patch``, ``report`` and ``official``. Flags become configs in :mod:`.args` only; what
-must be checked before the model loads is checked in :mod:`.prepare`. A bad input ends
-with one line, ``rhlens: error: ...``, and exit code 2. Importing this package does not
-import torch, so ``rhlens --help`` is fast.
+``detect``/``ask`` (:mod:`.detect`), ``niah``/``mask-sweep`` (:mod:`.niah`), ``scores``
+(score families, :mod:`.scores`), ``cot``, ``patch``, ``report`` and ``official``. Flags
+become configs in :mod:`.args` only; what must be checked before the model loads is checked
+in :mod:`.prepare`. A bad input ends with one line, ``rhlens: error: ...``, and exit code 2.
+Importing this package does not import torch, so ``rhlens --help`` is fast.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from rhlens.cli import cot, detect, niah, official, patch, report
+    from rhlens.cli import cot, detect, niah, official, patch, report, scores
 
     parser = Parser(prog="rhlens",
                     description="Find, knock out and patch retrieval heads (Wu et al., 2024).")
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print rhlens' version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 parser_class=Parser)
-    for module in (detect, niah, cot, patch, report, official):
+    for module in (detect, niah, scores, cot, patch, report, official):
         module.add_parsers(sub)
     return parser
 

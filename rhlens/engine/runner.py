@@ -10,6 +10,7 @@ bit-identical to the prompt answered alone under the exact kernel policies.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import operator
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
@@ -184,6 +185,7 @@ class _Runner:
         self.pool = KVPool(self.hf, n_layers) if n_layers else None
         self.eos = _eos_ids(tokenizer) if config.stop_at_eos else set()
         self._newline: dict[int, bool] = {}
+        self._last_body: tuple[tuple[tuple[int, ...], Hashable], Any] | None = None
 
     def _path(self) -> str:
         """The decode step for the hooks attached now (see :class:`KernelPolicy`'s ``decode``)."""
@@ -205,6 +207,17 @@ class _Runner:
         if hit is None:
             hit = self._newline[tok] = "\n" in self.tokenizer.decode([tok])
         return hit
+
+    def _sliding_cache(self, body: tuple[int, ...], key: Hashable) -> tuple[Any, list[int]]:
+        """A model without a plain KV cache (sliding-window layers): its prompt prefilled into a
+        fresh cache, or, when the previous prompt had the same body and prefill key (one probe
+        under several decode-only masks), a copy of that prompt's prefilled cache."""
+        if self.config.reuse_prefix and self._last_body is not None and self._last_body[0] == (body, key):
+            return copy.deepcopy(self._last_body[1]), [len(body)]
+        cache = new_cache(self.hf)
+        prefill(self.model, body, cache, chunk=self.chunk, attn=self.policy.prefill_attn)
+        self._last_body = ((body, key), copy.deepcopy(cache)) if self.config.reuse_prefix else None
+        return cache, [0]
 
     @torch.no_grad()
     def run(self, items: Sequence[tuple[int, tuple[int, ...], Hashable]],
@@ -230,9 +243,7 @@ class _Runner:
         if self.pool is None:  # sliding-window caches: a fresh cache, one prompt at a time
             if rows != 1:
                 raise RuntimeError("rhlens: batching needs a plain KV cache (engine bug)")
-            cache = new_cache(self.hf)
-            prefill(self.model, bodies[0], cache, chunk=self.chunk, attn=self.policy.prefill_attn)
-            kept = [0]
+            cache, kept = self._sliding_cache(bodies[0], items[0][2])
         else:
             self.pool.ensure(rows, capacity, bodies[0], items[0][2], config.reuse_prefix, self.chunk)
             kept = [self.pool.fill(self.model, r, bodies[r], items[r][2], config.reuse_prefix,

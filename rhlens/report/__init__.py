@@ -17,7 +17,7 @@ definitions.
 
 Modules: :mod:`~rhlens.report.document` (the document model and its two renderings),
 :mod:`~rhlens.report.build` (:func:`build_report`), and one module per kind of section
-(``detection``, ``niah``, ``patching``, ``cot``, ``across``).
+(``detection``, ``niah``, ``patching``, ``cot``, ``families``, ``across``).
 """
 
 from rhlens.report.build import build_report
