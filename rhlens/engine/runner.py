@@ -165,25 +165,13 @@ class _Runner:
     def run(self, items: Sequence[tuple[int, tuple[int, ...], Hashable]],
             on_start: Callable[[int], None] | None) -> list[Generation]:
         """Answer ``items`` ((index, prompt ids, prefill key), equal lengths) together."""
-        config = self.config
         rows = len(items)
         n = len(items[0][1])
         bodies = [ids[:-1] for _, ids, _ in items]
         for i, _, _ in items:
             if on_start is not None:
                 on_start(i)
-        if self.pool is None:  # sliding-window caches: a fresh cache, one prompt at a time
-            if rows != 1:
-                raise RuntimeError("rhlens: batching needs a plain KV cache (engine bug)")
-            cache = new_cache(self.hf)
-            prefill(self.model, bodies[0], cache, chunk=config.chunk)
-            kept = [0]
-        else:
-            self.pool.ensure(rows, n - 1 + config.max_new_tokens, bodies[0], items[0][2],
-                             config.reuse_prefix, config.chunk)
-            kept = [self.pool.fill(self.model, r, bodies[r], items[r][2], config.reuse_prefix,
-                                   config.chunk) for r in range(rows)]
-            cache = self.pool.decode_cache(rows, n - 1)
+        cache, kept = self._prefill(items, bodies)
         outs = self._decode(cache, [ids[-1] for _, ids, _ in items], n)
         gens = []
         for r, ((_, ids, _), (out, stop)) in enumerate(zip(items, outs)):
@@ -194,6 +182,28 @@ class _Runner:
                                    info={"batch_row": r, "batch_size": rows}))
         return gens
 
+    def _prefill(self, items: Sequence[tuple[int, tuple[int, ...], Hashable]],
+                 bodies: list[tuple[int, ...]]) -> tuple[Any, list[int]]:
+        """The KV cache of the prompt bodies (row r: ``bodies[r]``), and how many leading
+        tokens of each were reused instead of computed."""
+        config = self.config
+        rows, n = len(items), len(items[0][1])
+        if self.pool is None:  # sliding-window caches: a fresh cache, one prompt at a time
+            if rows != 1:
+                raise RuntimeError("rhlens: batching needs a plain KV cache (engine bug)")
+            cache = new_cache(self.hf)
+            prefill(self.model, bodies[0], cache, chunk=config.chunk)
+            return cache, [0]
+        self.pool.ensure(rows, n - 1 + config.max_new_tokens, bodies[0], items[0][2],
+                         config.reuse_prefix, config.chunk)
+        kept = [self.pool.fill(self.model, r, bodies[r], items[r][2], config.reuse_prefix,
+                               config.chunk) for r in range(rows)]
+        return self.pool.decode_cache(rows, n - 1), kept
+
+    def step(self) -> Callable[[Tensor, Any, int], Tensor]:
+        """The decode step ``step(input_ids [rows, 1], cache, position) -> logits``."""
+        return decode_step(self.model, self.config.lean_decode, self.policy)
+
     def _decode(self, cache, last: list[int], n_prompt: int) -> list[tuple[list[int], str]]:
         config, state = self.config, self.state
         rows = len(last)
@@ -201,7 +211,7 @@ class _Runner:
         outs: list[list[int]] = [[] for _ in range(rows)]
         stops: list[str | None] = [None] * rows
         state.rows = rows
-        forward = decode_step(self.model, config.lean_decode, self.policy)
+        forward = self.step()
         with phase("decode", state):
             for step in range(config.max_new_tokens):
                 state.step = step
