@@ -38,7 +38,7 @@ from rhlens.compress.policy import (
     random_policy,
     streaming_policy,
 )
-from rhlens.engine import EngineHook, GenerationConfig, current_step, generate_many
+from rhlens.engine import EngineHook, GenerationConfig, KernelPolicy, current_step, generate_many
 from rhlens.errors import ConfigError
 from rhlens.io import ProbeLog, Records
 from rhlens.niah import NIAHConfig, NIAHResult, _seed_list, answer_record, finished_records
@@ -185,7 +185,8 @@ def sweep_policies(layout: CacheLayout, context: int, rankings: Mapping[str, Any
 def compress_sweep(model, probes: Sequence[Probe], rankings: Mapping[str, Any], *,
                    budgets: Sequence[float] = (0.1, 0.2, 0.3, 0.5), seeds: int | Sequence[int] = 3,
                    streaming: bool = True, config: CompressConfig | None = None,
-                   niah: NIAHConfig | None = None, batch_size: int | None = None, tokenizer=None,
+                   niah: NIAHConfig | None = None, batch_size: int | None = None,
+                   kernel_policy: KernelPolicy | None = None, tokenizer=None,
                    out: str | Path | None = None, progress: bool = False) -> CompressSweepResult:
     """NIAH score of ``probes`` against the KV budget for every policy (see the module).
 
@@ -199,6 +200,10 @@ def compress_sweep(model, probes: Sequence[Probe], rankings: Mapping[str, Any], 
         niah: answer length, success threshold (:class:`~rhlens.niah.NIAHConfig`).
         batch_size: a probe's policies decoded together (default: all of them, up to 16;
             each row holds its own copy of the prompt's KV cache).
+        kernel_policy: the decode step's kernels (``None``: the device's defaults, under which
+            every row is answered exactly as it would be alone; ``KernelPolicy(rows="batch")``
+            shares one product per weight matrix between a batch's rows, faster on a CPU, and a
+            row may then round as it would not alone).
         out: ``out/compress.jsonl`` gets every answer as it is made; a rerun resumes.
     """
     config = config or CompressConfig()
@@ -247,7 +252,8 @@ def compress_sweep(model, probes: Sequence[Probe], rankings: Mapping[str, Any], 
     mask.items = {j: i for j, (_, i) in enumerate(work)}
     gen_config = GenerationConfig(max_new_tokens=niah.max_new_tokens,
                                   stop_at_newline=niah.stop_at_newline,
-                                  prefill_chunk=niah.prefill_chunk, batch_size=rows)
+                                  prefill_chunk=niah.prefill_chunk, batch_size=rows,
+                                  policy=kernel_policy)
     gens = generate_many(model, tokenizer, [p.prompt_ids for p, _ in work], config=gen_config,
                          hooks=mask.hooks(), on_start=mask.on_start)
     try:

@@ -42,7 +42,7 @@ def plot_budget_curve(result: CompressSweepResult) -> Figure:
     ax.set_xlim(0, 1.02)
     ax.set_ylim(-2, 102)
     n = len(result.niah.for_mask("full"))
-    ax.set_title(f"{result.model_name}: NIAH against KV budget ({n} probes, {result.context} tokens)",
-                 fontsize=9)
+    model = result.model_name.rstrip("/").rsplit("/", 1)[-1]
+    ax.set_title(f"{model}: NIAH against KV budget\n({n} probes, {result.context} tokens)", fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
     return fig

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from rhlens.errors import ConfigError
 from rhlens.report.across import across_section
+from rhlens.report.compress import compress_section
 from rhlens.report.cot import cot_section
 from rhlens.report.detection import detection_section
 from rhlens.report.document import Report, Section, Text
@@ -44,7 +45,7 @@ def _label(run: RunContents) -> str:
 
 def _model(run: RunContents) -> str:
     for part in (run.scores, run.patching, run.sweep.niah if run.sweep else None, run.niah,
-                 *run.cot):
+                 *run.cot, run.compress):
         if part is not None and getattr(part, "model_name", None):
             return part.model_name
     return "?"
@@ -56,7 +57,8 @@ def _run_section(run: RunContents, label: str, *, top: int, examples: int, dpi: 
         ("detection", run.scores is not None), ("masking sweep", run.sweep is not None),
         ("NIAH under masks", run.niah is not None),
         ("head patching", run.patching is not None or run.patching_vs_retrieval is not None),
-        ("chain of thought", bool(run.cot))) if present]
+        ("chain of thought", bool(run.cot)), ("KV compression", run.compress is not None))
+        if present]
     sec.add(Text(f"Directory {run.path}; model {_model(run)}; holds "
                  f"{', '.join(parts) if parts else 'no finished result'}."))
     for note in run.notes:
@@ -71,6 +73,8 @@ def _run_section(run: RunContents, label: str, *, top: int, examples: int, dpi: 
         sec.children.append(patching_section(run, top=top, dpi=dpi))
     if run.cot:
         sec.children.append(cot_section(run.cot, examples=examples, dpi=dpi))
+    if run.compress is not None:
+        sec.children.append(compress_section(run.compress, dpi=dpi))
     return sec
 
 
