@@ -2,9 +2,10 @@
 
 Four stages, each resumable (rerun the same command) and each writing under ``--out``:
 
-1. ``lengths``: the model's longest reliable NIAH length, measured unmasked on a grid of
-   lengths 2K-8K x 5 depths x 2 needles (``lengths/``). Reliable: the mean NIAH score at that
-   length and at every shorter length tried is at least ``--reliable`` (90).
+1. ``lengths``: the model's longest reliable NIAH length, measured unmasked on lengths 2K-8K
+   x 3 depths x 2 needles (``lengths/<L>/``), shortest first. Reliable: the mean NIAH score at
+   that length and at every shorter length is at least ``--reliable`` (90); the grid stops
+   after the first length that is not.
 2. ``detect``: retrieval scores on lengths 500, 1000, 2000 x 5 depths x 4 needles (``detect/``).
 3. ``mass``: the needle-attention-mass ranking on 20 of those probes (``mass.safetensors``).
 4. ``sweep``: NIAH against the KV budget at the longest reliable length (5 depths x 4 needles
@@ -24,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -42,7 +44,8 @@ from rhlens.retrieval import DetectConfig, detect_retrieval_heads
 from rhlens.runs import save_compress_run, save_detection_run
 
 LENGTHS = (2048, 3072, 4096, 6144, 8192)
-DEPTHS = (10.0, 30.0, 50.0, 70.0, 90.0)
+DEPTHS = (10.0, 30.0, 50.0, 70.0, 90.0)  # the sweep's probes (x 4 needles)
+LENGTH_DEPTHS = (10.0, 50.0, 90.0)  # the length grid's (x 2 needles)
 DETECT_LENGTHS = (500, 1000, 2000)
 DETECT_DEPTHS = (0.0, 25.0, 50.0, 75.0, 100.0)
 MAX_NEW = 32  # the needle sentences restated take <= 25 tokens
@@ -54,32 +57,36 @@ def say(msg: str) -> None:
 
 
 def stage_lengths(model, tok, out: Path, reliable: float) -> int:
-    probes = build_probes(tok, config=ProbeConfig(lengths=LENGTHS, depths=DEPTHS),
-                          needles=BUILTIN_NEEDLES[:2], max_length=model.cfg.n_ctx)
-    t = time.perf_counter()
-    res = niah_sweep(model, probes, masks=[Mask.none()], tokenizer=tok, out=out / "lengths",
-                     config=NIAHConfig(max_new_tokens=MAX_NEW, prefill_chunk=CHUNK))
-    res.save(out / "lengths" / "niah")
+    """Lengths in ascending order, each its own NIAH run (``lengths/<L>/``); stops after the
+    first length whose mean score is below ``reliable`` (longer ones cannot be reliable by
+    this definition, and on a CPU they cost the most)."""
     table = {}
-    for length in LENGTHS:
-        rows = [r for r in res.for_mask("none") if r["length"] == length]
-        by_depth = {d: sum(r["score"] for r in rows if r["depth"] == d) / max(1, sum(
-            r["depth"] == d for r in rows)) for d in DEPTHS}
-        table[length] = {"mean": sum(r["score"] for r in rows) / len(rows), "by_depth": by_depth,
-                         "correct": sum(r["answer_class"] == "correct" for r in rows), "n": len(rows)}
     best = 0
+    t = time.perf_counter()
     for length in LENGTHS:
-        if table[length]["mean"] < reliable:
+        probes = build_probes(tok, config=ProbeConfig(lengths=(length,), depths=LENGTH_DEPTHS),
+                              needles=BUILTIN_NEEDLES[:2], max_length=model.cfg.n_ctx)
+        res = niah_sweep(model, probes, masks=[Mask.none()], tokenizer=tok,
+                         out=out / "lengths" / str(length),
+                         config=NIAHConfig(max_new_tokens=MAX_NEW, prefill_chunk=CHUNK))
+        res.save(out / "lengths" / str(length) / "niah")
+        rows = res.for_mask("none")
+        by_depth = {d: float(np.mean([r["score"] for r in rows if r["depth"] == d]))
+                    for d in LENGTH_DEPTHS}
+        table[length] = {"mean": float(np.mean([r["score"] for r in rows])), "by_depth": by_depth,
+                         "correct": sum(r["answer_class"] == "correct" for r in rows), "n": len(rows),
+                         "answers": {r["probe"]: r["response"] for r in rows}}
+        row = table[length]
+        depths = "  ".join(f"{d:g}%: {row['by_depth'][d]:5.1f}" for d in LENGTH_DEPTHS)
+        say(f"  {length:>5}: mean {row['mean']:5.1f}  correct {row['correct']}/{row['n']}  {depths}")
+        if row["mean"] < reliable:
             break
         best = length
     write_json(out / "lengths" / "reliable.json", {"threshold": reliable, "longest_reliable": best,
                                                    "table": {str(k): v for k, v in table.items()}})
-    say(f"lengths ({time.perf_counter() - t:.0f} s this run): NIAH score per length (depths "
-        f"{', '.join(f'{d:g}' for d in DEPTHS)}; 2 needles)")
-    for length, row in table.items():
-        depths = "  ".join(f"{row['by_depth'][d]:5.1f}" for d in DEPTHS)
-        say(f"  {length:>5}: mean {row['mean']:5.1f}  correct {row['correct']}/{row['n']}  by depth {depths}")
-    say(f"longest reliable length (mean >= {reliable:g} there and at every shorter length): {best}")
+    say(f"lengths ({time.perf_counter() - t:.0f} s this run): longest reliable length (mean NIAH "
+        f">= {reliable:g} there and at every shorter length, depths "
+        f"{', '.join(f'{d:g}' for d in LENGTH_DEPTHS)}, 2 needles): {best}")
     return best
 
 
