@@ -56,11 +56,18 @@ class BatchItems:
 
 
 class PolicyMask:
-    """Decode-time masks of ``policies``; batch row ``r`` runs ``policies[rows[r]]``.
+    """Decode-time masks of ``policies``, one policy per batch row.
 
-    With one policy every row runs it. With several, :meth:`assign` (or :meth:`on_start` as
-    ``generate_many``'s callback, with ``items`` mapping a prompt index to a policy index) says
-    which row runs which.
+    With one policy every row runs it. With several, either :meth:`assign` the rows' policies
+    by hand, or set ``items`` (prompt index -> policy index) and pass :meth:`on_start` to
+    ``generate_many``: each row then runs its prompt's policy (how
+    :func:`~rhlens.compress.sweep.compress_sweep` answers one prompt under many policies in one
+    batch)::
+
+        mask = PolicyMask(model, [retrieval, streaming])
+        mask.items = {0: 0, 1: 1}
+        gens = generate_many(model, tok, [ids, ids], config=GenerationConfig(batch_size=2),
+                             hooks=mask.hooks(), on_start=mask.on_start)
     """
 
     def __init__(self, model, policies: Sequence[HeadPolicy], layout: CacheLayout | None = None) -> None:
@@ -92,7 +99,8 @@ class PolicyMask:
         self.rows = [int(i) for i in rows]
 
     def on_start(self, index: int) -> None:
-        """``generate_many``'s ``on_start``: prompt ``index`` runs policy ``items[index]``."""
+        """``generate_many``'s ``on_start``: prompt ``index`` runs policy ``items[index]``
+        (the engine calls it for every prompt of a batch, in row order, before the batch decodes)."""
         if self.items is None:
             raise ConfigError("set PolicyMask.items (prompt index -> policy index) first")
         self.batch.on_start(index)
@@ -105,6 +113,7 @@ class PolicyMask:
                 for layer in range(self.layout.n_layers) if bool(self.stream[layer].any())]
 
     def _on_device(self, name: str, device: torch.device, make) -> Tensor:
+        """A table moved to ``device`` once (no host-to-device copy at every step)."""
         key = (name, device)
         if key not in self._on:
             self._on[key] = make().to(device)

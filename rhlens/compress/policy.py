@@ -25,7 +25,6 @@ rankings go through :func:`rhlens.stats.rank_heads` (ties by layer, then KV head
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -34,6 +33,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from rhlens.engine.runner import _count as check_count
 from rhlens.errors import ConfigError
 from rhlens.results import Config
 from rhlens.stats import rank_heads
@@ -57,12 +57,7 @@ Pool = Literal["max", "mean"]
 
 
 def _count(name: str, value: Any, low: int) -> int:
-    try:
-        ok = not isinstance(value, bool) and operator.index(value) >= low
-    except TypeError:
-        ok = False
-    if not ok:
-        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+    check_count(name, value, low)  # the engine's settings rule: an integer >= low, not a bool
     return int(value)
 
 
