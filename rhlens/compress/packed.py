@@ -82,12 +82,12 @@ def _packed_layer_class():
             self.ks = key_states.new_zeros((b, len(self.stream), held, d))
             self.vs = value_states.new_zeros((b, len(self.stream), held, value_states.shape[-1]))
             if self.stream:
-                ks, vs = key_states.index_select(1, stream), value_states.index_select(1, stream)
-                keep = [p for p in range(t) if p < self.sink or p >= max(self.sink, t - self.window)]
+                keep = [*range(min(t, self.sink)), *range(max(self.sink, t - self.window), t)]
                 slots = torch.tensor([self.slot(p) for p in keep], device=key_states.device)
-                pos = torch.tensor(keep, device=key_states.device)
-                self.ks[:, :, slots] = ks[:, :, pos]
-                self.vs[:, :, slots] = vs[:, :, pos]
+                pos = torch.tensor(keep, dtype=torch.long, device=key_states.device)
+                # the kept positions first (a few hundred), then the streaming heads
+                self.ks[:, :, slots] = key_states.index_select(2, pos).index_select(1, stream)
+                self.vs[:, :, slots] = value_states.index_select(2, pos).index_select(1, stream)
             self.n = t
             return key_states, value_states
 
