@@ -236,11 +236,19 @@ def compress_sweep(model, probes: Sequence[Probe], rankings: Mapping[str, Any], 
 
     name = getattr(model, "rhlens_name", None) or "model"
     described = {p.label: p.describe(layout, context) for p in policies}
+    gen_config = GenerationConfig(max_new_tokens=niah.max_new_tokens,
+                                  stop_at_newline=niah.stop_at_newline,
+                                  prefill_chunk=niah.prefill_chunk, batch_size=rows,
+                                  policy=kernel_policy)
     log = None
     if out is not None:
+        # the kernels and the batch shape are part of the run: under rows="batch" a row's
+        # rounding depends on its batch
         log = ProbeLog(out, {"model": name, "config": config.to_dict(), "niah": asdict(niah),
                              "context": context, "policies": described,
-                             "probes": [p.key for p in probes]}, name=COMPRESS_LOG)
+                             "probes": [p.key for p in probes], "batch_size": rows,
+                             "kernel_policy": gen_config.describe(model)["kernel_policy"]},
+                       name=COMPRESS_LOG)
     done = log.done if log else {}
     order = sorted(probes, key=lambda p: (p.length, p.needle_id, -p.depth))
     work = [(p, i) for p in order for i in range(len(distinct))
@@ -250,10 +258,6 @@ def compress_sweep(model, probes: Sequence[Probe], rankings: Mapping[str, Any], 
                    initial=sum(1 for key in done if key.split("|", 1)[0] in described))
     mask = PolicyMask(model, distinct, layout)
     mask.items = {j: i for j, (_, i) in enumerate(work)}
-    gen_config = GenerationConfig(max_new_tokens=niah.max_new_tokens,
-                                  stop_at_newline=niah.stop_at_newline,
-                                  prefill_chunk=niah.prefill_chunk, batch_size=rows,
-                                  policy=kernel_policy)
     gens = generate_many(model, tokenizer, [p.prompt_ids for p, _ in work], config=gen_config,
                          hooks=mask.hooks(), on_start=mask.on_start)
     try:
