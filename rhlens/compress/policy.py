@@ -199,7 +199,7 @@ def full_heads_for_budget(layout: CacheLayout, context: int, budget: float, sink
     per_head = layout.token_bytes() * (context - min(context, sink + window))
     if per_head == 0:
         return len(layout.selectable)
-    k = int((allowed - floor) // per_head)
+    k = max(0, int((allowed - floor) // per_head))
     while k < len(layout.selectable) and layout.bytes_with(k + 1, sink, window, context) <= allowed:
         k += 1  # guard against float rounding of the division
     while k > 0 and layout.bytes_with(k, sink, window, context) > allowed:
