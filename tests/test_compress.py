@@ -55,6 +55,7 @@ def test_bytes_of_a_global_attention_model_by_hand():
     with pytest.raises(ConfigError, match="below the floor of 0.0320"):
         full_heads_for_budget(SMOL, 4000, 0.03, 4, 124)
     assert full_heads_for_budget(SMOL, 4000, 0.033, 4, 124) == 0
+    assert full_heads_for_budget(SMOL, 4000, 5_898_240 / 184_320_000, 4, 124) == 0  # the floor itself
     assert full_heads_for_budget(SMOL, 4000, 1.0, 4, 124) == 90
     # a context no longer than sink + window: a streaming head keeps everything, nothing to save
     with pytest.raises(ConfigError, match="below the floor of 1.0000 at 100 tokens"):
