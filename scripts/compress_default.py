@@ -46,7 +46,7 @@ from rhlens.results import write_json
 from rhlens.retrieval import DetectConfig, detect_retrieval_heads
 from rhlens.runs import save_compress_run, save_detection_run
 
-LENGTHS = (2048, 3072, 4096, 6144, 8192)
+LENGTHS = (2048, 2560, 3072, 4096, 6144, 8192)
 DEPTHS = (10.0, 30.0, 50.0, 70.0, 90.0)  # the sweep's probes (x 4 needles)
 LENGTH_DEPTHS = (10.0, 50.0, 90.0)  # the length grid's (x 2 needles)
 DETECT_LENGTHS = (500, 1000, 2000)
@@ -212,7 +212,7 @@ def main(argv=None) -> int:
                     default="all")
     ap.add_argument("--reliable", type=float, default=90.0, help="NIAH score a reliable length reaches")
     ap.add_argument("--length", type=int, default=None, help="sweep at this length (default: measured)")
-    ap.add_argument("--budgets", default="0.05,0.1,0.2,0.3,0.5")
+    ap.add_argument("--budgets", default="0.1,0.15,0.2,0.3,0.5")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--sink", type=int, default=4)
     ap.add_argument("--window", type=int, default=124)

@@ -198,7 +198,7 @@ def compress_sweep(model, probes: Sequence[Probe], rankings: Mapping[str, Any], 
         streaming: also run StreamingLLM at every budget.
         config: sink, window and pooling of the ranked and random policies.
         niah: answer length, success threshold (:class:`~rhlens.niah.NIAHConfig`).
-        batch_size: a probe's policies decoded together (default: all of them, up to 16;
+        batch_size: a probe's policies decoded together (default: all of them, up to 32;
             each row holds its own copy of the prompt's KV cache).
         kernel_policy: the decode step's kernels (``None``: the device's defaults, under which
             every row is answered exactly as it would be alone; ``KernelPolicy(rows="batch")``
@@ -230,7 +230,7 @@ def compress_sweep(model, probes: Sequence[Probe], rankings: Mapping[str, Any], 
     labels_of: dict[int, list[str]] = {}
     for p in policies:
         labels_of.setdefault(spec_of[p.label], []).append(p.label)
-    rows = min(len(distinct), 16) if batch_size is None else batch_size
+    rows = min(len(distinct), 32) if batch_size is None else batch_size
     if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
         raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
 
