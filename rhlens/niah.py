@@ -38,6 +38,7 @@ __all__ = [
     "MaskSweepResult",
     "NIAHConfig",
     "NIAHResult",
+    "answer_record",
     "classify_answer",
     "mask_sweep",
     "niah_sweep",
@@ -226,22 +227,32 @@ def niah_sweep(model, probes: Sequence[Probe], *, masks: Sequence[Mask] = (Mask.
         item_hooks=lambda i: hooks[work[i][1].label],
         prefill_keys=[m.label if (m.phase == "all" and m.heads) else None for _, m in work])
     for (probe, mask), gen in zip(work, gens):
-        recall = rouge1_recall(probe.real_needle, gen.response)
-        rec = {"key": f"{mask.label}|{probe.key}", "mask": mask.label, "probe": probe.key,
-               "length": probe.length, "depth": probe.depth, "needle_id": probe.needle_id,
-               "question": probe.question, "expected": probe.real_needle,
-               "response": gen.response, "rouge_recall": recall, "score": 100 * recall,
-               "answer_class": classify_answer(gen.response, probe.real_needle,
-                                               threshold=config.success_threshold)}
-        sink.add(rec)
+        sink.add(answer_record(probe, gen.response, mask.label, config.success_threshold))
     sink.close()
-    records = [sink.done[f"{m.label}|{p.key}"] for m in masks for p in probes]
-    for r in records:  # keep the probe's own key for per-probe joins
+    return NIAHResult(records=finished_records(sink.done, labels, probes),
+                      masks={m.label: m.to_dict() for m in masks}, model_name=name, config=config)
+
+
+def answer_record(probe: Probe, response: str, label: str, threshold: float = 0.5) -> dict[str, Any]:
+    """The log record of ``probe`` answered with ``response`` under the mask (or cache
+    policy) ``label``: its NIAH score (ROUGE-1 recall x 100) and answer class."""
+    recall = rouge1_recall(probe.real_needle, response)
+    return {"key": f"{label}|{probe.key}", "mask": label, "probe": probe.key,
+            "length": probe.length, "depth": probe.depth, "needle_id": probe.needle_id,
+            "question": probe.question, "expected": probe.real_needle,
+            "response": response, "rouge_recall": recall, "score": 100 * recall,
+            "answer_class": classify_answer(response, probe.real_needle, threshold=threshold)}
+
+
+def finished_records(done: dict[str, dict[str, Any]], labels: Sequence[str],
+                     probes: Sequence[Probe]) -> list[dict[str, Any]]:
+    """A sweep's records, label-major, each keyed by its probe's own key (for per-probe joins)."""
+    records = [done[f"{label}|{p.key}"] for label in labels for p in probes]
+    for r in records:
         r.setdefault("probe", r["key"].split("|", 1)[1])
     for r in records:
         r["key"] = r["probe"]
-    return NIAHResult(records=records, masks={m.label: m.to_dict() for m in masks},
-                      model_name=name, config=config)
+    return records
 
 
 # ---------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ A run directory (``--out`` of a command, or any folder a notebook saves into) ho
     heatmap.png, score_distribution.png, niah.png
     niah.run.json, niah.jsonl     niah / mask-sweep: settings and one record per answer
     niah/  or  mask_sweep/        NIAHResult, or MaskSweepResult; niah_heatmaps.png, k_curve.png
+    compress.run.json, compress.jsonl, compress/, compress.png   compress: the KV budget sweep
     cot_<task>.run.json, cot_<task>.jsonl, cot/<task>/, cot_bars.png      CoT
     patching/, patching_vs_retrieval/, patching_heatmap.png, patching_vs_retrieval.png
 
@@ -40,6 +41,7 @@ __all__ = [
     "load_saved",
     "load_single_file",
     "read_run",
+    "save_compress_run",
     "save_detection_run",
     "save_figure",
     "save_mask_sweep_run",
@@ -48,6 +50,7 @@ __all__ = [
 ]
 
 NIAH_LOG = "niah.jsonl"  # the log of a NIAH sweep (its settings: niah.run.json)
+COMPRESS_LOG = "compress.jsonl"  # the log of a KV budget sweep (its settings: compress.run.json)
 LEGACY_RESULT_FILE = "meta.json"  # a result saved before the one protocol (schema 0)
 PROPERTY_NAMES = ("sparse", "dynamic", "stability")
 
@@ -62,6 +65,7 @@ _HOMES: dict[str, tuple[str, ...]] = {
     "CoTResult": ("rhlens.cot.experiment", "rhlens.cot"),
     "FamilyScores": ("rhlens.families",), "FamilySet": ("rhlens.families",),
     "DamageResult": ("rhlens.families",),
+    "CompressSweepResult": ("rhlens.compress.sweep",),
 }
 
 
@@ -94,6 +98,10 @@ class RunDir:
     k_curve = property(lambda self: self.path / "k_curve.png")
     legacy_niah = property(lambda self: self.path / "niah_result.json")
     legacy_sweep = property(lambda self: self.path / "mask_sweep.json")
+    # compress
+    compress_log = property(lambda self: self.path / COMPRESS_LOG)
+    compress = property(lambda self: self.path / "compress")
+    compress_figure = property(lambda self: self.path / "compress.png")
     # cot
     cot = property(lambda self: self.path / "cot")
     cot_figure = property(lambda self: self.path / "cot_bars.png")
@@ -268,6 +276,17 @@ def save_mask_sweep_run(out: str | Path, sweep, *, figures: bool = True) -> dict
     return written
 
 
+def save_compress_run(out: str | Path, result, *, figures: bool = True) -> dict[str, Path]:
+    """Write a KV budget sweep (``compress/``) and its figure (``compress.png``)."""
+    run = RunDir(out)
+    written = {"compress": result.save(run.compress)}
+    if figures:
+        from rhlens.plotting.compress import plot_budget_curve
+
+        written["figure"] = save_figure(plot_budget_curve(result), run.compress_figure)
+    return written
+
+
 # ---- reading ---------------------------------------------------------------------------------
 def load_single_file(cls: type[Result], directory: str | Path, name: str) -> Result | None:
     """A ``cls`` from the one JSON file ``name`` an older rhlens wrote into ``directory``
@@ -401,6 +420,10 @@ class RunContents:
     def cot(self) -> list[Any]:
         return self.of_kind("CoTResult")
 
+    @property
+    def compress(self):
+        return self._one("CompressSweepResult")
+
     def saved_property(self, name: str) -> Any:
         """A saved property of the detection run (``sparse``, ``dynamic``, ``stability``)."""
         return self.results.get(f"properties/{name}")
@@ -462,7 +485,8 @@ def read_run(path: str | Path) -> RunContents:
     if contents.empty and not contents.notes:
         raise ConfigError(
             f"{path} holds no rhlens results: expected scores/ or head_scores.json (detect), "
-            "niah/ or mask_sweep/ (niah, mask-sweep), patching/ (patch), cot/ (cot), or "
+            "niah/ or mask_sweep/ (niah, mask-sweep), patching/ (patch), cot/ (cot), "
+            "compress/ (compress), or "
             "any saved result")
     return contents
 
@@ -474,6 +498,9 @@ def _note_unfinished(run: RunDir, contents: RunContents) -> None:
                               "not finished; rerun the same command to resume it")
     if run.niah_log.exists() and not (contents.niah or contents.sweep):
         contents.notes.append(f"{run.niah_log.name} is here but no saved NIAH result: the sweep "
+                              "has not finished; rerun the same command to resume it")
+    if run.compress_log.exists() and contents.compress is None:
+        contents.notes.append(f"{run.compress_log.name} is here but no saved budget sweep: the sweep "
                               "has not finished; rerun the same command to resume it")
     tasks = {getattr(r, "task", None) for r in contents.cot}
     for log in sorted(run.path.glob("cot_*.jsonl")):

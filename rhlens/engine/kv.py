@@ -195,7 +195,7 @@ class KVPool:
             return
         carry = None
         if reuse and self.k and self.last is not None and key == self.key:
-            keep = _common_prefix(self.body[self.last], first) // chunk * chunk
+            keep = self._reusable(first, chunk)
             if keep:
                 r = self.last
                 carry = ([k[r:r + 1, :, :keep].clone() for k in self.k],
@@ -211,6 +211,15 @@ class KVPool:
                 dst[:1, :, :src.shape[2]].copy_(src)
             self.body[0], self.last = ids, 0
 
+    def _reusable(self, body: tuple[int, ...], chunk: int) -> int:
+        """Leading tokens of ``body`` whose KV the last filled row holds, exactly as ``body``
+        alone computes them: all of them for the same body again (one prompt under several
+        decode-time policies), else the shared prefix cut back to whole chunks."""
+        last = self.body[self.last]
+        if last == body:
+            return len(body)
+        return _common_prefix(last, body) // chunk * chunk
+
     def fill(self, model, row: int, body: tuple[int, ...], key: Hashable, reuse: bool,
              chunk: int, attn: str = "lower_right") -> int:
         """Prefill ``body`` into ``row``; returns how many leading tokens were reused.
@@ -222,7 +231,7 @@ class KVPool:
         """
         keep = 0
         if reuse and self.last is not None and key == self.key:
-            keep = _common_prefix(self.body[self.last], body) // chunk * chunk
+            keep = self._reusable(body, chunk)
         if keep and self.last != row:
             src = self.last
             for t in self.k + self.v:

@@ -42,10 +42,14 @@ _LEAN_BLOCKING_FLAGS = ("use_attn_result", "use_split_qkv_input", "use_attn_in",
 class LeanDecoder:
     """One greedy decode step of a Llama-family model, as HF computes it, minus the calls.
 
-    ``step(input_ids [batch, 1], cache, position) -> logits [batch, 1, vocab]``.
+    ``step(input_ids [batch, 1], cache, position) -> logits [batch, 1, vocab]``. ``attention``
+    makes each layer's attention from its bridge component and the policy
+    (:class:`~rhlens.engine.attention.LeanAttention`, or a subclass with its own cache, such as
+    :class:`rhlens.compress.packed.PackedAttention`).
     """
 
-    def __init__(self, model, policy: KernelPolicy) -> None:
+    def __init__(self, model, policy: KernelPolicy,
+                 attention: Callable[[torch.nn.Module, KernelPolicy], LeanAttention] = LeanAttention) -> None:
         hf = hf_model(model)
         inner = hf.model
         self.policy = policy
@@ -57,7 +61,7 @@ class LeanDecoder:
         for block in model.blocks:
             layer = block.original_component
             mlp = native(layer.mlp)
-            self.layers.append((native(layer.input_layernorm).forward, LeanAttention(block.attn, policy),
+            self.layers.append((native(layer.input_layernorm).forward, attention(block.attn, policy),
                                 native(layer.post_attention_layernorm).forward,
                                 linear_weights(mlp.gate_proj), linear_weights(mlp.up_proj),
                                 linear_weights(mlp.down_proj), native(mlp.act_fn).forward))

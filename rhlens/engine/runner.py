@@ -240,15 +240,7 @@ class _Runner:
         if captured is not None:  # the captured step attends over whole buckets of keys
             capacity = -(-capacity // self.policy.bucket) * self.policy.bucket
         last = [ids[-1] for _, ids, _ in items]
-        if self.pool is None:  # sliding-window caches: a fresh cache, one prompt at a time
-            if rows != 1:
-                raise RuntimeError("rhlens: batching needs a plain KV cache (engine bug)")
-            cache, kept = self._sliding_cache(bodies[0], items[0][2])
-        else:
-            self.pool.ensure(rows, capacity, bodies[0], items[0][2], config.reuse_prefix, self.chunk)
-            kept = [self.pool.fill(self.model, r, bodies[r], items[r][2], config.reuse_prefix,
-                                   self.chunk, self.policy.prefill_attn) for r in range(rows)]
-            cache = None if captured is not None else self.pool.decode_cache(rows, n - 1)
+        cache, kept = self._prefill(items, bodies, capacity, want_cache=captured is None)
         if captured is not None:
             outs = self._decode_captured(captured, rows, last, n)
         else:
@@ -265,13 +257,36 @@ class _Runner:
     def _stops(self, rows: int) -> _Stops:
         return _Stops(rows, self.eos, self._has_newline if self.config.stop_at_newline else None)
 
+    def _prefill(self, items: Sequence[tuple[int, tuple[int, ...], Hashable]],
+                 bodies: list[tuple[int, ...]], capacity: int,
+                 want_cache: bool = True) -> tuple[Any, list[int]]:
+        """The KV cache of the prompt bodies (row r: ``bodies[r]``; room for ``capacity``
+        positions), and how many leading tokens of each were reused instead of computed.
+        ``want_cache=False``: the pool's buffers are filled, no cache object is made (the
+        captured step reads the buffers itself)."""
+        config = self.config
+        rows, n = len(items), len(items[0][1])
+        if self.pool is None:  # sliding-window caches: a fresh cache, one prompt at a time
+            if rows != 1:
+                raise RuntimeError("rhlens: batching needs a plain KV cache (engine bug)")
+            return self._sliding_cache(bodies[0], items[0][2])
+        self.pool.ensure(rows, capacity, bodies[0], items[0][2], config.reuse_prefix, self.chunk)
+        kept = [self.pool.fill(self.model, r, bodies[r], items[r][2], config.reuse_prefix,
+                               self.chunk, self.policy.prefill_attn) for r in range(rows)]
+        return (self.pool.decode_cache(rows, n - 1) if want_cache else None), kept
+
+    def step(self, path: str) -> Callable[[Tensor, Any, int], Tensor]:
+        """The decode step ``step(input_ids [rows, 1], cache, position) -> logits`` of ``path``
+        ("lean" or "bridge"; the captured step runs through :meth:`_decode_captured`)."""
+        return decode_step(self.model, path == "lean", self.policy)
+
     def _decode(self, cache, last: list[int], n_prompt: int, path: str) -> list[tuple[list[int], str]]:
         config, state = self.config, self.state
         rows = len(last)
         inp = torch.tensor([[t] for t in last], dtype=torch.long, device=self.device)  # [rows, 1]
         stops = self._stops(rows)
         state.rows = rows
-        forward = decode_step(self.model, path == "lean", self.policy)
+        forward = self.step(path)
         with phase("decode", state):
             for step in range(config.max_new_tokens):
                 state.step = step

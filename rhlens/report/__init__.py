@@ -3,9 +3,9 @@
 Why a report: each rhlens command leaves JSON, safetensors and a few PNGs in its run
 directory, which is what a program wants and not what a reader wants. :func:`build_report`
 gathers the saved results those directories hold (detection and its properties, NIAH under
-masks, the masking K curve, head patching, chain-of-thought answers) plus the paper's
-released score files, and turns them into numbers in tables and figures, so that one file
-answers "which heads, how sure, and what breaks without them". The HTML embeds its figures
+masks, the masking K curve, head patching, chain-of-thought answers, KV budget sweeps) plus
+the paper's released score files, and turns them into numbers in tables and figures, so that
+one file answers "which heads, how sure, and what breaks without them". The HTML embeds its figures
 (base64 PNG) so it can be mailed or attached to an issue as one file; the Markdown twin
 (figures in ``<name>_files/``) diffs well and renders on GitHub.
 
@@ -17,7 +17,7 @@ definitions.
 
 Modules: :mod:`~rhlens.report.document` (the document model and its two renderings),
 :mod:`~rhlens.report.build` (:func:`build_report`), and one module per kind of section
-(``detection``, ``niah``, ``patching``, ``cot``, ``families``, ``across``).
+(``detection``, ``niah``, ``patching``, ``cot``, ``families``, ``compress``, ``across``).
 """
 
 from rhlens.report.build import build_report

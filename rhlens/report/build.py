@@ -8,6 +8,7 @@ from pathlib import Path
 
 from rhlens.errors import ConfigError
 from rhlens.report.across import across_section
+from rhlens.report.compress import compress_section
 from rhlens.report.cot import cot_section
 from rhlens.report.detection import detection_section
 from rhlens.report.document import Report, Section, Text
@@ -45,7 +46,7 @@ def _label(run: RunContents) -> str:
 
 def _model(run: RunContents) -> str:
     for part in (run.scores, run.patching, run.sweep.niah if run.sweep else None, run.niah,
-                 *run.cot, *run.of_kind("FamilySet")):
+                 *run.cot, *run.of_kind("FamilySet"), run.compress):
         if part is not None and getattr(part, "model_name", None):
             return part.model_name
     return "?"
@@ -58,7 +59,8 @@ def _run_section(run: RunContents, label: str, *, top: int, examples: int, dpi: 
         ("NIAH under masks", run.niah is not None),
         ("head patching", run.patching is not None or run.patching_vs_retrieval is not None),
         ("chain of thought", bool(run.cot)),
-        ("score families", bool(run.of_kind("FamilySet", "DamageResult")))) if present]
+        ("score families", bool(run.of_kind("FamilySet", "DamageResult"))),
+        ("KV compression", run.compress is not None)) if present]
     sec.add(Text(f"Directory {run.path}; model {_model(run)}; holds "
                  f"{', '.join(parts) if parts else 'no finished result'}."))
     for note in run.notes:
@@ -76,6 +78,8 @@ def _run_section(run: RunContents, label: str, *, top: int, examples: int, dpi: 
     if run.of_kind("FamilySet", "DamageResult"):
         sec.children.append(families_section(run.of_kind("FamilySet"), run.of_kind("DamageResult"),
                                              top=top, dpi=dpi))
+    if run.compress is not None:
+        sec.children.append(compress_section(run.compress, dpi=dpi))
     return sec
 
 

@@ -1,0 +1,348 @@
+"""NIAH score against the KV budget: retrieval heads kept whole vs StreamingLLM, random and other heads.
+
+For every budget (a share of the full cache's bytes at the probes' context length) the sweep
+answers every probe under:
+
+* each ranking's policy (``"retrieval"``: a detection run's scores; any other ``[layer, head]``
+  grid, e.g. :func:`needle_attention_mass`): the best-ranked KV heads kept whole, as many as
+  the budget buys, the rest keeping sink + window tokens;
+* ``streaming``: StreamingLLM, every KV head keeping sink + the window the budget buys;
+* ``random-s<seed>``: as many KV heads as the ranked policies keep, drawn at random;
+
+and once under the full cache. Every policy runs as a decode-time mask
+(:mod:`rhlens.compress.mask`), so all of a probe's policies share one prefill and are decoded
+together, one batch row per policy. Policies that attend to the same keys (e.g. every policy
+at a budget that keeps every head) are answered once. Each answer is appended to the run's
+log as it is made; a rerun with the same ``out`` resumes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from rhlens.compress.mask import BatchItems, PolicyMask
+from rhlens.compress.policy import (
+    CacheLayout,
+    CompressConfig,
+    HeadPolicy,
+    budget_policy,
+    full_policy,
+    random_policy,
+    streaming_policy,
+)
+from rhlens.engine import EngineHook, GenerationConfig, KernelPolicy, current_step, generate_many
+from rhlens.errors import ConfigError
+from rhlens.io import ProbeLog, Records
+from rhlens.niah import NIAHConfig, NIAHResult, _seed_list, answer_record, finished_records
+from rhlens.probe import Probe
+from rhlens.results import Config, Result
+from rhlens.retrieval import check_probes
+from rhlens.runs import COMPRESS_LOG
+from rhlens.stats import rouge1_recall
+
+__all__ = ["CompressSweepResult", "compress_sweep", "needle_attention_mass", "sweep_policies"]
+
+RESERVED = ("full", "streaming", "random")
+
+
+# ---------------------------------------------------------------------------------------
+# The result
+# ---------------------------------------------------------------------------------------
+@dataclass
+class CompressSweepResult(Result):
+    """NIAH answers of every probe under every cache policy of a budget sweep.
+
+    Attributes:
+        budgets: the budgets asked for (shares of the full KV bytes), ascending.
+        context: the context length (tokens, the longest probe's prompt) the bytes are counted at.
+        policies: label -> the policy with its bytes and actual share
+            (:meth:`~rhlens.compress.policy.HeadPolicy.describe`); labels are ``full``,
+            ``<ranking>@<budget>``, ``streaming@<budget>``, ``random-s<seed>@<budget>``.
+        niah: the answers (``niah.masks`` holds the same policies; a record's ``mask`` is the
+            policy's label).
+        rankings: the names of the rankings, in order.
+        seeds: the random policies' seeds.
+        config: the :class:`CompressConfig`.
+    """
+
+    budgets: list[float]
+    context: int
+    policies: dict[str, dict[str, Any]]
+    niah: NIAHResult
+    rankings: list[str]
+    seeds: list[int]
+    config: Config | None = None
+
+    def __post_init__(self) -> None:
+        missing = [label for label in self.policies if label not in self.niah.masks]
+        if missing:
+            raise ConfigError(f"the NIAH result lacks the policies {', '.join(missing[:4])}")
+
+    @property
+    def model_name(self) -> str:
+        return self.niah.model_name
+
+    def score(self, label: str) -> float:
+        """Mean NIAH score (ROUGE-1 recall x 100) under a policy."""
+        return self.niah.score(label)
+
+    def share(self, label: str) -> float:
+        """The policy's KV bytes over the full cache's at :attr:`context` tokens."""
+        return float(self.policies[label]["share"])
+
+    @property
+    def has_streaming(self) -> bool:
+        return any(p.get("kind") == "streaming" for p in self.policies.values())
+
+    def curve(self) -> dict[str, Any]:
+        """Scores against budget: ``budget``, ``full``, one list per ranking, ``streaming``
+        (when run), ``random_mean`` / ``random_std`` / ``random`` (per seed), and the actual
+        shares (``share``: the ranked and random policies', ``streaming_share``)."""
+        b = self.budgets
+        out: dict[str, Any] = {"budget": list(b), "full": self.score("full"),
+                               "rankings": list(self.rankings)}
+        for name in self.rankings:
+            out[name] = [self.score(f"{name}@{x:g}") for x in b]
+        out["share"] = [self.share(f"{self.rankings[0]}@{x:g}") if self.rankings else
+                        self.share(f"random-s{self.seeds[0]}@{x:g}") for x in b]
+        if self.has_streaming:
+            out["streaming"] = [self.score(f"streaming@{x:g}") for x in b]
+            out["streaming_share"] = [self.share(f"streaming@{x:g}") for x in b]
+        if self.seeds:
+            rnd = [[self.score(f"random-s{s}@{x:g}") for s in self.seeds] for x in b]
+            out["random"] = rnd
+            out["random_mean"] = [float(np.mean(r)) for r in rnd]
+            out["random_std"] = [float(np.std(r)) for r in rnd]
+        return out
+
+    def table(self) -> list[dict[str, Any]]:
+        """One row per budget: the actual share, each policy's score, full heads kept."""
+        c = self.curve()
+        rows = []
+        for i, b in enumerate(self.budgets):
+            first = f"{self.rankings[0]}@{b:g}" if self.rankings else f"random-s{self.seeds[0]}@{b:g}"
+            row = {"budget": b, "share": c["share"][i], "full_kv_heads": self.policies[first]["n_full"],
+                   "of_kv_heads": self.policies[first]["n_selectable"], "full": c["full"]}
+            for name in self.rankings:
+                row[name] = c[name][i]
+            if self.has_streaming:
+                row["streaming"] = c["streaming"][i]
+                row["streaming_share"] = c["streaming_share"][i]
+                row["streaming_window"] = self.policies[f"streaming@{b:g}"]["window"]
+            if self.seeds:
+                row["random_mean"], row["random_std"] = c["random_mean"][i], c["random_std"][i]
+            rows.append(row)
+        return rows
+
+
+# ---------------------------------------------------------------------------------------
+# The policies of a sweep
+# ---------------------------------------------------------------------------------------
+def _budget_list(budgets: Sequence[float]) -> list[float]:
+    if isinstance(budgets, (str, bytes)) or not isinstance(budgets, Sequence) or not budgets:
+        raise ConfigError(f"budgets must be a non-empty list of shares in (0, 1], got {budgets!r}")
+    out = sorted({float(b) for b in budgets})
+    if any(not 0 < b <= 1 for b in out):
+        raise ConfigError(f"every budget is a share of the KV bytes in (0, 1], got {list(budgets)!r}")
+    return out
+
+
+def sweep_policies(layout: CacheLayout, context: int, rankings: Mapping[str, Any],
+                   budgets: Sequence[float], seeds: int | Sequence[int] = 3, *,
+                   config: CompressConfig | None = None, streaming: bool = True) -> list[HeadPolicy]:
+    """Every policy of a sweep, full first; each checked (a budget below the floor, a ranking
+    that does not fit the model) before any compute."""
+    config = config or CompressConfig()
+    budget_list = _budget_list(budgets)
+    seed_list = _seed_list(seeds) if not (isinstance(seeds, int) and seeds == 0) else []
+    if not isinstance(rankings, Mapping):
+        raise ConfigError("rankings must map a name to RetrievalScores or a [layer, head] grid")
+    for name in rankings:
+        if not isinstance(name, str) or not name or name in RESERVED or "@" in name or "|" in name:
+            raise ConfigError(f"a ranking's name must be a plain word other than {RESERVED}, got {name!r}")
+    if not rankings and not seed_list:
+        raise ConfigError("a sweep needs a ranking or random seeds")
+    policies = [full_policy(layout, config.sink, config.window)]
+    for b in budget_list:
+        policies += [budget_policy(r, layout, context, b, config, name=name) for name, r in rankings.items()]
+        if streaming:
+            policies.append(streaming_policy(layout, context, b, config.sink))
+        policies += [random_policy(layout, context, b, s, config) for s in seed_list]
+    return policies
+
+
+# ---------------------------------------------------------------------------------------
+# The sweep
+# ---------------------------------------------------------------------------------------
+def compress_sweep(model, probes: Sequence[Probe], rankings: Mapping[str, Any], *,
+                   budgets: Sequence[float] = (0.1, 0.2, 0.3, 0.5), seeds: int | Sequence[int] = 3,
+                   streaming: bool = True, config: CompressConfig | None = None,
+                   niah: NIAHConfig | None = None, batch_size: int | None = None,
+                   kernel_policy: KernelPolicy | None = None, tokenizer=None,
+                   out: str | Path | None = None, progress: bool = False) -> CompressSweepResult:
+    """NIAH score of ``probes`` against the KV budget for every policy (see the module).
+
+    Args:
+        rankings: name -> :class:`~rhlens.scores.RetrievalScores` or a ``[layer, head]`` (or
+            ``[layer, kv_head]``) grid, e.g. ``{"retrieval": scores, "needle-mass": grid}``.
+        budgets: shares of the full KV bytes at the longest probe's context length.
+        seeds: random policies per budget (a count, or the seeds; 0: none).
+        streaming: also run StreamingLLM at every budget.
+        config: sink, window and pooling of the ranked and random policies.
+        niah: answer length, success threshold (:class:`~rhlens.niah.NIAHConfig`).
+        batch_size: a probe's policies decoded together (default: all of them, up to 32;
+            each row holds its own copy of the prompt's KV cache).
+        kernel_policy: the decode step's kernels (``None``: the device's defaults, under which
+            every row is answered exactly as it would be alone; ``KernelPolicy(rows="batch")``
+            shares one product per weight matrix between a batch's rows, faster on a CPU, and a
+            row may then round as it would not alone).
+        out: ``out/compress.jsonl`` gets every answer as it is made; a rerun resumes.
+    """
+    config = config or CompressConfig()
+    niah = niah or NIAHConfig()
+    if not isinstance(config, CompressConfig) or not isinstance(niah, NIAHConfig):
+        raise ConfigError("config must be a CompressConfig and niah a NIAHConfig")
+    tokenizer = tokenizer or getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise ConfigError("pass the tokenizer: the model has none attached")
+    probes = list(getattr(probes, "probes", probes))
+    check_probes(probes, getattr(model.cfg, "n_ctx", None), niah.max_new_tokens)
+    layout = CacheLayout.of(model)
+    context = max(p.n_tokens for p in probes)
+    policies = sweep_policies(layout, context, rankings, budgets, seeds, config=config,
+                              streaming=streaming)
+    seed_list = sorted({p.seed for p in policies if p.kind == "random"})
+    # Policies that attend to the same keys answer alike: each distinct one runs once.
+    specs: dict[tuple, int] = {}
+    spec_of = {p.label: specs.setdefault(p.signature(layout), len(specs)) for p in policies}
+    distinct = []
+    for p in policies:
+        if spec_of[p.label] == len(distinct):  # the first policy of each kind of keys
+            distinct.append(p)
+    labels_of: dict[int, list[str]] = {}
+    for p in policies:
+        labels_of.setdefault(spec_of[p.label], []).append(p.label)
+    rows = min(len(distinct), 32) if batch_size is None else batch_size
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+
+    name = getattr(model, "rhlens_name", None) or "model"
+    described = {p.label: p.describe(layout, context) for p in policies}
+    gen_config = GenerationConfig(max_new_tokens=niah.max_new_tokens,
+                                  stop_at_newline=niah.stop_at_newline,
+                                  prefill_chunk=niah.prefill_chunk, batch_size=rows,
+                                  policy=kernel_policy)
+    log = None
+    if out is not None:
+        # the kernels and the batch shape are part of the run: under rows="batch" a row's
+        # rounding depends on its batch
+        log = ProbeLog(out, {"model": name, "config": config.to_dict(), "niah": asdict(niah),
+                             "context": context, "policies": described,
+                             "probes": [p.key for p in probes], "batch_size": rows,
+                             "kernel_policy": gen_config.describe(model)["kernel_policy"]},
+                       name=COMPRESS_LOG)
+    done = log.done if log else {}
+    order = sorted(probes, key=lambda p: (p.length, p.needle_id, -p.depth))
+    work = [(p, i) for p in order for i in range(len(distinct))
+            if any(f"{label}|{p.key}" not in done for label in labels_of[i])]
+    total = len(probes) * len(policies)
+    sink = Records(log, progress=progress, total=total, desc="compress",
+                   initial=sum(1 for key in done if key.split("|", 1)[0] in described))
+    mask = PolicyMask(model, distinct, layout)
+    mask.items = {j: i for j, (_, i) in enumerate(work)}
+    gens = generate_many(model, tokenizer, [p.prompt_ids for p, _ in work], config=gen_config,
+                         hooks=mask.hooks(), on_start=mask.on_start)
+    try:
+        for (probe, i), gen in zip(work, gens):
+            for label in labels_of[i]:
+                if f"{label}|{probe.key}" not in sink.done:
+                    sink.add(answer_record(probe, gen.response, label, niah.success_threshold))
+    finally:
+        gens.close()
+    sink.close()
+    labels = [p.label for p in policies]
+    result = NIAHResult(records=finished_records(sink.done, labels, probes), masks=described,
+                        model_name=name, config=niah)
+    return CompressSweepResult(budgets=_budget_list(budgets), context=context, policies=described,
+                               niah=result, rankings=list(rankings), seeds=seed_list, config=config)
+
+
+# ---------------------------------------------------------------------------------------
+# Another ranking: attention on the needle
+# ---------------------------------------------------------------------------------------
+@torch.no_grad()
+def needle_attention_mass(model, probes: Sequence[Probe], *, niah: NIAHConfig | None = None,
+                          tokenizer=None, batch_size: int = 8) -> Float[Tensor, "layer head"]:
+    """Each head's attention on the needle's answer span while the model answers.
+
+    At every decode step, the softmax weight a head puts on the answer span's keys; averaged
+    over the answer's steps (the stopping token's included), then over the probes answered
+    correctly (ROUGE-1 recall above ``niah.success_threshold``), as retrieval scores are. A
+    plain score of where heads look, with no copying asked: a baseline ranking for
+    :func:`compress_sweep` (to be folded into the score families).
+
+    Raises:
+        ConfigError: no probe was answered correctly.
+    """
+    niah = niah or NIAHConfig()
+    tokenizer = tokenizer or getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise ConfigError("pass the tokenizer: the model has none attached")
+    probes = list(getattr(probes, "probes", probes))
+    check_probes(probes, getattr(model.cfg, "n_ctx", None), niah.max_new_tokens)
+    n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
+    device = next(model.parameters()).device
+    mass = torch.zeros(niah.max_new_tokens, batch_size, n_layers, n_heads, device=device)
+    batch = BatchItems()
+    spans = torch.tensor([p.needle_span for p in probes], device=device)  # [probe, 2]
+
+    def make(layer: int):
+        def hook(pattern: Tensor, hook=None) -> None:
+            B, _, _, N = pattern.shape
+            step = current_step()
+            rows = torch.tensor(batch.current(), device=device)
+            kpos = torch.arange(step.n_seen - N, step.n_seen, device=device)  # absolute
+            span = spans[rows]  # [B, 2]
+            on = (kpos >= span[:, :1]) & (kpos < span[:, 1:])  # [B, N]
+            mass[step.step, :B, layer] = (pattern[:, :, -1].float() * on[:, None]).sum(-1)
+            return None
+
+        return hook
+
+    hooks = [(f"blocks.{layer}.attn.hook_pattern",
+              EngineHook(make(layer), phase="decode", reads_only=True)) for layer in range(n_layers)]
+
+    def start(i: int) -> None:
+        batch.on_start(i)
+        if len(batch.rows) == 1:
+            mass.zero_()
+
+    config = GenerationConfig(max_new_tokens=niah.max_new_tokens, stop_at_newline=niah.stop_at_newline,
+                              prefill_chunk=niah.prefill_chunk, batch_size=batch_size)
+    order = sorted(range(len(probes)), key=lambda i: (probes[i].length, probes[i].needle_id,
+                                                      -probes[i].depth))
+    total = torch.zeros(n_layers, n_heads, dtype=torch.float64)
+    n_ok = 0
+    gens = generate_many(model, tokenizer, [probes[i].prompt_ids for i in order], config=config,
+                         hooks=hooks, on_start=lambda j: start(order[j]))
+    try:
+        for i, gen in zip(order, gens):
+            if rouge1_recall(probes[i].real_needle, gen.response) <= niah.success_threshold:
+                continue
+            row = gen.info.get("batch_row", 0)
+            total += mass[:gen.n_steps, row].mean(0).double().cpu()
+            n_ok += 1
+    finally:
+        gens.close()
+    if n_ok == 0:
+        raise ConfigError(f"none of the {len(probes)} probes was answered correctly: no attention "
+                          "on a needle to measure")
+    return (total / n_ok).float()
