@@ -20,7 +20,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from rhlens.engine.bridge import hf_model, new_cache
+from rhlens.engine.bridge import hf_model, input_device, new_cache
 from rhlens.engine.hooks import HookPair, StepState, phase
 from rhlens.engine.kv import KVPool, plain_cache_layers
 from rhlens.engine.lean import decode_step
@@ -142,7 +142,7 @@ class _Runner:
     def __init__(self, model, tokenizer, config: GenerationConfig, state: StepState) -> None:
         self.model, self.tokenizer, self.config, self.state = model, tokenizer, config, state
         self.hf = hf_model(model)
-        self.device = next(self.hf.parameters()).device
+        self.device = input_device(self.hf)  # where token ids go (the first of a split model's)
         self.policy = config.policy.resolve(self.device, model)
         n_layers = plain_cache_layers(self.hf)
         self.pool = KVPool(self.hf, n_layers) if n_layers else None
@@ -219,7 +219,7 @@ class _Runner:
                         stops[r] = "newline"
                 if all(s is not None for s in stops):
                     break
-                inp = nxt.view(rows, 1)
+                inp = nxt.view(rows, 1).to(self.device)  # a split model's logits: its last device
         return [(o, s or "length") for o, s in zip(outs, stops)]
 
 
