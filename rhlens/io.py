@@ -7,24 +7,30 @@
   (:mod:`rhlens.identity`), and reopening the folder with any difference is refused.
 * :class:`Records` keeps a sweep's finished records and shows a progress bar whose ETA is
   weighted by each item's cost (its prompt tokens), so it means something.
+* :class:`ShardLog` is one process's part of a run's log (``shards/<launch>/r<rank>/<log>``,
+  written by the ranks of a ``torchrun`` launch or a notebook's shard); :func:`read_done`
+  reads a log with every shard of it, and :func:`merge_logs` folds the shards into the log.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from rhlens.errors import ConfigError
 from rhlens.identity import RunHeader, diff_identity, merge_identity
 
-__all__ = ["ProbeLog", "Records", "check_resume", "lock_output", "prepare_output", "read_jsonl",
-           "read_run_json", "unlock_output", "write_json"]
+__all__ = ["ProbeLog", "Records", "ShardLog", "check_resume", "header_path", "holds_output", "lock_output",
+           "merge_logs", "open_header", "prepare_output", "read_done", "read_jsonl", "read_run_json",
+           "shard_dir", "shard_files", "unlock_output", "write_json"]
 
 LOCK_FILE = ".rhlens.lock"
+SHARDS = "shards"  # the folder of a run's shard logs: shards/<launch>/r<rank>/<log>
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
@@ -107,6 +113,11 @@ def lock_output(out: str | Path) -> Path:
     return out
 
 
+def holds_output(out: str | Path) -> bool:
+    """Whether this process holds ``out`` (:func:`lock_output`)."""
+    return str(Path(out).resolve()) in _HELD
+
+
 def unlock_output(out: str | Path) -> None:
     """Release a folder :func:`lock_output` took (nothing if this process does not hold it)."""
     fd = _HELD.pop(str(Path(out).resolve()), None)
@@ -128,8 +139,14 @@ def read_run_json(path: str | Path) -> dict[str, Any]:
 
 
 # ---- the log -------------------------------------------------------------------------------
-def _header_path(out: Path, name: str) -> Path:
+def header_path(out: str | Path, name: str = "probes.jsonl") -> Path:
+    """The header file of the log ``name`` in ``out``: ``run.json`` for ``probes.jsonl``,
+    ``<stem>.run.json`` beside any other log."""
+    out = Path(out)
     return out / "run.json" if name == "probes.jsonl" else out / name.replace(".jsonl", ".run.json")
+
+
+_header_path = header_path  # the older private name
 
 
 def check_resume(out: str | Path, header: RunHeader, name: str = "probes.jsonl", *,
@@ -165,6 +182,53 @@ def check_resume(out: str | Path, header: RunHeader, name: str = "probes.jsonl",
     return old
 
 
+def open_header(out: str | Path, header: RunHeader | Mapping[str, Any],
+                name: str = "probes.jsonl") -> dict[str, Any]:
+    """Check ``header`` against the run in ``out`` (:func:`check_resume`) and write it (a new
+    run) or what it adds (probes added to the grid, how this session ran); returns the header
+    file's content. The caller holds the folder (:func:`lock_output`)."""
+    out = Path(out)
+    if not isinstance(header, RunHeader):
+        header = RunHeader(json.loads(json.dumps(dict(header), default=str)))
+    doc = header.to_dict()
+    head_path = header_path(out, name)
+    old = check_resume(out, header, name)
+    if old is None:
+        write_json(head_path, doc)
+        return doc
+    updated = json.loads(json.dumps(old))
+    # Probes added to the grid join the identity, so later resumes check them too.
+    updated["identity"] = merge_identity(old["identity"], doc["identity"])
+    if old.get("recorded") != doc["recorded"] and doc["recorded"] not in old.get("resumes", []):
+        updated.setdefault("resumes", []).append(doc["recorded"])  # how later sessions ran
+    if updated != old:
+        write_json(head_path, updated)
+    return updated
+
+
+def _records_by_key(path: Path) -> dict[str, dict[str, Any]]:
+    done: dict[str, dict[str, Any]] = {}
+    for rec in read_jsonl(path, strict=True):
+        if "key" not in rec:
+            raise ConfigError(f"{path} holds a record without a key; the run cannot "
+                              "be resumed: choose another output directory")
+        done[rec["key"]] = rec
+    return done
+
+
+def _rewrite(path: Path, records) -> None:
+    from rhlens.results import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def _append(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 class ProbeLog:
     """Append-only JSONL of finished work items, keyed by ``record["key"]``.
 
@@ -183,38 +247,123 @@ class ProbeLog:
         out = lock_output(out)
         self.path = out / name
         self.done: dict[str, dict[str, Any]] = {}
-        if not isinstance(header, RunHeader):
-            header = RunHeader(json.loads(json.dumps(dict(header), default=str)))
-        doc = header.to_dict()
-        head_path = _header_path(out, name)
-        old = check_resume(out, header, name)
-        if old is None:
-            write_json(head_path, doc)
-        else:
-            updated = json.loads(json.dumps(old))
-            # Probes added to the grid join the identity, so later resumes check them too.
-            updated["identity"] = merge_identity(old["identity"], doc["identity"])
-            if old.get("recorded") != doc["recorded"] and doc["recorded"] not in old.get("resumes", []):
-                updated.setdefault("resumes", []).append(doc["recorded"])  # how later sessions ran
-            if updated != old:
-                write_json(head_path, updated)
+        open_header(out, header, name)
         if self.path.exists():
-            for rec in read_jsonl(self.path, strict=True):
-                if "key" not in rec:
-                    raise ConfigError(f"{self.path} holds a record without a key; the run cannot "
-                                      "be resumed: choose another output directory")
-                self.done[rec["key"]] = rec
+            self.done = _records_by_key(self.path)
             # Rewrite without a torn tail so that appends start on a fresh line.
-            from rhlens.results import atomic_write_text
-
-            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.done.values()))
+            _rewrite(self.path, self.done.values())
 
     def append(self, record: dict[str, Any]) -> None:
-        with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        _append(self.path, record)
         self.done[record["key"]] = record
+
+
+# ---- shard logs ------------------------------------------------------------------------------
+def shard_dir(out: str | Path, launch: str, rank: int) -> Path:
+    """``out/shards/<launch>/r<rank>``: where one process of a sharded run writes its logs."""
+    return Path(out) / SHARDS / str(launch) / f"r{int(rank)}"
+
+
+def shard_files(out: str | Path, name: str) -> list[Path]:
+    """Every shard of the log ``name`` under ``out`` (any launch, any rank), in a fixed order."""
+    return sorted((Path(out) / SHARDS).glob(f"*/r*/{name}"))
+
+
+class ShardLog:
+    """One process's part of a run's log: append-only JSONL like :class:`ProbeLog`, without a
+    header of its own (the run's header is the folder's) and without the folder's lock (the
+    launch holds it). Reopening it (a notebook shard rerun) drops a tail cut by a crash."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.done: dict[str, dict[str, Any]] = {}
+        if self.path.exists():
+            self.done = _records_by_key(self.path)
+            _rewrite(self.path, self.done.values())
+
+    def append(self, record: dict[str, Any]) -> None:
+        _append(self.path, record)
+        self.done[record["key"]] = record
+
+
+def read_done(out: str | Path, name: str = "probes.jsonl") -> dict[str, dict[str, Any]]:
+    """Every finished record of the log ``name`` in ``out``: the log's, then its shards' (a key
+    found twice is one record: the first found)."""
+    out = Path(out)
+    done: dict[str, dict[str, Any]] = {}
+    for path in [out / name, *shard_files(out, name)]:
+        if path.exists():
+            for key, rec in _records_by_key(path).items():
+                done.setdefault(key, rec)
+    return done
+
+
+def merge_logs(out: str | Path, name: str = "probes.jsonl",
+               order: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
+    """Fold every shard of the log ``name`` into ``out/name``; returns all its records.
+
+    The log keeps its records in their order, and the shards' new records follow: first those
+    named in ``order`` (the order a one-process run writes them), then the rest. Merged shard
+    files are deleted (empty shard folders too), except those of a folder another process
+    holds (a notebook shard still running): their records are merged, their files kept. The
+    caller holds ``out`` (:func:`lock_output`). Safe to repeat after a crash at any point.
+    """
+    out = Path(out)
+    log = out / name
+    merged = _records_by_key(log) if log.exists() else {}
+    files = shard_files(out, name)
+    if not files:
+        return merged
+    fresh: dict[str, dict[str, Any]] = {}
+    for path in files:
+        for key, rec in _records_by_key(path).items():
+            if key not in merged:
+                fresh.setdefault(key, rec)
+    if fresh:
+        ordered = [k for k in dict.fromkeys(order) if k in fresh]
+        seen = set(ordered)
+        ordered += [k for k in fresh if k not in seen]
+        merged.update((k, fresh[k]) for k in ordered)
+        _rewrite(log, merged.values())
+    for path in files:
+        _drop_shard(path)
+    _prune_shards(out)
+    return merged
+
+
+def _drop_shard(path: Path) -> None:
+    """Delete a merged shard file, unless another process holds its folder (a notebook shard
+    still running)."""
+    try:
+        lock_output(path.parent)
+    except ConfigError:
+        return  # a shard still being written: its records are merged, the file stays
+    try:
+        path.unlink(missing_ok=True)
+    finally:
+        unlock_output(path.parent)
+
+
+def _prune_shards(out: Path) -> None:
+    """Remove the shard folders left empty (a rank that had nothing to do has one too)."""
+    root = out / SHARDS
+    for folder in sorted(root.glob("*/r*")):
+        if [p for p in folder.iterdir() if p.name != LOCK_FILE]:
+            continue
+        try:
+            lock_output(folder)
+        except ConfigError:
+            continue  # held by a process that has not written yet
+        try:
+            (folder / LOCK_FILE).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        finally:
+            unlock_output(folder)
+    for folder in [*sorted(root.glob("*")), root]:
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only when empty
 
 
 class Records:
@@ -229,11 +378,14 @@ class Records:
 
     def __init__(self, log: ProbeLog | None, *, progress: bool, total: int, desc: str,
                  unit: str = "answer", initial: int | None = None,
-                 weights: Mapping[str, int | float] | None = None) -> None:
+                 weights: Mapping[str, int | float] | None = None,
+                 done: Mapping[str, dict[str, Any]] | None = None) -> None:
         self.log = log
         self.done: dict[str, dict[str, Any]] = dict(log.done) if log else {}
+        self.done.update(done or {})  # records found elsewhere (shards of the run)
         self.weights = dict(weights) if weights is not None else None
         self.total, self.unit = total, unit
+        self.elsewhere = 0  # items finished by other processes (see tick)
         self.bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -248,7 +400,7 @@ class Records:
                 self.bar.set_postfix_str(self._count(), refresh=False)
 
     def _count(self) -> str:
-        return f"{len(self.done)}/{self.total} {self.unit}s"
+        return f"{len(self.done) + self.elsewhere}/{self.total} {self.unit}s"
 
     def add(self, record: dict[str, Any],
             postfix: Callable[[], dict[str, Any]] | None = None) -> None:
@@ -264,6 +416,15 @@ class Records:
                                                                      extra.items())]))
             elif extra:
                 self.bar.set_postfix(**extra)
+
+    def tick(self, items: int, weight: float = 0) -> None:
+        """Count ``items`` finished elsewhere (other ranks of a launch), of summed cost
+        ``weight``, on the bar (their records are not kept here)."""
+        self.elsewhere += items
+        if self.bar and (items or weight):
+            self.bar.update(items if self.weights is None else weight)
+            if self.weights is not None:
+                self.bar.set_postfix_str(self._count())
 
     def close(self) -> None:
         if self.bar:

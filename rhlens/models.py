@@ -17,6 +17,11 @@ be checked against the model before the slow part starts.
 Every model is loaded with SDPA attention: the decode engine runs the prompt through
 the HF attention (no O(n²) pattern) and only the decode steps through the bridge's
 hooked attention.
+
+A model larger than one GPU is spread over several with ``device_map`` (``"auto"``,
+``"balanced"``, ... or a dict) and ``max_memory``, through TransformerLens' own multi-device
+loading (``TransformerBridge.boot_transformers(device_map=, max_memory=)``);
+:func:`plan_device_map` says where each layer would go without loading a weight.
 """
 
 from __future__ import annotations
@@ -56,7 +61,10 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "model_shape",
+    "plan_device_map",
 ]
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 @dataclass(frozen=True)
@@ -466,12 +474,91 @@ def load_hf(name: str | None = None, *, attn_implementation: str = "sdpa", dtype
     return model, tok
 
 
+def check_device_map(device_map: Any, max_memory: Any = None) -> tuple[Any, dict | None]:
+    """``(device_map, max_memory)`` checked (one-line ConfigErrors): a device map is one of
+    :data:`DEVICE_MAPS` or a dict of module names to devices; ``max_memory`` maps devices
+    (GPU indices, ``"cpu"``) to budgets (bytes or strings like ``"70GiB"``) and needs a map."""
+    if device_map is None:
+        if max_memory is not None:
+            raise ConfigError("max_memory budgets the devices of a device map: give device_map too")
+        return None, None
+    if isinstance(device_map, str):
+        if device_map not in DEVICE_MAPS:
+            raise ConfigError(f"device_map must be one of {', '.join(DEVICE_MAPS)} or a dict of "
+                              f"module names to devices, got {device_map!r}")
+    elif not isinstance(device_map, dict) or not device_map:
+        raise ConfigError(f"device_map must be one of {', '.join(DEVICE_MAPS)} or a dict of module "
+                          f"names to devices, got {device_map!r}")
+    if max_memory is not None:
+        if not isinstance(max_memory, dict) or not max_memory:
+            raise ConfigError(f"max_memory must map devices to budgets, got {max_memory!r}")
+        for key, value in max_memory.items():
+            if not (isinstance(key, int) and not isinstance(key, bool) and key >= 0) \
+                    and key not in ("cpu", "mps", "disk"):
+                raise ConfigError(f"max_memory: {key!r} is not a device (a GPU index, 'cpu' or 'mps')")
+            if isinstance(value, bool) or not isinstance(value, (int, str)):
+                raise ConfigError(f"max_memory[{key!r}] must be bytes or a size like '70GiB', "
+                                  f"got {value!r}")
+        max_memory = dict(max_memory)
+    return device_map, max_memory
+
+
+def _hf_source(name: str | None, offline: bool | None) -> tuple[str, str]:
+    """(display name, a folder or hub id ``from_pretrained`` can read without the network
+    when ``offline``)."""
+    display, source, _ = _resolve(name, offline=offline)
+    if is_offline(offline) and not Path(str(source)).exists():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(str(source), "config.json")
+        if isinstance(cached, str):
+            source = Path(cached).parent
+    return display, str(source)
+
+
+def plan_device_map(name: str | None = None, *, device_map: Any = "auto", max_memory: Any = None,
+                    dtype: Any = None, offline: bool | None = None) -> dict[str, Any]:
+    """Where each module of a model would go under ``device_map`` and ``max_memory``: HF's
+    own planner (what ``from_pretrained(device_map=...)`` computes) run on an empty model, so
+    no weight is read and the devices need not exist here (a plan for 8 GPUs can be checked
+    on a laptop). Returns ``{module name: device}``."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    device_map, max_memory = check_device_map(device_map, max_memory)
+    if not isinstance(device_map, str):
+        return dict(device_map)
+    try:
+        from transformers.integrations.accelerate import _get_device_map
+    except ImportError as exc:  # pragma: no cover - another transformers
+        raise ModelLoadError(f"this transformers cannot plan a device map: {exc}") from exc
+    _, source = _hf_source(name, offline)
+    cfg = AutoConfig.from_pretrained(source, local_files_only=is_offline(offline))
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(cfg, dtype=_dtype(dtype))
+    model.tie_weights()
+    import logging
+
+    quiet = logging.getLogger("accelerate")  # "device N is not available": a plan, not a load
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            planned = _get_device_map(model, device_map, max_memory, None)
+    finally:
+        quiet.setLevel(level)
+    return dict(planned)
+
+
 def load_model(
     name: str | None = None,
     *,
     device: Any = None,
     dtype: Any = None,
     offline: bool | None = None,
+    device_map: Any = None,
+    max_memory: Any = None,
 ):
     """Load a model as a TransformerLens ``TransformerBridge``, with its tokenizer.
 
@@ -483,6 +570,13 @@ def load_model(
         dtype: ``torch.float32`` (default), ``torch.bfloat16``, or their names.
         offline: never use the network (default: ``HF_HUB_OFFLINE``); a hub id must then be in
             the local Hugging Face cache.
+        device_map: spread the model over several devices instead of ``device``: ``"auto"``,
+            ``"balanced"``, ``"balanced_low_0"``, ``"sequential"`` (HF's planner) or a dict of
+            module names to devices; loaded through ``TransformerBridge.boot_transformers``.
+            Inside a ``torchrun`` launch with several processes on a machine, a named map
+            without ``max_memory`` uses only this process' share of the GPUs (process ``r`` of
+            ``n`` takes GPUs ``r*m .. r*m+m-1``, ``m`` = GPUs // ``n``).
+        max_memory: budgets of the devices a map may use, e.g. ``{0: "70GiB", 1: "70GiB"}``.
 
     Returns:
         ``(model, tokenizer)``: the bridge (hook names ``blocks.{L}.attn.hook_z`` ...) and
@@ -490,29 +584,64 @@ def load_model(
 
     Raises:
         ModelLoadError: with a one-paragraph explanation of what to do.
-        ConfigError: a device this machine does not have.
+        ConfigError: a device this machine does not have, or a bad device map.
     """
     from transformer_lens.model_bridge import TransformerBridge
 
     dtype = _dtype(dtype)
-    device = check_device(device)
+    device_map, max_memory = check_device_map(device_map, max_memory)
     t0 = time.perf_counter()
-    hf_model, tok = load_hf(name, dtype=dtype, offline=offline)
-    hf_model.to(device)
-    try:
-        bridge = TransformerBridge.boot_transformers(
-            hf_model.config._name_or_path or str(name), hf_model=hf_model, tokenizer=tok
-        )
-    except (ValueError, NotImplementedError, KeyError) as exc:
-        raise ModelLoadError(
-            f"TransformerLens cannot bridge {name!r} (architecture "
-            f"{getattr(hf_model.config, 'architectures', None)}): "
-            f"{str(exc).split('. Available')[0]}. rhlens needs an "
-            "architecture that transformer_lens.model_bridge supports; see TransformerLens' "
-            "list of supported architectures."
-        ) from exc
+    if device_map is not None:
+        if device is not None:
+            raise ConfigError("give device or device_map, not both")
+        if isinstance(device_map, str) and max_memory is None:
+            from rhlens.distributed import rank_max_memory
+
+            max_memory = rank_max_memory()
+        bridge, tok = _boot_mapped(name, dtype, offline, device_map, max_memory)
+    else:
+        device = check_device(device)
+        hf_model, tok = load_hf(name, dtype=dtype, offline=offline)
+        hf_model.to(device)
+        try:
+            bridge = TransformerBridge.boot_transformers(
+                hf_model.config._name_or_path or str(name), hf_model=hf_model, tokenizer=tok
+            )
+        except (ValueError, NotImplementedError, KeyError) as exc:
+            raise _unbridgeable(name, hf_model.config, exc) from exc
     bridge.eval()
     bridge.rhlens_identity = describe_model(name, dtype=dtype, offline=offline)
     bridge.rhlens_name = bridge.rhlens_identity["name"]
     bridge.rhlens_load_seconds = time.perf_counter() - t0
     return bridge, tok
+
+
+def _unbridgeable(name: Any, config: Any, exc: BaseException) -> ModelLoadError:
+    return ModelLoadError(
+        f"TransformerLens cannot bridge {name!r} (architecture "
+        f"{getattr(config, 'architectures', None)}): "
+        f"{str(exc).split('. Available')[0]}. rhlens needs an "
+        "architecture that transformer_lens.model_bridge supports; see TransformerLens' "
+        "list of supported architectures.")
+
+
+def _boot_mapped(name: str | None, dtype: Any, offline: bool | None, device_map: Any,
+                 max_memory: dict | None):
+    """The bridge over a model TransformerLens loads and places itself (a device map)."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    display, source = _hf_source(name, offline)
+    tok = load_tokenizer(name, offline=offline)
+    try:
+        return TransformerBridge.boot_transformers(source, device_map=device_map,
+                                                   max_memory=max_memory, dtype=dtype,
+                                                   tokenizer=tok), tok
+    except (ValueError, NotImplementedError, KeyError) as exc:
+        text = str(exc)
+        if "device" in text.lower() or "memory" in text.lower():
+            raise ModelLoadError(f"cannot place {display} with device_map={device_map!r}"
+                                 f"{f', max_memory={max_memory!r}' if max_memory else ''}: "
+                                 f"{first_line(exc)}") from exc
+        raise _unbridgeable(name, None, exc) from exc
+    except OSError as exc:
+        raise ModelLoadError(unknown_model(display, f"loading it failed: {first_line(exc)}")) from exc

@@ -25,7 +25,6 @@ from rhlens.ablation import Mask, ablation_hooks, random_heads
 from rhlens.engine import GenerationConfig, generate_many
 from rhlens.errors import ConfigError
 from rhlens.identity import run_header
-from rhlens.io import ProbeLog, Records
 from rhlens.probe import Probe
 from rhlens.results import Config, Result, ResultError
 from rhlens.retrieval import check_probes
@@ -191,14 +190,18 @@ def niah_sweep(model, probes: Sequence[Probe], *, masks: Sequence[Mask] = (Mask.
     """Answer every probe under every mask; NIAH score = ROUGE-1 recall x 100.
 
     ``out``: each finished (mask, probe) is appended to ``out/niah.jsonl``; a rerun with the
-    same ``out`` skips what is there.
+    same ``out`` skips what is there. Inside a ``torchrun`` launch the answers are split
+    across the ranks (:class:`rhlens.distributed.Sweep`); every rank returns all of them.
     """
+    from rhlens.distributed import Sweep, engine_plan, shard_of
+
     config = config or NIAHConfig()
     if not isinstance(config, NIAHConfig):
         raise ConfigError(f"config must be a NIAHConfig, got {type(config).__name__}")
     tokenizer = tokenizer or getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise ConfigError("pass the tokenizer: the model has none attached")
+    part = shard_of(probes)
     probes = list(getattr(probes, "probes", probes))
     check_probes(probes, getattr(model.cfg, "n_ctx", None), config.max_new_tokens)
     masks = list(masks)
@@ -211,25 +214,28 @@ def niah_sweep(model, probes: Sequence[Probe], *, masks: Sequence[Mask] = (Mask.
     hooks = {m.label: ablation_hooks(model, m.heads, mode=m.mode, phase=m.phase, means=means)
              for m in masks}  # validates every mask before any compute
     name = getattr(model, "rhlens_name", None) or "model"
-    log = None
-    if out is not None:
-        log = ProbeLog(out, run_header(model, probes, config, masks=[m.to_dict() for m in masks],
-                                       kernel_policy=config.generation().describe(model)["kernel_policy"]),
-                       name=NIAH_LOG)
-    finished = log.done if log else {}
-    order = sorted(probes, key=lambda p: (p.length, p.needle_id, -p.depth))
-    work = [(p, m) for p in order for m in masks if f"{m.label}|{p.key}" not in finished]
+    header = None if out is None else run_header(
+        model, probes, config, masks=[m.to_dict() for m in masks],
+        kernel_policy=config.generation().describe(model)["kernel_policy"])
     total = len(probes) * len(masks)
-    sink = Records(log, progress=progress, total=total, desc="niah", initial=total - len(work),
-                   weights={f"{m.label}|{p.key}": p.n_tokens for p in probes for m in masks})
-    gens = generate_many(
-        model, tokenizer, [p.prompt_ids for p, _ in work], config=config.generation(),
-        item_hooks=lambda i: hooks[work[i][1].label],
-        prefill_keys=[m.label if (m.phase == "all" and m.heads) else None for _, m in work])
-    for (probe, mask), gen in zip(work, gens):
-        sink.add(answer_record(probe, gen.response, mask.label, config.success_threshold))
-    sink.close()
-    return NIAHResult(records=finished_records(sink.done, labels, probes),
+    sweep = Sweep(out, header, NIAH_LOG, total=total, desc="niah", progress=progress, shard=part,
+                  weights={f"{m.label}|{p.key}": p.n_tokens for p in probes for m in masks},
+                  device=next(model.parameters()).device)
+    order = sorted(probes, key=lambda p: (p.length, p.needle_id, -p.depth))
+    work = [(p, m) for p in order for m in masks if f"{m.label}|{p.key}" not in sweep.done]
+    keys = [m.label if (m.phase == "all" and m.heads) else None for _, m in work]
+    costs, links = engine_plan([p.prompt_ids for p, _ in work], max_new_tokens=config.max_new_tokens,
+                               chunk=config.prefill_chunk, prefill_keys=keys)
+    for unit in sweep.run([f"{m.label}|{p.key}" for p, m in work], costs, links):
+        items = [work[i] for i in unit]
+        gens = generate_many(model, tokenizer, [p.prompt_ids for p, _ in items],
+                             config=config.generation(),
+                             item_hooks=lambda i, items=items: hooks[items[i][1].label],
+                             prefill_keys=[keys[i] for i in unit])
+        for (probe, mask), gen in zip(items, gens):
+            sweep.add(answer_record(probe, gen.response, mask.label, config.success_threshold))
+    found = sweep.finish()
+    return NIAHResult(records=finished_records(found, labels, probes),
                       masks={m.label: m.to_dict() for m in masks}, model_name=name, config=config)
 
 
@@ -247,7 +253,7 @@ def answer_record(probe: Probe, response: str, label: str, threshold: float = 0.
 def finished_records(done: dict[str, dict[str, Any]], labels: Sequence[str],
                      probes: Sequence[Probe]) -> list[dict[str, Any]]:
     """A sweep's records, label-major, each keyed by its probe's own key (for per-probe joins)."""
-    records = [done[f"{label}|{p.key}"] for label in labels for p in probes]
+    records = [dict(done[f"{label}|{p.key}"]) for label in labels for p in probes]
     for r in records:
         r.setdefault("probe", r["key"].split("|", 1)[1])
     for r in records:

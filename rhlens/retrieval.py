@@ -40,7 +40,6 @@ from rhlens.engine import (
 )
 from rhlens.errors import ConfigError, ProbeError
 from rhlens.identity import run_header
-from rhlens.io import ProbeLog, Records
 from rhlens.probe import Probe
 from rhlens.results import Config
 from rhlens.scores import RetrievalScores
@@ -183,7 +182,9 @@ class TopKeyRecorder:
                 raise ConfigError(f"the recorder holds {self._buf.shape[2]} batch rows, the model "
                                   f"runs {B}; make it with max_batch={B}")
             slot = self._buf[step, layer, :B]  # [batch, head]
-            if offset:
+            if pattern.device != slot.device:  # a layer on another device of a split model
+                slot.copy_(pattern[:, :, -1].argmax(-1) + offset)
+            elif offset:
                 torch.add(pattern[:, :, -1].argmax(-1), offset, out=slot)
             else:
                 torch.argmax(pattern[:, :, -1], dim=-1, out=slot)
@@ -452,79 +453,94 @@ def detect_retrieval_heads(model, probes: Sequence[Probe], *, config: DetectConf
 
     Args:
         model: a TransformerBridge (``rhlens.load_model``).
-        probes: from :func:`rhlens.probes.build_probes`, or hand-made :class:`Probe` objects.
+        probes: from :func:`rhlens.probes.build_probes`, or hand-made :class:`Probe` objects;
+            or one process' share of them (:func:`rhlens.distributed.shard`), which logs into
+            its own shard of ``out``.
         config: :class:`DetectConfig`.
         tokenizer: defaults to ``model.tokenizer``.
         out: a directory; each finished probe is appended to ``out/probes.jsonl`` at once,
             and a rerun with the same ``out`` skips the probes found there.
         progress: show a tqdm bar.
 
+    Inside a ``torchrun`` launch (or any initialised ``torch.distributed`` group) the probes
+    are split across the ranks (:class:`rhlens.distributed.Sweep`) and every rank returns the
+    scores of all of them.
+
     Returns:
         :class:`RetrievalScores`, probes in the order given.
     """
+    from rhlens.distributed import Sweep, engine_plan, shard_of
+
     config = config or DetectConfig()
     tokenizer = tokenizer or getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise ConfigError("pass the tokenizer: the model has none attached")
+    part = shard_of(probes)
     probes = list(getattr(probes, "probes", probes))
     n_layers, n_heads, n_kv, n_ctx = _model_shape(model)
     check_probes(probes, n_ctx, config.max_new_tokens)
     name = getattr(model, "rhlens_name", None) or str(getattr(model.cfg, "model_name", "model"))
-    log = None
-    if out is not None:
-        # How many probes share a batch changes the cost, not the experiment; the kernels that
-        # ran (which can round bf16 scores differently) are recorded as resolved.
-        log = ProbeLog(Path(out), run_header(
-            model, probes, config, kernel_policy=config.generation().describe(model)["kernel_policy"]))
-
+    # How many probes share a batch changes the cost, not the experiment; the kernels that
+    # ran (which can round bf16 scores differently) are recorded as resolved.
+    header = None if out is None else run_header(
+        model, probes, config, kernel_policy=config.generation().describe(model)["kernel_policy"])
     device = next(model.parameters()).device
+    sweep = Sweep(out, header, "probes.jsonl", total=len(probes), desc="detect", unit="probe",
+                  weights={p.key: p.n_tokens for p in probes}, progress=progress, shard=part,
+                  device=device)
     state = StepState()
     recorder = TopKeyRecorder(n_layers, n_heads, config.max_new_tokens, state, device,
                               max_batch=config.batch_size)
-    finished = log.done if log else {}
-    todo = [p for p in probes if p.key not in finished]
     # Probes of one length and needle, deepest first: each shares the haystack before its
     # needle with the previous one, so the engine prefills only what differs; probes of
     # equal token count (one length and needle) are decoded together, batch_size at a time.
+    todo = [p for p in probes if p.key not in sweep.done]
     todo.sort(key=lambda p: (p.length, p.needle_id, p.meta.get("haystack", ""), -p.depth))
+    costs, links = engine_plan([p.prompt_ids for p in todo], max_new_tokens=config.max_new_tokens,
+                               batch_size=config.batch_size, chunk=config.prefill_chunk)
+    records = sweep.sink.done
+    for unit in sweep.run([p.key for p in todo], costs, links):
+        batch = [todo[i] for i in unit]
+        gens = generate_many(model, tokenizer, [p.prompt_ids for p in batch],
+                             config=config.generation(), hooks=recorder.hooks(), state=state,
+                             on_start=lambda i: recorder.reset())
+        t_last = time.perf_counter()
+        per_probe = 0.0
+        try:
+            for probe, gen in zip(batch, gens):
+                now = time.perf_counter()
+                if gen.info.get("batch_row", 0) == 0:  # a batch's time, shared by its probes
+                    per_probe = (now - t_last) / gen.info.get("batch_size", 1)
+                t_last = now
+                sweep.add(_probe_record(probe, gen, recorder, config, device, per_probe),
+                          postfix=lambda: {"ok": sum(r["success"] for r in records.values())})
+        finally:
+            gens.close()  # end the engine's generator now, not whenever it is collected
+    found = sweep.finish()
+    return scores_from_records([found[p.key] for p in probes], name, n_kv, config)
 
-    sink = Records(log, progress=progress, total=len(probes), desc="detect", unit="probe",
-                   initial=len(probes) - len(todo), weights={p.key: p.n_tokens for p in probes})
-    records = sink.done
-    gens = generate_many(model, tokenizer, [p.prompt_ids for p in todo],
-                         config=config.generation(), hooks=recorder.hooks(), state=state,
-                         on_start=lambda i: recorder.reset())
-    t_last = time.perf_counter()
-    per_probe = 0.0
-    try:
-        for probe, gen in zip(todo, gens):
-            steps = gen.n_steps
-            generated = torch.tensor(gen.response_ids, device=device)
-            prompt = torch.tensor(probe.prompt_ids, device=device)
-            positions = recorder.row(gen.info.get("batch_row", 0))[:steps]
-            scores = copy_scores(positions, generated, prompt, probe.needle_span, config.mode)
-            copies = copy_mask(positions, generated, prompt, probe.needle_span).sum(0)
-            recall = rouge1_recall(probe.real_needle, gen.response)
-            now = time.perf_counter()
-            if gen.info.get("batch_row", 0) == 0:  # a batch's time, shared by its probes
-                per_probe = (now - t_last) / gen.info.get("batch_size", 1)
-            rec = {
-                "key": probe.key, "length": probe.length, "depth": probe.depth,
-                "needle_id": probe.needle_id, "n_tokens": probe.n_tokens, **probe.placement,
-                "prompt_ids": list(probe.prompt_ids), "needle_span": list(probe.needle_span),
-                "response_ids": gen.response_ids, "response": gen.response,
-                "stop_reason": gen.stop_reason, "rouge_recall": recall,
-                "success": recall > config.success_threshold,
-                "scores": [[round(float(x), 6) for x in row] for row in scores.cpu()],
-                "copy_steps": copies.cpu().tolist(), "reused_prefix": gen.reused_prefix,
-                "seconds": round(per_probe, 3),
-            }
-            t_last = now
-            sink.add(rec, postfix=lambda: {"ok": sum(r["success"] for r in records.values())})
-    finally:
-        gens.close()  # end the engine's generator now, not whenever it is collected
-    sink.close()
-    return scores_from_records([records[p.key] for p in probes], name, n_kv, config)
+
+def _probe_record(probe: Probe, gen, recorder: TopKeyRecorder, config: DetectConfig, device,
+                  seconds: float) -> dict[str, Any]:
+    """One probe's line of ``probes.jsonl``: its answer, success and per-head scores."""
+    steps = gen.n_steps
+    generated = torch.tensor(gen.response_ids, device=device)
+    prompt = torch.tensor(probe.prompt_ids, device=device)
+    positions = recorder.row(gen.info.get("batch_row", 0))[:steps]
+    scores = copy_scores(positions, generated, prompt, probe.needle_span, config.mode)
+    copies = copy_mask(positions, generated, prompt, probe.needle_span).sum(0)
+    recall = rouge1_recall(probe.real_needle, gen.response)
+    return {
+        "key": probe.key, "length": probe.length, "depth": probe.depth,
+        "needle_id": probe.needle_id, "n_tokens": probe.n_tokens, **probe.placement,
+        "prompt_ids": list(probe.prompt_ids), "needle_span": list(probe.needle_span),
+        "response_ids": gen.response_ids, "response": gen.response,
+        "stop_reason": gen.stop_reason, "rouge_recall": recall,
+        "success": recall > config.success_threshold,
+        "scores": [[round(float(x), 6) for x in row] for row in scores.cpu()],
+        "copy_steps": copies.cpu().tolist(), "reused_prefix": gen.reused_prefix,
+        "seconds": round(seconds, 3),
+    }
 
 
 def scores_from_records(records: Sequence[dict[str, Any]], model_name: str,

@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
             note = getattr(args, "interrupted", None)
             say("\n" + (note(args) if note else "interrupted"))
             return 130
+        finally:
+            if "rhlens.distributed" in sys.modules:  # a torchrun launch: leave its group cleanly
+                sys.modules["rhlens.distributed"].shutdown()
 
 
 if __name__ == "__main__":  # pragma: no cover

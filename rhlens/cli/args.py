@@ -8,6 +8,7 @@ and friends turn the parsed flags into the library's configs. Nothing here impor
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -24,6 +25,7 @@ __all__ = [
     "error_line",
     "float_list",
     "int_list",
+    "max_memory",
     "needles",
     "niah_config",
     "nonnegative_int",
@@ -39,7 +41,9 @@ __all__ = [
 
 
 def say(msg: str = "") -> None:
-    print(msg, flush=True)  # noqa: T201 - the CLI's job is to talk
+    """Print ``msg`` (under torchrun, on rank 0 only: every rank runs the same command)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(msg, flush=True)  # noqa: T201 - the CLI's job is to talk
 
 
 def one_line(text: str) -> str:
@@ -87,6 +91,43 @@ def percent(text: str) -> float:
     return value
 
 
+_SIZE_UNITS = ("B", "KB", "MB", "GB", "TB", "KIB", "MIB", "GIB", "TIB")
+
+
+def _size(text: str) -> str | int:
+    text = text.strip()
+    if text.isdigit():
+        return int(text)
+    number = text.rstrip("BbKkMmGgTtIi")
+    unit = text[len(number):].upper()
+    try:
+        ok = float(number) > 0 and unit in _SIZE_UNITS
+    except ValueError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"expected a size like 70GiB or 500MB, got {text!r}")
+    return text
+
+
+def max_memory(text: str) -> str | int | dict:
+    """``SIZE`` (every GPU of this process) or ``DEV=SIZE,...`` (DEV a GPU index, cpu or mps)."""
+    if "=" not in text:
+        return _size(text)
+    budget: dict = {}
+    for item in text.split(","):
+        dev, sep, size = item.partition("=")
+        dev = dev.strip()
+        if not sep or not dev:
+            raise argparse.ArgumentTypeError(f"expected DEV=SIZE items, got {item!r}")
+        key: int | str = int(dev) if dev.isdigit() else dev.lower()
+        if not isinstance(key, int) and key not in ("cpu", "mps"):
+            raise argparse.ArgumentTypeError(f"{dev!r} is not a device (a GPU index, cpu or mps)")
+        if key in budget:
+            raise argparse.ArgumentTypeError(f"device {dev} given twice")
+        budget[key] = _size(size)
+    return budget
+
+
 Bound = float | int | None
 
 
@@ -130,6 +171,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--offline", action="store_true",
                    help="never use the network: a hub id must already be in the local Hugging "
                         "Face cache (fails at once instead of retrying)")
+    g.add_argument("--device-map", default=None,
+                   choices=("auto", "balanced", "balanced_low_0", "sequential"),
+                   help="spread a model too large for one GPU over several (HF's planner, through "
+                        "TransformerLens' multi-device loading); not with --device. Under torchrun "
+                        "with N processes per machine, process r uses GPUs r*M..r*M+M-1 (M = "
+                        "GPUs / N)")
+    g.add_argument("--max-memory", type=max_memory, default=None, metavar="SIZE|DEV=SIZE,...",
+                   help="with --device-map: memory each device may hold, e.g. 70GiB (every GPU "
+                        "this process uses) or 0=70GiB,1=40GiB,cpu=100GiB")
 
 
 def add_prompt_args(g) -> None:

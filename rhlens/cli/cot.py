@@ -83,8 +83,10 @@ def cmd_cot(args: argparse.Namespace) -> int:
     for task in tasks:
         res = cot_ablation(model, task, masks=masks, config=config, tokenizer=tok,
                            out=out, progress=not args.quiet)
-        res.save(RunDir(out).cot_result(task.name))
         results.append(res)
+        if not prepare.is_main():  # under torchrun, rank 0 writes the outputs
+            continue
+        res.save(RunDir(out).cot_result(task.name))
         say(f"\n{task.name} ({task.kind}, {len(task)} items)")
         say(f"  {'mask':>10} {'mode':>6}  accuracy [95% CI]      drop [95% CI]")
         for row in res.table():
@@ -92,6 +94,8 @@ def cmd_cot(args: argparse.Namespace) -> int:
                     f"{100 * row['drop_high']:+.0f}]") if "drop" in row else ""
             say(f"  {row['mask']:>10} {row['mode']:>6}  {100 * row['accuracy']:5.1f} "
                 f"[{100 * row['low']:4.0f}, {100 * row['high']:4.0f}]   {drop}")
+    if not prepare.is_main():
+        return 0
     figure = save_figure(plot_cot_bars(results), RunDir(out).cot_figure)
     say(f"wrote: {RunDir(out).cot}/<task>/, {out}/cot_<task>.jsonl, {figure}")
     return 0

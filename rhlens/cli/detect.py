@@ -71,6 +71,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
     scores = detect_retrieval_heads(model, probes, config=config, tokenizer=tok, out=out,
                                     progress=not args.quiet)
     wall = time.perf_counter() - t
+    if not prepare.is_main():  # under torchrun, rank 0 writes the outputs
+        return 0
     written = save_detection_run(out, scores, wall_seconds=wall)
     say(f"\n{scores.n_successful}/{scores.n_probes} probes answered correctly "
         f"({wall:.0f} s this run)")

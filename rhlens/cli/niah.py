@@ -84,6 +84,8 @@ def cmd_niah(args: argparse.Namespace) -> int:
     model, tok = prepare.load(args)
     result = niah_sweep(model, probes, masks=masks, config=config, tokenizer=tok,
                         means=_means(args, model, tok, probes), out=out, progress=not args.quiet)
+    if not prepare.is_main():  # under torchrun, rank 0 writes the outputs
+        return 0
     written = save_niah_run(out, result)
     for label, score in result.table().items():
         say(f"  {label:>20}: NIAH {score:5.1f}   {result.class_counts(label)}")
@@ -107,6 +109,8 @@ def cmd_mask_sweep(args: argparse.Namespace) -> int:
     sweep = mask_sweep(model, probes, scores, ks=args.ks, seeds=args.seeds, mode=args.mode,
                        phase=args.phase, config=config, tokenizer=tok,
                        means=_means(args, model, tok, probes), out=out, progress=not args.quiet)
+    if not prepare.is_main():
+        return 0
     written = save_mask_sweep_run(out, sweep)
     kmax = max(sweep.ks)
     c = sweep.curve()

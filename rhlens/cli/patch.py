@@ -94,6 +94,8 @@ def cmd_patch(args: argparse.Namespace) -> int:
     t = time.perf_counter()
     result = patch_heads(model, pairs, config=config, progress=not args.quiet, out=out)
     wall = time.perf_counter() - t
+    if not prepare.is_main():  # under torchrun, rank 0 writes the outputs
+        return 0
 
     run = RunDir(out)
     written = [result.save(run.patching), save_figure(plot_patching_heatmap(result), run.patching_figure)]

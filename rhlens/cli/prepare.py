@@ -17,21 +17,40 @@ from typing import Any
 from rhlens.cli.args import needles, probe_config, say
 from rhlens.errors import ConfigError, RhlensError
 
-__all__ = ["check_resume", "load", "model_facts", "probes", "scores", "take_output", "tokenizer"]
+__all__ = ["check_resume", "is_main", "load", "model_facts", "probes", "scores", "take_output",
+           "tokenizer"]
 
 
 def take_output(args: argparse.Namespace) -> Path:
-    """``--out``, created, checked writable and locked for this process."""
-    from rhlens.io import lock_output
+    """``--out``, created, checked writable and locked for this process (under torchrun:
+    for the launch, :func:`rhlens.distributed.lock_launch`)."""
+    from rhlens.distributed import lock_launch
 
-    return lock_output(args.out)
+    return lock_launch(args.out)
+
+
+def is_main() -> bool:
+    """Whether this process writes the outputs (rank 0 under torchrun, else always)."""
+    from rhlens.distributed import is_main as main
+
+    return main()
 
 
 def model_facts(args: argparse.Namespace):
-    """The device checked and the model's :class:`~rhlens.models.ModelShape`, weights unread."""
+    """The device checked and the model's :class:`~rhlens.models.ModelShape`, weights unread.
+
+    Under torchrun the default device (or ``cuda``) is this rank's GPU, ``cuda:LOCAL_RANK``.
+    """
+    from rhlens.distributed import rank_device
     from rhlens.models import check_device, model_shape
 
-    args.device = check_device(args.device)
+    if getattr(args, "device_map", None):
+        if args.device is not None:
+            raise ConfigError("--device and --device-map: give one of them")
+    else:
+        if getattr(args, "max_memory", None) is not None:
+            raise ConfigError("--max-memory budgets the devices of --device-map: give --device-map too")
+        args.device = rank_device(check_device(args.device))
     return model_shape(args.model, offline=args.offline)
 
 
@@ -106,7 +125,30 @@ def load(args: argparse.Namespace) -> tuple[Any, Any]:
 
     say(f"loading {args.model or 'the default model (SmolLM2-135M-Instruct)'} ...")
     t = time.perf_counter()
-    model, tok = load_model(args.model, device=args.device, dtype=args.dtype, offline=args.offline)
+    device_map = getattr(args, "device_map", None)
+    model, tok = load_model(args.model, device=None if device_map else args.device,
+                            dtype=args.dtype, offline=args.offline, device_map=device_map,
+                            max_memory=_max_memory(getattr(args, "max_memory", None)))
+    where = args.device
+    placed = getattr(model.original_model, "hf_device_map", None)
+    if device_map and placed:
+        where = ", ".join(sorted({str(d) for d in placed.values()}))
+        where = f"{where} (--device-map {device_map})"
     say(f"  loaded in {time.perf_counter() - t:.1f} s: {model.cfg.n_layers} layers x "
-        f"{model.cfg.n_heads} heads on {args.device}")
+        f"{model.cfg.n_heads} heads on {where}")
     return model, tok
+
+
+def _max_memory(value: Any) -> dict | None:
+    """``--max-memory``: a dict as given, or one size for every GPU this process uses."""
+    if value is None or isinstance(value, dict):
+        return value
+    import torch
+
+    from rhlens.distributed import rank_max_memory
+
+    gpus = rank_max_memory() or {g: 0 for g in range(torch.cuda.device_count())}
+    if not gpus:
+        raise ConfigError("--max-memory SIZE budgets every GPU, and none is visible: give "
+                          "DEV=SIZE items (e.g. cpu=20GiB)")
+    return {g: value for g in gpus}

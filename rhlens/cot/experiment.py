@@ -34,7 +34,6 @@ from rhlens.cot.tasks import get_task
 from rhlens.engine import GenerationConfig, chat_prompt, generate_many
 from rhlens.errors import ConfigError
 from rhlens.identity import run_header
-from rhlens.io import ProbeLog, Records
 from rhlens.results import RESULT_FILE, Config, Result, ResultError, read_json
 from rhlens.scores import RetrievalScores
 from rhlens.stats import bootstrap_means, percentile_interval
@@ -294,7 +293,12 @@ def cot_ablation(model, task: Task | str | Path | Iterable[Any], *, masks: Any =
         means: per-head means for ``mode="mean"`` masks.
         out: a run directory; each answer is appended to ``out/cot_<task>.jsonl`` as it is
             made, and a rerun with the same ``out`` skips what is there.
+
+    Inside a ``torchrun`` launch the answers are split across the ranks
+    (:class:`rhlens.distributed.Sweep`); every rank returns all of them.
     """
+    from rhlens.distributed import Sweep, engine_plan
+
     config = config or CoTConfig()
     task = get_task(task) if isinstance(task, (str, Path)) else as_task(task, grade=grade)
     tokenizer = tokenizer or getattr(model, "tokenizer", None)
@@ -304,32 +308,34 @@ def cot_ablation(model, task: Task | str | Path | Iterable[Any], *, masks: Any =
     hooks = {m.label: ablation_hooks(model, m.heads, mode=m.mode, phase=m.phase, means=means)
              for m in masks}  # validates every mask against the model before any compute
     name = getattr(model, "rhlens_name", None) or "model"
-    log = None
-    if out is not None:
-        log = ProbeLog(out, run_header(model, None, config, task=task.name,
-                                       items=[it.id for it in task], prompts=_fingerprint(task),
-                                       masks=[m.to_dict() for m in masks],
-                                       kernel_policy=GenerationConfig().describe(model)["kernel_policy"]),
-                       name=f"cot_{task.name}.jsonl")
-    sink = Records(log, progress=progress, total=len(task) * len(masks) * len(config.prompting),
-                   desc=f"cot {task.name}")
-    done = sink.done
+    header = None if out is None else run_header(
+        model, None, config, task=task.name, items=[it.id for it in task],
+        prompts=_fingerprint(task), masks=[m.to_dict() for m in masks],
+        kernel_policy=GenerationConfig().describe(model)["kernel_policy"])
+    sweep = Sweep(out, header, f"cot_{task.name}.jsonl",
+                  total=len(task) * len(masks) * len(config.prompting), desc=f"cot {task.name}",
+                  progress=progress, device=next(model.parameters()).device)
     for mode in config.prompting:
-        work = [(it, m) for it in task for m in masks if f"{m.label}|{mode}|{it.id}" not in done]
+        work = [(it, m) for it in task for m in masks
+                if f"{m.label}|{mode}|{it.id}" not in sweep.done]
         prompts = {it.id: chat_prompt(tokenizer, it.prompt(mode), chat_template=config.chat_template)
                    for it, _ in work}
-        gens = generate_many(
-            model, tokenizer, [prompts[it.id] for it, _ in work],
-            config=GenerationConfig(max_new_tokens=config.budget(mode), stop_at_newline=False),
-            item_hooks=lambda i, work=work: hooks[work[i][1].label])
-        for (item, mask), gen in zip(work, gens):
-            extracted = task.extract(gen.response, item)
-            rec = {"key": f"{mask.label}|{mode}|{item.id}", "task": task.name, "mask": mask.label,
-                   "group": _group(mask.label), "mode": mode, "id": item.id, "gold": item.answer,
-                   "output": gen.response, "extracted": extracted,
-                   "correct": bool(task.scorer(extracted, item)), "stop": gen.stop_reason}
-            sink.add(rec)
-    sink.close()
+        generation = GenerationConfig(max_new_tokens=config.budget(mode), stop_at_newline=False)
+        costs, links = engine_plan([prompts[it.id] for it, _ in work],
+                                   max_new_tokens=config.budget(mode))
+        for unit in sweep.run([f"{m.label}|{mode}|{it.id}" for it, m in work], costs, links):
+            items = [work[i] for i in unit]
+            gens = generate_many(model, tokenizer, [prompts[it.id] for it, _ in items],
+                                 config=generation,
+                                 item_hooks=lambda i, items=items: hooks[items[i][1].label])
+            for (item, mask), gen in zip(items, gens):
+                extracted = task.extract(gen.response, item)
+                sweep.add({"key": f"{mask.label}|{mode}|{item.id}", "task": task.name,
+                           "mask": mask.label, "group": _group(mask.label), "mode": mode,
+                           "id": item.id, "gold": item.answer, "output": gen.response,
+                           "extracted": extracted, "correct": bool(task.scorer(extracted, item)),
+                           "stop": gen.stop_reason})
+    done = sweep.finish()
     records = [done[f"{m.label}|{mode}|{it.id}"] for mode in config.prompting for m in masks
                for it in task]
     return CoTResult(task=task.name, task_kind=task.kind, model_name=name, records=records,

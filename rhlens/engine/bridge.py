@@ -52,6 +52,26 @@ def linear_weights(module: torch.nn.Module) -> tuple[Tensor, Tensor | None]:
     return lin.weight, lin.bias
 
 
+def input_device(hf: torch.nn.Module) -> torch.device:
+    """Where the token ids go: the input embedding's device (the first layer's, when the model
+    is split over devices)."""
+    embed = hf.get_input_embeddings() if hasattr(hf, "get_input_embeddings") else None
+    weight = getattr(embed, "weight", None)
+    return weight.device if isinstance(weight, Tensor) else next(hf.parameters()).device
+
+
+def layer_devices(hf: torch.nn.Module, n_layers: int) -> list[torch.device] | None:
+    """The device of each decoder layer of a model placed by a device map (accelerate's
+    dispatch, possibly over several devices); ``None`` without one, or when its decoder layers
+    cannot be found."""
+    if not getattr(hf, "hf_device_map", None):
+        return None
+    layers = getattr(getattr(hf, "model", None), "layers", None)
+    if layers is None or len(layers) != n_layers:
+        return None
+    return [next(layer.parameters()).device for layer in layers]
+
+
 def new_cache(hf: torch.nn.Module):
     """An empty HF ``DynamicCache`` for ``hf``."""
     from transformers import DynamicCache

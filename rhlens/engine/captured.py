@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from rhlens.engine.attention import LeanAttention, split_av
-from rhlens.engine.bridge import attention_shape, hf_model, linear_weights, native
+from rhlens.engine.bridge import attention_shape, hf_model, layer_devices, linear_weights, native
 from rhlens.engine.hooks import EngineHook, HeadEditSpec, TopKeySpec, engine_hooks
 from rhlens.engine.lean import lean_ok
 from rhlens.engine.policy import KernelPolicy
@@ -80,6 +80,9 @@ def captured_ok(model) -> bool:
     MLPs, and on the attention hook points only EngineHooks whose spec the step runs
     (:class:`TopKeySpec` on ``hook_pattern``, :class:`HeadEditSpec` on ``hook_q``/``hook_z``)."""
     hf = hf_model(model)
+    devices = layer_devices(hf, len(model.blocks))
+    if devices is not None and len(set(devices)) > 1:  # a model split over devices: the lean step
+        return False
     rotary = native(hf.model.rotary_emb)
     rope = str(getattr(rotary, "rope_type", "default"))
     if "dynamic" in rope or rope == "longrope":

@@ -15,11 +15,11 @@ from collections.abc import Hashable, Sequence
 import torch
 from torch import Tensor
 
-from rhlens.engine.bridge import attention_shape, new_cache, text_config
+from rhlens.engine.bridge import attention_shape, layer_devices, new_cache, text_config
 from rhlens.engine.native import prefill
 from rhlens.errors import ConfigError
 
-__all__ = ["KVPool", "buffer_cache", "plain_cache_layers"]
+__all__ = ["KVPool", "buffer_cache", "plain_cache_layers", "reusable"]
 
 
 @functools.cache
@@ -128,6 +128,13 @@ def buffer_cache(hf: torch.nn.Module, keys: Sequence[Tensor], values: Sequence[T
     return cache
 
 
+def reusable(common: int, chunk: int) -> int:
+    """How much of a prefix of ``common`` tokens shared with the previous prompt is reused:
+    whole prefill chunks only, so the rest is prefilled in the chunks the prompt alone is
+    prefilled in (same shapes, same kernels, same numbers)."""
+    return common // chunk * chunk
+
+
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -154,6 +161,8 @@ class KVPool:
         self.key: Hashable = None
         p = next(hf.parameters())
         self.device, self.dtype = p.device, p.dtype
+        # each layer's keys and values live where the layer runs (a model split over devices)
+        self.devices = layer_devices(hf, n_layers) or [self.device] * n_layers
         _, self.n_kv, self.head_dim = attention_shape(hf)
         cfg = text_config(hf)
         self.hidden = int(cfg.hidden_size)
@@ -171,22 +180,27 @@ class KVPool:
         return 2 * self.n_layers * self.n_kv * self.head_dim * capacity * self.dtype.itemsize
 
     def fit_rows(self, want: int, capacity: int, chunk: int | None) -> int:
-        """How many rows of ``capacity`` tokens fit on the device (at most ``want``)."""
+        """How many rows of ``capacity`` tokens fit on the device(s) (at most ``want``)."""
         if want <= 1 or self.device.type != "cuda":
             return max(1, want)
-        free, total = torch.cuda.mem_get_info(self.device)
-        allocated = torch.cuda.memory_allocated(self.device)
-        free += torch.cuda.memory_reserved(self.device) - allocated
-        fraction = getattr(torch.cuda.memory, "get_per_process_memory_fraction", None)
-        if fraction is not None:  # a process capped below the card's memory
-            free = min(free, int(total * fraction(self.device)) - allocated)
-        free += sum(t.numel() * t.element_size() for t in self.k + self.v)
         tokens = min(capacity, chunk or capacity)
         # The prefill's activations dominate the margin: a few [tokens, hidden] and
         # [tokens, intermediate] tensors of one layer at a time.
         width = 3 * self.inter + 12 * self.hidden
         margin = (2 << 30) + tokens * width * 2 * self.dtype.itemsize
-        return max(1, min(want, int((free - margin) // self.row_bytes(capacity))))
+        rows = want
+        for device in dict.fromkeys(self.devices):  # each device holds its layers' share
+            layers = sum(d == device for d in self.devices)
+            free, total = torch.cuda.mem_get_info(device)
+            allocated = torch.cuda.memory_allocated(device)
+            free += torch.cuda.memory_reserved(device) - allocated
+            fraction = getattr(torch.cuda.memory, "get_per_process_memory_fraction", None)
+            if fraction is not None:  # a process capped below the card's memory
+                free = min(free, int(total * fraction(device)) - allocated)
+            free += sum(t.numel() * t.element_size() for t in self.k + self.v if t.device == device)
+            row = self.row_bytes(capacity) * layers // self.n_layers
+            rows = min(rows, int((free - margin) // row))
+        return max(1, rows)
 
     def ensure(self, rows: int, capacity: int, first: tuple[int, ...], key: Hashable,
                reuse: bool, chunk: int) -> None:
@@ -202,8 +216,8 @@ class KVPool:
                          [v[r:r + 1, :, :keep].clone() for v in self.v], first[:keep])
         self.k, self.v, self.body, self.last = [], [], [], None  # free before allocating
         shape = (rows, self.n_kv, capacity, self.head_dim)
-        self.k = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)]
-        self.v = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)]
+        self.k = [torch.empty(shape, dtype=self.dtype, device=d) for d in self.devices]
+        self.v = [torch.empty(shape, dtype=self.dtype, device=d) for d in self.devices]
         self.body = [None] * rows
         if carry is not None:
             ks, vs, ids = carry
@@ -218,7 +232,7 @@ class KVPool:
         last = self.body[self.last]
         if last == body:
             return len(body)
-        return _common_prefix(last, body) // chunk * chunk
+        return reusable(_common_prefix(last, body), chunk)
 
     def fill(self, model, row: int, body: tuple[int, ...], key: Hashable, reuse: bool,
              chunk: int, attn: str = "lower_right") -> int:

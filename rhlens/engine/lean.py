@@ -10,6 +10,11 @@ MLP's ``down(act(gate(x)) * up(x))``; residual adds as in the decoder layer) wit
 :func:`decode_step` picks the step: lean when the architecture is one the lean step
 reproduces and only attention hooks are attached (:func:`lean_ok`), else the bridge. The
 captured step (:mod:`~rhlens.engine.captured`) is chosen before either where it applies.
+
+A model spread over devices by an accelerate device map (weights resident, not offloaded)
+takes the lean step too: the residual stream moves to each layer's device as HF's hooks
+would move it, and each layer's keys and values stay on that layer's device
+(:class:`~rhlens.engine.kv.KVPool`).
 """
 
 from __future__ import annotations
@@ -21,11 +26,11 @@ import torch
 from torch import Tensor
 
 from rhlens.engine.attention import LeanAttention, pad_rows, row_linear, slab_linear
-from rhlens.engine.bridge import hf_model, linear_weights, native
+from rhlens.engine.bridge import hf_model, layer_devices, linear_weights, native
 from rhlens.engine.hooks import has_torch_hooks, internal_handles
 from rhlens.engine.policy import KernelPolicy
 
-__all__ = ["LeanDecoder", "decode_step", "lean_ok"]
+__all__ = ["LeanDecoder", "decode_step", "lean_ok", "plain_forward", "resident_hooks"]
 
 DecodeStep = Callable[[Tensor, Any, int], Tensor]
 
@@ -61,10 +66,13 @@ class LeanDecoder:
         for block in model.blocks:
             layer = block.original_component
             mlp = native(layer.mlp)
-            self.layers.append((native(layer.input_layernorm).forward, attention(block.attn, policy),
-                                native(layer.post_attention_layernorm).forward,
+            self.layers.append((plain_forward(native(layer.input_layernorm)),
+                                attention(block.attn, policy),
+                                plain_forward(native(layer.post_attention_layernorm)),
                                 linear_weights(mlp.gate_proj), linear_weights(mlp.up_proj),
-                                linear_weights(mlp.down_proj), native(mlp.act_fn).forward))
+                                linear_weights(mlp.down_proj), plain_forward(native(mlp.act_fn))))
+        # A model split over devices: where each layer runs (None: all on one device).
+        self.devices = layer_devices(hf, len(self.layers))
 
     @staticmethod
     def eligible(model) -> bool:
@@ -90,7 +98,7 @@ class LeanDecoder:
     def __call__(self, input_ids: Tensor, cache, position: int) -> Tensor:
         B = input_ids.shape[0]
         mode = self.policy.batch_mode(B)
-        h = self.embed.forward(input_ids)  # [B, 1, d_model]
+        h = plain_forward(self.embed)(input_ids)  # [B, 1, d_model]
         pos = torch.full((1, 1), position, dtype=torch.long, device=input_ids.device)
         cos, sin = self.rotary(h, pos)
         rows = None
@@ -104,19 +112,45 @@ class LeanDecoder:
             h = pad_rows(h, -(-B // slab) * slab)
         else:
             lin = row_linear if mode == "row" else torch.nn.functional.linear
-        for ln1, attn, ln2, (gw, gb), (uw, ub), (dw, db), act in self.layers:
-            h = h + attn.forward(ln1(h), cos, sin, cache, rows=rows)
+        rope = {cos.device: (cos, sin)}
+        for i, (ln1, attn, ln2, (gw, gb), (uw, ub), (dw, db), act) in enumerate(self.layers):
+            if self.devices is not None and h.device != self.devices[i]:  # the next device
+                h = h.to(self.devices[i])
+                if h.device not in rope:
+                    rope[h.device] = (cos.to(h.device), sin.to(h.device))
+            c, s = rope[h.device] if self.devices is not None else (cos, sin)
+            h = h + attn.forward(ln1(h), c, s, cache, rows=rows)
             x = ln2(h)
             h = h + lin(act(lin(x, gw, gb)) * lin(x, uw, ub), dw, db)
-        return lin(self.norm.forward(h), self.lm_w, self.lm_b)[:B]
+        if h.device != self.lm_w.device:
+            h = h.to(self.lm_w.device)
+        return lin(plain_forward(self.norm)(h), self.lm_w, self.lm_b)[:B]
+
+
+def plain_forward(module: torch.nn.Module) -> Callable:
+    """``module.forward`` without accelerate's device hook around it (the lean step moves the
+    residual stream itself), or the forward itself when there is none."""
+    return getattr(module, "_old_forward", None) or module.forward
+
+
+def resident_hooks(module: torch.nn.Module) -> bool:
+    """Whether ``module``'s accelerate hook (if any) only moves tensors to the device its
+    weights sit on (no offloading, which the lean step's direct weight reads would miss)."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None:
+        return True
+    hooks = getattr(hook, "hooks", None) or [hook]  # a SequentialHook holds several
+    return all(type(h).__name__ == "AlignDevicesHook" and not getattr(h, "offload", True)
+               and not getattr(h, "offload_buffers", False) for h in hooks)
 
 
 def lean_ok(model) -> bool:
     """Whether the lean decode step is exact here (else the step runs through the bridge).
 
     False when the architecture is not a plain Llama-family model the lean step reproduces,
-    or when a hook is attached anywhere but the attention hook points it fires (residual,
-    MLP, norm hooks need the bridge's own forward).
+    when a hook is attached anywhere but the attention hook points it fires (residual,
+    MLP, norm hooks need the bridge's own forward), or when accelerate offloads weights
+    (a device map that only places them is fine).
     """
     from transformer_lens.hook_points import HookPoint
     from transformer_lens.model_bridge.generalized_components.position_embeddings_attention import (
@@ -142,8 +176,7 @@ def lean_ok(model) -> bool:
                 or getattr(module, "sliding_window", None) is not None
                 or getattr(module, "attn_logit_softcapping", None) is not None
                 or getattr(module, "sinks", None) is not None
-                or getattr(module, "key_multiplier", None) is not None
-                or hasattr(module, "_hf_hook")):
+                or getattr(module, "key_multiplier", None) is not None):
             return False
         rope = getattr(getattr(module, "config", None), "rope_parameters", None)
         if isinstance(rope, dict) and rope.get("llama_4_scaling_beta") is not None:
@@ -155,7 +188,7 @@ def lean_ok(model) -> bool:
         if isinstance(module, HookPoint):
             if id(module) not in fired and module.has_hooks():
                 return False
-        elif has_torch_hooks(module, internal):
+        elif has_torch_hooks(module, internal) or not resident_hooks(module):
             return False
     return True
 

@@ -21,7 +21,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from rhlens.engine.bridge import hf_model, new_cache
+from rhlens.engine.bridge import hf_model, input_device, new_cache
 from rhlens.engine.captured import SYNC_EVERY, captured_decoder, decode_path
 from rhlens.engine.hooks import HookPair, StepState, phase
 from rhlens.engine.kv import KVPool, plain_cache_layers
@@ -178,7 +178,7 @@ class _Runner:
     def __init__(self, model, tokenizer, config: GenerationConfig, state: StepState) -> None:
         self.model, self.tokenizer, self.config, self.state = model, tokenizer, config, state
         self.hf = hf_model(model)
-        self.device = next(self.hf.parameters()).device
+        self.device = input_device(self.hf)  # where token ids go (the first of a split model's)
         self.policy = config.policy.resolve(self.device, model)
         self.chunk = config.chunk_for(self.device)
         n_layers = plain_cache_layers(self.hf)
@@ -296,7 +296,7 @@ class _Runner:
                 # the one host sync per step: needed to decide whether to stop
                 if stops.add(nxt.tolist()):
                     break
-                inp = nxt.view(rows, 1)
+                inp = nxt.view(rows, 1).to(self.device)  # a split model's logits: its last device
         return stops.result()
 
     def _decode_captured(self, decoder, rows: int, last: list[int],

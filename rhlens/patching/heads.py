@@ -23,9 +23,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from rhlens.distributed import Sweep
 from rhlens.engine import hf_model, native_attention
 from rhlens.errors import ConfigError
-from rhlens.io import ProbeLog, Records
 from rhlens.patching.activations import (
     attn_results,
     needs_patterns,
@@ -174,6 +174,9 @@ def patch_heads(model, pairs: Sequence[PatchPair], *, config: PatchConfig | None
             another model, setting or pair set is refused.
         progress: show a tqdm bar over pairs.
 
+    Inside a ``torchrun`` launch the pairs are split across the ranks
+    (:class:`rhlens.distributed.Sweep`); every rank returns the result of all of them.
+
     Returns:
         :class:`HeadPatchingResult` with ``effects[pair, layer, head]`` (1 = this head alone
         carries the clean-vs-corrupted difference, 0 = it carries nothing).
@@ -189,35 +192,36 @@ def patch_heads(model, pairs: Sequence[PatchPair], *, config: PatchConfig | None
     meta = [{**pair.labels, "n_tokens": pair.n_tokens, "answer_pos": pair.answer_pos,
              "clean_token": pair.clean_token, "corrupted_token": pair.corrupted_token}
             for pair in pairs]
-    log = None
     if out is not None:
         try:
             json.dumps(meta)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"pair labels must be JSON values to be logged in {out}: {exc}") from exc
-        log = ProbeLog(out, _header(model, config, keys), name=LOG_NAME)
-    todo = [i for i, key in enumerate(keys) if not (log and key in log.done)]
-    sink = Records(log, progress=progress, total=len(pairs), unit="pair",
-                   desc=f"patch {config.activation} ({config.mode})", initial=len(pairs) - len(todo))
-    try:
-        for i in todo:
-            t0 = time.perf_counter()
-            pair = pairs[i]
-            if fast:
-                source_metric, target_metric, values = _fast_pair(model, pair, config, cells, n_heads)
-            else:
-                source_metric, target_metric, values = _generic_pair(model, pair, config, cells)
-            grid = [[None] * width for _ in range(n_layers)]
-            for (layer, head), v in zip(cells, values):
-                grid[layer][head] = _json_cell(float(v))
-            clean, corrupted = ((source_metric, target_metric) if config.direction == "denoise"
-                                else (target_metric, source_metric))
-            sink.add({"key": keys[i], "index": i, "clean": clean, "corrupted": corrupted,
-                      "patched": grid, "seconds": round(time.perf_counter() - t0, 4),
-                      "pair": meta[i]})
-    finally:
-        sink.close()
-    return _assemble(model, config, [sink.done[key] for key in keys])
+    header = None if out is None else _header(model, config, keys)
+    sweep = Sweep(out, header, LOG_NAME, total=len(pairs), unit="pair", progress=progress,
+                  desc=f"patch {config.activation} ({config.mode})",
+                  device=next(model.parameters()).device)
+    todo = [i for i, key in enumerate(keys) if key not in sweep.done]
+    # Pairs share nothing: each is a unit, its cost its tokens.
+    for unit in sweep.run([keys[i] for i in todo], [pairs[i].n_tokens for i in todo],
+                          [False] * len(todo)):
+        i = todo[unit[0]]
+        t0 = time.perf_counter()
+        pair = pairs[i]
+        if fast:
+            source_metric, target_metric, values = _fast_pair(model, pair, config, cells, n_heads)
+        else:
+            source_metric, target_metric, values = _generic_pair(model, pair, config, cells)
+        grid = [[None] * width for _ in range(n_layers)]
+        for (layer, head), v in zip(cells, values):
+            grid[layer][head] = _json_cell(float(v))
+        clean, corrupted = ((source_metric, target_metric) if config.direction == "denoise"
+                            else (target_metric, source_metric))
+        sweep.add({"key": keys[i], "index": i, "clean": clean, "corrupted": corrupted,
+                   "patched": grid, "seconds": round(time.perf_counter() - t0, 4),
+                   "pair": meta[i]})
+    done = sweep.finish()
+    return _assemble(model, config, [done[key] for key in keys])
 
 
 def _assemble(model, config: PatchConfig, records: Sequence[dict[str, Any]]) -> HeadPatchingResult:

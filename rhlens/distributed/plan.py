@@ -1,0 +1,166 @@
+"""Planning a sweep: units of work that share engine state, their costs, which rank takes which."""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from rhlens.errors import ConfigError
+
+__all__ = ["DECODE_STEP_TOKENS", "Shard", "Unit", "engine_plan", "plan_units", "schedule", "shard",
+           "shard_of"]
+
+# One decode step costs what prefilling this many prompt tokens costs. Measured on Llama-3-8B
+# (bf16, one H100, BENCHMARKS.md section A): a lean decode step with the retrieval recorder at
+# 8,192 tokens took 23.3 ms, and prefilling 8,192 tokens 0.26 s (32 us a token), so a step is
+# worth ~730 tokens. A GPU decodes a batch of prompts in one step ("slab" products cost what
+# one row costs), so a batch's steps are shared by its prompts. On a CPU a step is worth far
+# less (~27 tokens for the default model): the work queue absorbs such errors
+# (rhlens.distributed.sweep).
+DECODE_STEP_TOKENS = 700
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Items (indices into a work list, in its order) that run on one rank, and their cost."""
+
+    items: tuple[int, ...]
+    cost: float
+
+
+def plan_units(costs: Sequence[int | float], links: Sequence[bool]) -> list[Unit]:
+    """Cut a work list into units: item ``i`` joins item ``i - 1``'s unit when ``links[i]``."""
+    if len(costs) != len(links):
+        raise ConfigError(f"{len(costs)} costs for {len(links)} links")
+    units: list[Unit] = []
+    items: list[int] = []
+    cost = 0.0
+    for i, (c, linked) in enumerate(zip(costs, links)):
+        if items and not linked:
+            units.append(Unit(tuple(items), cost))
+            items, cost = [], 0.0
+        items.append(i)
+        cost += float(c)
+    if items:
+        units.append(Unit(tuple(items), cost))
+    return units
+
+
+def engine_plan(prompts: Sequence[Any], *, max_new_tokens: int, batch_size: int = 1,
+                chunk: int | None = None,
+                prefill_keys: Sequence[Hashable] | None = None) -> tuple[list[float], list[bool]]:
+    """Predicted cost of each prompt, and whether it must run after the previous one on the
+    same rank, when ``generate_many`` answers ``prompts`` in this order.
+
+    Linked: a prompt the engine decodes in one batch with the previous one (equal length and
+    prefill key, ``batch_size`` at a time), or whose prefix it reuses (a shared prefix of at
+    least one whole prefill chunk, :func:`rhlens.engine.kv.reusable`). Cost: the tokens
+    prefilled (the prompt minus its reused prefix) plus :data:`DECODE_STEP_TOKENS` per decode
+    step, a batch's steps shared by its prompts.
+    """
+    import numpy as np
+
+    from rhlens.engine.kv import reusable
+    from rhlens.engine.native import DEFAULT_PREFILL_CHUNK
+
+    chunk = chunk or DEFAULT_PREFILL_CHUNK
+    n = len(prompts)
+    keys = list(prefill_keys) if prefill_keys is not None else [None] * n
+    costs: list[float] = []
+    links: list[bool] = []
+    batch_of: list[int] = []  # each prompt's batch, numbered
+    prev = None
+    pos = 0
+    for i, ids in enumerate(prompts):
+        body = np.asarray(ids[:-1] if len(ids) else ids, dtype=np.int64)
+        reused = 0
+        same = i > 0 and keys[i] == keys[i - 1]
+        if same and prev is not None:
+            m = min(len(prev), len(body))
+            differ = np.flatnonzero(prev[:m] != body[:m])
+            if not differ.size and len(prev) == len(body):
+                reused = len(body)  # the same body again: all of its KV is reused (KVPool._reusable)
+            else:
+                reused = reusable(int(differ[0]) if differ.size else m, chunk)
+        pos = pos + 1 if same and len(ids) == len(prompts[i - 1]) else 0
+        batched = batch_size > 1 and pos % batch_size != 0
+        links.append(i > 0 and (batched or reused > 0))
+        batch_of.append(batch_of[-1] if batched else (batch_of[-1] + 1 if batch_of else 0))
+        costs.append(float(len(body) - reused))
+        prev = body
+    sizes: dict[int, int] = {}
+    for b in batch_of:
+        sizes[b] = sizes.get(b, 0) + 1
+    step = DECODE_STEP_TOKENS * max_new_tokens
+    return [c + step / sizes[b] for c, b in zip(costs, batch_of)], links
+
+
+def schedule(units: Sequence[Unit], world: int) -> list[list[int]]:
+    """Longest-processing-time-first assignment: each unit, most costly first, goes to the
+    rank with the least work so far. Returns the unit indices of each rank, in the order it
+    runs them (what the work queue does when the costs are right)."""
+    if world < 1:
+        raise ConfigError(f"world must be >= 1, got {world}")
+    heap = [(0.0, r) for r in range(world)]
+    out: list[list[int]] = [[] for _ in range(world)]
+    for u in sorted(range(len(units)), key=lambda i: (-units[i].cost, i)):
+        load, r = heapq.heappop(heap)
+        out[r].append(u)
+        heapq.heappush(heap, (load + units[u].cost, r))
+    return out
+
+
+class Shard(list):
+    """Process ``rank`` of ``world``'s share of a work list (from :func:`shard`). An analysis
+    given a Shard with ``out=DIR`` logs into its own shard of ``DIR``; :func:`merge_shards`
+    folds the shards into ``DIR``'s logs."""
+
+    def __init__(self, items: Sequence[Any], rank: int, world: int) -> None:
+        super().__init__(items)
+        self.rank, self.world = rank, world
+
+    @property
+    def launch(self) -> str:
+        return f"shard-of-{self.world}"
+
+
+def _item_cost(item: Any) -> float:
+    """An item's tokens plus its share of a batch's decode steps (the detection defaults: 50
+    new tokens, 8 probes a batch); 1 for an item without tokens."""
+    n = getattr(item, "n_tokens", None)
+    return float(n) + DECODE_STEP_TOKENS * 50 / 8 if isinstance(n, int) else 1.0
+
+
+def shard(work: Sequence[Any], rank: int, world: int, *,
+          costs: Sequence[int | float] | None = None) -> Shard:
+    """Process ``rank`` of ``world``'s share of ``work`` (probes, pairs, any items), in
+    ``work``'s order.
+
+    Probes of one length, needle and haystack stay together (the engine reuses their prefix
+    and decodes them together); the groups are assigned by :func:`schedule` on their costs
+    (``costs``, one per item; by default prompt tokens plus the share of a batch's decode
+    steps, the cost model of a torchrun launch). Every process must pass the same ``work``.
+    """
+    work = list(getattr(work, "probes", work))
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise ConfigError(f"world must be a whole number >= 1, got {world!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world:
+        raise ConfigError(f"rank must be a whole number in [0, {world - 1}], got {rank!r}")
+    if costs is not None and len(costs) != len(work):
+        raise ConfigError(f"{len(costs)} costs for {len(work)} items")
+    groups: dict[Any, list[int]] = {}
+    for i, item in enumerate(work):
+        key = (getattr(item, "length", None), getattr(item, "needle_id", None),
+               getattr(item, "meta", {}).get("haystack") if hasattr(item, "meta") else None)
+        groups.setdefault(key if key != (None, None, None) else ("item", i), []).append(i)
+    units = [Unit(tuple(items), sum(float(costs[i]) if costs is not None else _item_cost(work[i])
+                                    for i in items)) for items in groups.values()]
+    mine = sorted(i for u in schedule(units, world)[rank] for i in units[u].items)
+    return Shard([work[i] for i in mine], rank, world)
+
+
+def shard_of(work: Any) -> Shard | None:
+    """``work`` itself when it is a :class:`Shard` (an analysis checks before copying it)."""
+    return work if isinstance(work, Shard) else None
