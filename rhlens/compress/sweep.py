@@ -19,7 +19,7 @@ log as it is made; a rerun with the same ``out`` resumes.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from rhlens.compress.policy import (
 )
 from rhlens.engine import EngineHook, GenerationConfig, KernelPolicy, current_step, generate_many
 from rhlens.errors import ConfigError
+from rhlens.identity import run_header
 from rhlens.io import ProbeLog, Records
 from rhlens.niah import NIAHConfig, NIAHResult, _seed_list, answer_record, finished_records
 from rhlens.probe import Probe
@@ -244,10 +245,9 @@ def compress_sweep(model, probes: Sequence[Probe], rankings: Mapping[str, Any], 
     if out is not None:
         # the kernels and the batch shape are part of the run: under rows="batch" a row's
         # rounding depends on its batch
-        log = ProbeLog(out, {"model": name, "config": config.to_dict(), "niah": asdict(niah),
-                             "context": context, "policies": described,
-                             "probes": [p.key for p in probes], "batch_size": rows,
-                             "kernel_policy": gen_config.describe(model)["kernel_policy"]},
+        log = ProbeLog(out, run_header(
+            model, probes, niah, compress=config.to_dict(), context=context, policies=described,
+            batch_size=rows, kernel_policy=gen_config.describe(model)["kernel_policy"]),
                        name=COMPRESS_LOG)
     done = log.done if log else {}
     order = sorted(probes, key=lambda p: (p.length, p.needle_id, -p.depth))
