@@ -26,10 +26,10 @@ def reuse_model(default_model):
 
     real = rhlens.models.load_model
 
-    def load(name=None, *, device=None, dtype=None, offline=None):
-        if name is None and dtype is None and str(device) == "cpu":
+    def load(name=None, *, device=None, dtype=None, offline=None, **placement):
+        if name is None and dtype is None and str(device) == "cpu" and not any(placement.values()):
             return default_model
-        return real(name, device=device, dtype=dtype, offline=offline)
+        return real(name, device=device, dtype=dtype, offline=offline, **placement)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(rhlens.models, "load_model", load)
