@@ -177,9 +177,12 @@ def diff_identity(old: Mapping[str, Any], new: Mapping[str, Any], *, limit: int 
 def merge_identity(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
     """``old`` with the keyed parts of ``new`` added (what a run folder has seen so far)."""
     merged = json.loads(json.dumps(old))
+    old_probes, new_probes = merged.get("probes"), new.get("probes")
+    if not isinstance(old_probes, dict) or not isinstance(new_probes, dict):
+        return merged  # probes named another way (a KV budget sweep lists their keys)
     for part in ("needles", "prompts"):
-        target = merged.get("probes", {}).get(part)
-        source = new.get("probes", {}).get(part)
+        target = old_probes.get(part)
+        source = new_probes.get(part)
         if isinstance(target, dict) and isinstance(source, dict):
             for key, value in source.items():
                 target.setdefault(key, value)

@@ -57,6 +57,7 @@ __all__ = [
     "check_device",
     "describe_model",
     "file_sha256",
+    "hf_config",
     "load_hf",
     "load_model",
     "load_tokenizer",
@@ -516,6 +517,14 @@ def _hf_source(name: str | None, offline: bool | None) -> tuple[str, str]:
     return display, str(source)
 
 
+def hf_config(name: str | None = None, *, offline: bool | None = None):
+    """A model's Hugging Face config, read without loading its weights."""
+    from transformers import AutoConfig
+
+    _, source = _hf_source(name, offline)
+    return AutoConfig.from_pretrained(source, local_files_only=is_offline(offline))
+
+
 def plan_device_map(name: str | None = None, *, device_map: Any = "auto", max_memory: Any = None,
                     dtype: Any = None, offline: bool | None = None) -> dict[str, Any]:
     """Where each module of a model would go under ``device_map`` and ``max_memory``: HF's
@@ -523,7 +532,7 @@ def plan_device_map(name: str | None = None, *, device_map: Any = "auto", max_me
     no weight is read and the devices need not exist here (a plan for 8 GPUs can be checked
     on a laptop). Returns ``{module name: device}``."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     device_map, max_memory = check_device_map(device_map, max_memory)
     if not isinstance(device_map, str):
@@ -532,8 +541,7 @@ def plan_device_map(name: str | None = None, *, device_map: Any = "auto", max_me
         from transformers.integrations.accelerate import _get_device_map
     except ImportError as exc:  # pragma: no cover - another transformers
         raise ModelLoadError(f"this transformers cannot plan a device map: {exc}") from exc
-    _, source = _hf_source(name, offline)
-    cfg = AutoConfig.from_pretrained(source, local_files_only=is_offline(offline))
+    cfg = hf_config(name, offline=offline)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(cfg, dtype=_dtype(dtype))
     model.tie_weights()

@@ -105,6 +105,26 @@ CASES = [
     case("scores missing", ["mask-sweep", "--scores", "{tmp}/nope.json"], "does not exist"),
     case("scores: damaged tensors", ["niah", "--scores", "{tmp}/damaged_tensors"],
          "{tmp}/damaged_tensors"),
+    # compress: budgets, seeds, the window and the scores, all before the model loads
+    case("compress budget 0", ["compress", "--scores", "{tmp}/model_grid.json", "--budgets", "0,0.5"],
+         "--budgets: every budget is a share of the KV bytes in (0, 1]"),
+    case("compress budget 1.5", ["compress", "--scores", "{tmp}/model_grid.json", "--budgets", "1.5"],
+         "--budgets: every value must lie in [0, 1]"),
+    case("compress budget x", ["compress", "--scores", "{tmp}/model_grid.json", "--budgets", "0.1,x"],
+         "--budgets: expected comma-separated numbers, got 'x'"),
+    case("compress budgets given twice", ["compress", "--scores", "{tmp}/model_grid.json",
+                                          "--budgets", "0.3,0.3"], "--budgets: given twice: 0.3"),
+    case("compress budget below the floor", ["compress", "--scores", "{tmp}/model_grid.json",
+                                             "--budgets", "0.05,0.5", "--lengths", "1000",
+                                             "--depths", "50", "--n-needles", "1"],
+         "a budget of 0.05 of the KV bytes is below the floor"),
+    case("compress seeds -1", ["compress", "--scores", "{tmp}/model_grid.json", "--seeds", "-1"],
+         "--seeds: must be >= 0, got -1"),
+    case("compress window 0", ["compress", "--scores", "{tmp}/model_grid.json", "--window", "0"],
+         "--window: must be >= 1"),
+    case("compress scores of another model", ["compress", "--scores", "{tmp}/gemma_grid.json"],
+         "covers 18 layers x 4 heads, the model 30 x 9"),
+    case("compress without scores", ["compress"], "the following arguments are required: --scores"),
     # devices
     case("device tpu", ["detect", "--device", "tpu"], "unknown device 'tpu'"),
     case("device cuda:99", ["detect", "--device", "cuda:99"],
@@ -139,7 +159,7 @@ CASES = [
     case("no subcommand", [], "the following arguments are required: COMMAND"),
     case("unknown flag", ["detect", "--lenghts", "500"], "unrecognized arguments: --lenghts"),
 ]
-NEEDS_OUT = {"detect", "niah", "mask-sweep", "cot", "patch"}
+NEEDS_OUT = {"detect", "niah", "mask-sweep", "cot", "patch", "compress"}
 
 
 @pytest.mark.parametrize(("argv", "message"), CASES)
@@ -205,6 +225,8 @@ def test_finished_run_in_a_read_only_folder(tmp_path, capsys):
     (["detect"], "every finished probe is saved in {out}: rerun the same command to resume"),
     (["niah"], "every finished answer is saved in {out}: rerun the same command to resume"),
     (["patch"], "every finished pair is saved in {out}: rerun the same command to resume"),
+    (["compress", "--scores", "{tmp}/model_grid.json", "--budgets", "1"],
+     "every finished answer is saved in {out}: rerun the same command to resume"),
 ])
 def test_ctrl_c_says_what_happens_next(command, note, tmp_path, monkeypatch, capsys):
     import rhlens.cli.prepare
@@ -213,6 +235,8 @@ def test_ctrl_c_says_what_happens_next(command, note, tmp_path, monkeypatch, cap
         raise KeyboardInterrupt
 
     monkeypatch.setattr(rhlens.cli.prepare, "load", interrupt)
+    _files(tmp_path)
+    command = [a.replace("{tmp}", str(tmp_path)) for a in command]
     out = tmp_path / "o"
     assert main([*command, "--lengths", "450", "--depths", "50", "--n-needles", "1",
                  "--out", str(out)]) == 130

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 import torch
 
 import rhlens.compress.sweep as sweep_module
+from rhlens.cli import main
 from rhlens.compress import CompressConfig, policy_hooks
-from rhlens.compress.cli import add_compress_parser, cmd_compress
 from rhlens.compress.sweep import (
     CompressSweepResult,
     compress_sweep,
@@ -164,28 +162,32 @@ def test_needle_attention_mass_matches_a_full_forward(toy_model, toy_probes):
     assert mass.argmax() == 1 * 4 + 2  # the copy head looks at the needle most
 
 
-def test_cli_compress_runs_and_resumes(default_model, tmp_path, monkeypatch):
+def test_cli_compress_runs_and_resumes(default_model, tmp_path, monkeypatch, capsys):
     per = torch.zeros(2, 30, 9)
     per[:, 18, 6] = per[:, 17, 4] = 0.8
     RetrievalScores(per, torch.ones(2, dtype=torch.bool), "smollm2", n_kv_heads=3).save(tmp_path / "scores")
     import rhlens.models
 
-    monkeypatch.setattr(rhlens.models, "load_model", lambda *a, **k: default_model)
-    parser = argparse.ArgumentParser()
-    add_compress_parser(parser.add_subparsers())
-    args = parser.parse_args(["compress", "--scores", str(tmp_path / "scores"), "--budgets", "0.5",
-                              "--seeds", "1", "--lengths", "400", "--depths", "50", "--n-needles",
-                              "1", "--max-new-tokens", "6", "--window", "60", "--out",
-                              str(tmp_path / "run"), "--quiet"])
-    assert args.func(args) == 0
+    loads: list[int] = []
+
+    def load(*a, **k):
+        loads.append(1)
+        return default_model
+
+    monkeypatch.setattr(rhlens.models, "load_model", load)
+    argv = ["compress", "--scores", str(tmp_path / "scores"), "--budgets", "0.5", "--seeds", "1",
+            "--lengths", "400", "--depths", "50", "--n-needles", "1", "--max-new-tokens", "6",
+            "--window", "60", "--out", str(tmp_path / "run"), "--quiet"]
+    assert main(argv) == 0
     res = read_run(tmp_path / "run").compress
     assert sorted(res.policies) == ["full", "random-s0@0.5", "retrieval@0.5", "streaming@0.5"]
     assert (tmp_path / "run" / "compress.png").is_file()
     answered = _counting(monkeypatch)
-    assert cmd_compress(args) == 0 and not answered  # resumed: nothing left to answer
-    bad = parser.parse_args(["compress", "--scores", str(tmp_path / "scores"), "--budgets", "0.01",
-                             "--lengths", "400", "--depths", "50", "--n-needles", "1", "--out",
-                             str(tmp_path / "bad")])
-    with pytest.raises(ConfigError, match=r"below the floor"):
-        cmd_compress(bad)
-    assert not answered
+    assert main(argv) == 0 and not answered  # resumed: nothing left to answer
+    assert len(loads) == 2
+    capsys.readouterr()
+    # another window on the same --out: refused, naming it, before the model loads
+    changed = [("50" if a == "60" else a) for a in argv]
+    assert main(changed) == 2
+    assert "config.window: 60 -> 50" in capsys.readouterr().err
+    assert len(loads) == 2 and not answered

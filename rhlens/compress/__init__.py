@@ -11,8 +11,8 @@ equal memory (issue 17):
 * :mod:`~rhlens.compress.packed`: a packed cache for Llama-family models where streaming heads
   really hold only sink + window keys (:func:`packed_generate`), for memory and time;
 * :mod:`~rhlens.compress.sweep`: NIAH score against the KV budget for every policy
-  (:func:`compress_sweep`, :class:`CompressSweepResult`) and the needle-attention-mass ranking;
-* :mod:`~rhlens.compress.cli`: the ``rhlens compress`` subcommand.
+  (:func:`compress_sweep`, :class:`CompressSweepResult`);
+* the ``rhlens compress`` subcommand lives with the others, in :mod:`rhlens.cli.compress`.
 """
 
 from rhlens.compress.mask import PolicyMask, policy_hooks

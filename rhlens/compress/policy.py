@@ -111,14 +111,24 @@ class CacheLayout:
     @classmethod
     def of(cls, model) -> CacheLayout:
         """The layout of a bridged model's cache (its dtype, its layers' windows)."""
-        from rhlens.engine.bridge import attention_shape, hf_model, new_cache
+        from rhlens.engine.bridge import hf_model
 
         hf = hf_model(model)
-        n_heads, n_kv, head_dim = attention_shape(hf)
-        itemsize = next(hf.parameters()).dtype.itemsize
+        return cls.from_config(hf.config, next(hf.parameters()).dtype.itemsize)
+
+    @classmethod
+    def from_config(cls, config, itemsize: int) -> CacheLayout:
+        """The layout of the cache a model with this HF ``config`` holds in a dtype of
+        ``itemsize`` bytes, known before any weight is read (what :meth:`of` finds once loaded)."""
+        from transformers import DynamicCache
+
+        from rhlens.engine.bridge import config_attention_shape
+
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        n_heads, n_kv, head_dim = config_attention_shape(text)
         sliding = tuple(int(layer.sliding_window) if getattr(layer, "is_sliding", False) else None
-                        for layer in new_cache(hf).layers)
-        return cls(n_heads, n_kv, head_dim, itemsize, sliding)
+                        for layer in DynamicCache(config=config).layers)  # as new_cache() makes it
+        return cls(n_heads, n_kv, head_dim, int(itemsize), sliding)
 
     @property
     def n_layers(self) -> int:

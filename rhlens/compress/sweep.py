@@ -4,7 +4,7 @@ For every budget (a share of the full cache's bytes at the probes' context lengt
 answers every probe under:
 
 * each ranking's policy (``"retrieval"``: a detection run's scores; any other ``[layer, head]``
-  grid, e.g. :func:`needle_attention_mass`): the best-ranked KV heads kept whole, as many as
+  grid, e.g. :func:`rhlens.families.needle_mass_scores`): the best-ranked KV heads kept whole, as many as
   the budget buys, the rest keeping sink + window tokens;
 * ``streaming``: StreamingLLM, every KV head keeping sink + the window the budget buys;
 * ``random-s<seed>``: as many KV heads as the ranked policies keep, drawn at random;
@@ -24,11 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from rhlens.compress.mask import BatchItems, PolicyMask
+from rhlens.compress.mask import PolicyMask
 from rhlens.compress.policy import (
     CacheLayout,
     CompressConfig,
@@ -38,7 +37,7 @@ from rhlens.compress.policy import (
     random_policy,
     streaming_policy,
 )
-from rhlens.engine import EngineHook, GenerationConfig, KernelPolicy, current_step, generate_many
+from rhlens.engine import GenerationConfig, KernelPolicy, generate_many
 from rhlens.errors import ConfigError
 from rhlens.identity import run_header
 from rhlens.io import ProbeLog, Records
@@ -47,7 +46,6 @@ from rhlens.probe import Probe
 from rhlens.results import Config, Result
 from rhlens.retrieval import check_probes
 from rhlens.runs import COMPRESS_LOG
-from rhlens.stats import rouge1_recall
 
 __all__ = ["CompressSweepResult", "compress_sweep", "needle_attention_mass", "sweep_policies"]
 
@@ -276,73 +274,27 @@ def compress_sweep(model, probes: Sequence[Probe], rankings: Mapping[str, Any], 
 
 
 # ---------------------------------------------------------------------------------------
-# Another ranking: attention on the needle
+# Another ranking: attention on the needle (its home is rhlens.families)
 # ---------------------------------------------------------------------------------------
-@torch.no_grad()
 def needle_attention_mass(model, probes: Sequence[Probe], *, niah: NIAHConfig | None = None,
                           tokenizer=None, batch_size: int = 8) -> Float[Tensor, "layer head"]:
-    """Each head's attention on the needle's answer span while the model answers.
+    """Each head's attention on the needle's answer span while the model answers, averaged
+    over the answer's steps and the probes answered correctly: the ``mass`` score family.
 
-    At every decode step, the softmax weight a head puts on the answer span's keys; averaged
-    over the answer's steps (the stopping token's included), then over the probes answered
-    correctly (ROUGE-1 recall above ``niah.success_threshold``), as retrieval scores are. A
-    plain score of where heads look, with no copying asked: a baseline ranking for
-    :func:`compress_sweep` (to be folded into the score families).
+    A thin alias of :func:`rhlens.families.needle_mass_scores` (the one home of this score)
+    that takes the sweep's :class:`~rhlens.niah.NIAHConfig` (answer length, stopping, success
+    threshold, prefill chunk).
 
     Raises:
         ConfigError: no probe was answered correctly.
     """
+    from rhlens.families import needle_mass_scores
+    from rhlens.retrieval import DetectConfig
+
     niah = niah or NIAHConfig()
-    tokenizer = tokenizer or getattr(model, "tokenizer", None)
-    if tokenizer is None:
-        raise ConfigError("pass the tokenizer: the model has none attached")
-    probes = list(getattr(probes, "probes", probes))
-    check_probes(probes, getattr(model.cfg, "n_ctx", None), niah.max_new_tokens)
-    n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
-    device = next(model.parameters()).device
-    mass = torch.zeros(niah.max_new_tokens, batch_size, n_layers, n_heads, device=device)
-    batch = BatchItems()
-    spans = torch.tensor([p.needle_span for p in probes], device=device)  # [probe, 2]
-
-    def make(layer: int):
-        def hook(pattern: Tensor, hook=None) -> None:
-            B, _, _, N = pattern.shape
-            step = current_step()
-            rows = torch.tensor(batch.current(), device=device)
-            kpos = torch.arange(step.n_seen - N, step.n_seen, device=device)  # absolute
-            span = spans[rows]  # [B, 2]
-            on = (kpos >= span[:, :1]) & (kpos < span[:, 1:])  # [B, N]
-            mass[step.step, :B, layer] = (pattern[:, :, -1].float() * on[:, None]).sum(-1)
-            return None
-
-        return hook
-
-    hooks = [(f"blocks.{layer}.attn.hook_pattern",
-              EngineHook(make(layer), phase="decode", reads_only=True)) for layer in range(n_layers)]
-
-    def start(i: int) -> None:
-        batch.on_start(i)
-        if len(batch.rows) == 1:
-            mass.zero_()
-
-    config = GenerationConfig(max_new_tokens=niah.max_new_tokens, stop_at_newline=niah.stop_at_newline,
-                              prefill_chunk=niah.prefill_chunk, batch_size=batch_size)
-    order = sorted(range(len(probes)), key=lambda i: (probes[i].length, probes[i].needle_id,
-                                                      -probes[i].depth))
-    total = torch.zeros(n_layers, n_heads, dtype=torch.float64)
-    n_ok = 0
-    gens = generate_many(model, tokenizer, [probes[i].prompt_ids for i in order], config=config,
-                         hooks=hooks, on_start=lambda j: start(order[j]))
-    try:
-        for i, gen in zip(order, gens):
-            if rouge1_recall(probes[i].real_needle, gen.response) <= niah.success_threshold:
-                continue
-            row = gen.info.get("batch_row", 0)
-            total += mass[:gen.n_steps, row].mean(0).double().cpu()
-            n_ok += 1
-    finally:
-        gens.close()
-    if n_ok == 0:
-        raise ConfigError(f"none of the {len(probes)} probes was answered correctly: no attention "
-                          "on a needle to measure")
-    return (total / n_ok).float()
+    if not isinstance(niah, NIAHConfig):
+        raise ConfigError(f"niah must be a NIAHConfig, got {type(niah).__name__}")
+    config = DetectConfig(success_threshold=niah.success_threshold, max_new_tokens=niah.max_new_tokens,
+                          stop_at_newline=niah.stop_at_newline, prefill_chunk=niah.prefill_chunk,
+                          batch_size=batch_size)
+    return needle_mass_scores(model, probes, config=config, tokenizer=tokenizer)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -31,7 +32,11 @@ def text_config(hf: torch.nn.Module):
 
 def attention_shape(hf: torch.nn.Module) -> tuple[int, int, int]:
     """``(query heads, key/value heads, head dim)`` of the decoder's attention."""
-    cfg = text_config(hf)
+    return config_attention_shape(text_config(hf))
+
+
+def config_attention_shape(cfg: Any) -> tuple[int, int, int]:
+    """:func:`attention_shape` from a decoder's config (no model needed)."""
     n_heads = int(cfg.num_attention_heads)
     n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
     head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads)
