@@ -189,5 +189,5 @@ def test_cli_compress_runs_and_resumes(default_model, tmp_path, monkeypatch, cap
     # another window on the same --out: refused, naming it, before the model loads
     changed = [("50" if a == "60" else a) for a in argv]
     assert main(changed) == 2
-    assert "config.window: 60 -> 50" in capsys.readouterr().err
+    assert "compress.window: 60 -> 50" in capsys.readouterr().err
     assert len(loads) == 2 and not answered

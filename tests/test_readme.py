@@ -73,8 +73,8 @@ def test_makefile_demo_flags_parse():
 def test_readme_python_runs(tmp_path, monkeypatch):
     """The README's Python blocks, run in order as one session, do what their comments say."""
     blocks = _blocks("python")
-    assert len(blocks) == 2
-    monkeypatch.chdir(tmp_path)  # they write runs/mine and head_scores.json
+    assert len(blocks) == 3
+    monkeypatch.chdir(tmp_path)  # they write runs/mine, runs/kv and head_scores.json
     ns: dict = {}
     for block in blocks:
         exec(compile(block, "README.md", "exec"), ns)
@@ -94,3 +94,9 @@ def test_readme_python_runs(tmp_path, monkeypatch):
     table = ns["cot"].to_dataframe()
     assert set(table["mask"]) == {"none", "top-20"}
     assert set(table["mode"]) == {"cot", "direct"}
+    # the KV-compression block: every budget has each policy's NIAH score, the full cache too
+    rows = ns["sweep"].table()
+    assert [r["budget"] for r in rows] == [0.5, 0.75]
+    assert all(0 <= r["retrieval"] <= 100 and 0 <= r["streaming"] <= 100 for r in rows)
+    assert 0 <= ns["sweep"].score("full") <= 100
+    assert (tmp_path / "runs" / "kv" / "compress.jsonl").is_file()

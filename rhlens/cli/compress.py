@@ -95,20 +95,6 @@ def _mass_probes(args: argparse.Namespace, tok, shape, scores, max_new_tokens: i
     return built
 
 
-def _check_resume(args: argparse.Namespace, out: Path, probes, config, niah) -> None:
-    """Refuse, before the weights load, to resume a sweep of another model, probes or settings
-    (the parts of the sweep's identity known now; the library checks the rest)."""
-    from rhlens.identity import RunHeader
-    from rhlens.io import check_resume
-    from rhlens.models import describe_model
-    from rhlens.runs import COMPRESS_LOG
-
-    name = describe_model(args.model, dtype=args.dtype, offline=args.offline)["name"]
-    header = RunHeader({"model": name, "config": config.to_dict(), "niah": dataclasses.asdict(niah),
-                        "probes": [p.key for p in probes]})
-    check_resume(out, header, COMPRESS_LOG, only=("model", "config", "niah", "probes"))
-
-
 def _needle_mass(model, tok, probes, niah, out: Path):
     path = out / MASS_FILE
     if path.exists():
@@ -132,7 +118,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     from rhlens.compress import CompressConfig
     from rhlens.compress.sweep import compress_sweep, sweep_policies
-    from rhlens.runs import save_compress_run
+    from rhlens.runs import COMPRESS_LOG, save_compress_run
 
     config = CompressConfig(sink=args.sink, window=args.window, pool=args.pool)
     niah = niah_config(args)
@@ -150,7 +136,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     # Every policy (a budget below the floor, a ranking that does not fit) is checked now.
     sweep_policies(_layout(args), context, rankings, args.budgets, args.seeds, config=config,
                    streaming=not args.no_streaming)
-    _check_resume(args, out, probes, config, niah)
+    prepare.check_resume(args, out, COMPRESS_LOG, probes, niah, compress=config.to_dict())
     model, tok = prepare.load(args)
     if mass_probes is not None:
         rankings["needle-mass"] = _needle_mass(model, tok, mass_probes, niah, out)

@@ -101,12 +101,13 @@ def scores(path: str | None, shape):
 
 
 def check_resume(args: argparse.Namespace, out: Path, log_name: str, probe_set=None,
-                 config: Any = None) -> None:
+                 config: Any = None, **extra: Any) -> None:
     """Refuse, before loading weights, to resume a run made with another model, probes or
     settings.
 
     Only those parts are compared here (the ones the library's header computes the same
-    way); the library compares the whole identity (masks, items) when it opens the log.
+    way), and ``extra`` parts of the header named as the library names them; the library
+    compares the whole identity (masks, items) when it opens the log.
     """
     from rhlens.identity import run_header
     from rhlens.io import check_resume as check
@@ -115,8 +116,8 @@ def check_resume(args: argparse.Namespace, out: Path, log_name: str, probe_set=N
     model = describe_model(args.model, dtype=args.dtype, offline=args.offline)
     unknown = ("model.weights_sha256",) if model.get("weights_sha256") is None else ()
     only = ("model", *(("probes",) if probe_set is not None else ()),
-            *(("config",) if config is not None else ()))
-    check(out, run_header(model, probe_set, config), log_name, only=only, ignore=unknown)
+            *(("config",) if config is not None else ()), *extra)
+    check(out, run_header(model, probe_set, config, **extra), log_name, only=only, ignore=unknown)
 
 
 def load(args: argparse.Namespace) -> tuple[Any, Any]:
