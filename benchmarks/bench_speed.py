@@ -237,6 +237,10 @@ def kernel_split(bench: Bench, decoder: CapturedDecoder) -> dict:
     return {k: {"ms_per_step": round(v[0], 3), "kernels_per_step": int(v[1])} for k, v in kinds.items()}
 
 
+# no_grad: Bench.lean calls _Runner._decode outside run()'s no_grad; with autograd on, each step's
+# in-place KV writes chained the steps' graphs and kept every layer's saved V copy (64 MiB at 32K
+# keys): the 32K row's OOM in the H200 runs (BENCHMARKS.md E)
+@torch.no_grad()
 def _steps_at(model, tok, n: int, args, bw: float | None, heads, policy, row: dict) -> None:
     """Fills ``row`` as it goes (a failure keeps what was measured)."""
     S = args.new_tokens
@@ -287,6 +291,7 @@ def _steps_at(model, tok, n: int, args, bw: float | None, heads, policy, row: di
             row["kernel_split_eager"] = repr(exc)[:200]
 
 
+@torch.no_grad()
 def _batch_at(model, tok, n: int, args, policy, one_row_ms: float) -> dict:
     """A batch of probes of one length decoded together, and each of its rows decoded alone."""
     bench = Bench(model, tok, n, args.batch, args.new_tokens)
@@ -344,6 +349,7 @@ def release() -> None:
         torch.cuda.empty_cache()
 
 
+@torch.no_grad()
 def _compile_at(model, tok, n: int, args, row: dict) -> None:
     S = args.new_tokens
     bench = Bench(model, tok, n, 1, S)
