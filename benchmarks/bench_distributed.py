@@ -247,7 +247,8 @@ def _launch(args, n: int, worker: str, work: Path, tag: str) -> dict:
     print(f"# {tag}: {' '.join(cmd[1:])}", flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, text=True, capture_output=True,
-                          env={**os.environ, "PYTHONPATH": str(HERE.parents[1])})
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                              [str(HERE.parents[1]), *filter(None, [os.environ.get("PYTHONPATH")])])})
     if proc.returncode != 0:
         print(proc.stderr[-4000:], file=sys.stderr)
         return {"error": f"exit {proc.returncode}", "stderr": proc.stderr[-2000:]}
