@@ -112,13 +112,15 @@ class LeanDecoder:
             h = pad_rows(h, -(-B // slab) * slab)
         else:
             lin = row_linear if mode == "row" else torch.nn.functional.linear
-        rope = {cos.device: (cos, sin)}
+        rope = {cos.device: (cos, sin)}  # a split model: the rotary tables on each layer's device
         for i, (ln1, attn, ln2, (gw, gb), (uw, ub), (dw, db), act) in enumerate(self.layers):
-            if self.devices is not None and h.device != self.devices[i]:  # the next device
-                h = h.to(self.devices[i])
-                if h.device not in rope:
+            c, s = cos, sin
+            if self.devices is not None:
+                if h.device != self.devices[i]:  # the next device
+                    h = h.to(self.devices[i])
+                if h.device not in rope:  # the rotary embedding may sit on another device
                     rope[h.device] = (cos.to(h.device), sin.to(h.device))
-            c, s = rope[h.device] if self.devices is not None else (cos, sin)
+                c, s = rope[h.device]
             h = h + attn.forward(ln1(h), c, s, cache, rows=rows)
             x = ln2(h)
             h = h + lin(act(lin(x, gw, gb)) * lin(x, uw, ub), dw, db)
