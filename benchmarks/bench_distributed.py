@@ -61,10 +61,12 @@ def _grid(args) -> tuple[list[int], list[float]]:
 
 
 def _config(args):
+    from rhlens.engine import KernelPolicy
     from rhlens.retrieval import DetectConfig
 
+    policy = KernelPolicy(decode=args.decode) if args.decode else None
     return DetectConfig(max_new_tokens=args.new_tokens, stop_at_newline=False,
-                        batch_size=args.batch_size)
+                        batch_size=args.batch_size, policy=policy)
 
 
 def _sync() -> None:
@@ -271,6 +273,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--split-length", type=int, default=131072)
     ap.add_argument("--repeats", type=int, default=2, help="(c): timed runs of each placement")
+    ap.add_argument("--decode", choices=("captured", "lean", "bridge"), default=None,
+                    help="the decode step (default: the device's; a split model takes the lean "
+                         "step, so (c) compares like with like under --decode lean)")
     ap.add_argument("--work", default=None, help="folder for the runs (default: a temporary one)")
     ap.add_argument("--out", default="bench_distributed.json")
     ap.add_argument("--worker", choices=("grid", "split"), help=argparse.SUPPRESS)
@@ -283,7 +288,7 @@ def main(argv=None) -> int:
             Path(args.worker_out).write_text(json.dumps(result, indent=1, default=str))
         return 0
     keep = ("shape", "device", "lengths_from", "lengths_to", "n_lengths", "depths", "new_tokens",
-            "batch_size", "split_length", "repeats")
+            "batch_size", "split_length", "repeats", "decode")
     args.passthrough = [x for k in keep if getattr(args, k) is not None
                         for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
     parts = set(args.parts.split(","))
