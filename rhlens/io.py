@@ -229,25 +229,16 @@ def _append(path: Path, record: dict[str, Any]) -> None:
         os.fsync(fh.fileno())
 
 
-class ProbeLog:
-    """Append-only JSONL of finished work items, keyed by ``record["key"]``.
+class ShardLog:
+    """One process's part of a run's log: append-only JSONL of finished work items, keyed by
+    ``record["key"]``, with no header of its own (the run's header is the folder's) and no
+    lock (the launch holds it). Each record is flushed and fsynced as it is written; reopening
+    it drops a tail cut by a crash."""
 
-    ``run.json`` (``<name>.run.json`` beside other logs) holds the run's header: its identity
-    and what was recorded alongside. Reopening the directory with another identity is
-    refused, naming the differences, since mixing them would silently blend two
-    experiments. Each record is flushed and fsynced as it is written, so a killed run loses
-    at most the item in flight. The folder is locked for this process.
-
-    ``header``: a :class:`~rhlens.identity.RunHeader` (see :func:`rhlens.identity.run_header`),
-    or a plain dict taken as the identity.
-    """
-
-    def __init__(self, out: str | Path, header: RunHeader | Mapping[str, Any],
-                 name: str = "probes.jsonl") -> None:
-        out = lock_output(out)
-        self.path = out / name
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.done: dict[str, dict[str, Any]] = {}
-        open_header(out, header, name)
         if self.path.exists():
             self.done = _records_by_key(self.path)
             # Rewrite without a torn tail so that appends start on a fresh line.
@@ -256,6 +247,26 @@ class ProbeLog:
     def append(self, record: dict[str, Any]) -> None:
         _append(self.path, record)
         self.done[record["key"]] = record
+
+
+class ProbeLog(ShardLog):
+    """A run's log in its own folder: a :class:`ShardLog` with the run's header and a lock.
+
+    ``run.json`` (``<name>.run.json`` beside other logs) holds the run's header: its identity
+    and what was recorded alongside. Reopening the directory with another identity is
+    refused, naming the differences, since mixing them would silently blend two
+    experiments. A killed run loses at most the item in flight. The folder is locked for
+    this process.
+
+    ``header``: a :class:`~rhlens.identity.RunHeader` (see :func:`rhlens.identity.run_header`),
+    or a plain dict taken as the identity.
+    """
+
+    def __init__(self, out: str | Path, header: RunHeader | Mapping[str, Any],
+                 name: str = "probes.jsonl") -> None:
+        out = lock_output(out)
+        open_header(out, header, name)
+        super().__init__(out / name)
 
 
 # ---- shard logs ------------------------------------------------------------------------------
@@ -267,24 +278,6 @@ def shard_dir(out: str | Path, launch: str, rank: int) -> Path:
 def shard_files(out: str | Path, name: str) -> list[Path]:
     """Every shard of the log ``name`` under ``out`` (any launch, any rank), in a fixed order."""
     return sorted((Path(out) / SHARDS).glob(f"*/r*/{name}"))
-
-
-class ShardLog:
-    """One process's part of a run's log: append-only JSONL like :class:`ProbeLog`, without a
-    header of its own (the run's header is the folder's) and without the folder's lock (the
-    launch holds it). Reopening it (a notebook shard rerun) drops a tail cut by a crash."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.done: dict[str, dict[str, Any]] = {}
-        if self.path.exists():
-            self.done = _records_by_key(self.path)
-            _rewrite(self.path, self.done.values())
-
-    def append(self, record: dict[str, Any]) -> None:
-        _append(self.path, record)
-        self.done[record["key"]] = record
 
 
 def read_done(out: str | Path, name: str = "probes.jsonl") -> dict[str, dict[str, Any]]:
