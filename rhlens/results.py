@@ -25,6 +25,7 @@ protocol existed, when the class had its own format).
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -191,7 +192,7 @@ class Result:
         """The result saved in ``directory``; it must be a ``cls`` (or a subclass)."""
         directory = Path(directory)
         doc = _read_doc(directory, cls)
-        target = Result._results.get(doc.get("kind", ""))
+        target = result_class(str(doc.get("kind", "")))
         if target is None or not issubclass(target, cls):
             raise ResultError(f"{directory} holds a {doc.get('kind')!r} result, not a {cls.kind}")
         version = doc.get("schema_version", 0)
@@ -239,6 +240,35 @@ class Result:
             return cls(**kwargs)
         except (TypeError, RhlensError) as exc:
             raise ResultError(f"{directory} does not hold a valid {cls.kind}: {exc}") from exc
+
+
+# Where each kind of result is defined, so a folder can be read without knowing its kinds.
+RESULT_HOMES: dict[str, tuple[str, ...]] = {
+    "RetrievalScores": ("rhlens.scores",),
+    "SparsityResult": ("rhlens.properties",), "DynamicResult": ("rhlens.properties",),
+    "StabilityResult": ("rhlens.properties",), "IntrinsicResult": ("rhlens.properties",),
+    "UniversalTable": ("rhlens.properties",),
+    "NIAHResult": ("rhlens.niah",), "MaskSweepResult": ("rhlens.niah",),
+    "HeadPatchingResult": ("rhlens.patching",), "PatchingVsRetrieval": ("rhlens.patching",),
+    "CoTResult": ("rhlens.cot.experiment", "rhlens.cot"),
+    "FamilyScores": ("rhlens.families",), "FamilySet": ("rhlens.families",),
+    "DamageResult": ("rhlens.families",),
+    "CompressSweepResult": ("rhlens.compress.sweep",),
+}
+
+
+def result_class(kind: str) -> type[Result] | None:
+    """The class of results of ``kind``: registered already, or imported from its home."""
+    if kind in Result._results:
+        return Result._results[kind]
+    for module in RESULT_HOMES.get(kind, ()):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            continue
+        if kind in Result._results:
+            return Result._results[kind]
+    return None
 
 
 def load_result(directory: str | Path) -> Result:

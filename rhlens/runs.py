@@ -22,7 +22,6 @@ and :meth:`RetrievalScores.from_any` need no knowledge of the layout.
 
 from __future__ import annotations
 
-import importlib
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from typing import Any
 
 from rhlens.errors import ConfigError
 from rhlens.io import read_jsonl
-from rhlens.results import RESULT_FILE, Result, ResultError, read_json, write_json
+from rhlens.results import RESULT_FILE, Result, ResultError, load_result, read_json, result_class, write_json
 
 __all__ = [
     "RunContents",
@@ -54,19 +53,6 @@ COMPRESS_LOG = "compress.jsonl"  # the log of a KV budget sweep (its settings: c
 LEGACY_RESULT_FILE = "meta.json"  # a result saved before the one protocol (schema 0)
 PROPERTY_NAMES = ("sparse", "dynamic", "stability")
 
-# Where each kind of result is defined, so a folder can be read without knowing its kinds.
-_HOMES: dict[str, tuple[str, ...]] = {
-    "RetrievalScores": ("rhlens.scores",),
-    "SparsityResult": ("rhlens.properties",), "DynamicResult": ("rhlens.properties",),
-    "StabilityResult": ("rhlens.properties",), "IntrinsicResult": ("rhlens.properties",),
-    "UniversalTable": ("rhlens.properties",),
-    "NIAHResult": ("rhlens.niah",), "MaskSweepResult": ("rhlens.niah",),
-    "HeadPatchingResult": ("rhlens.patching",), "PatchingVsRetrieval": ("rhlens.patching",),
-    "CoTResult": ("rhlens.cot.experiment", "rhlens.cot"),
-    "FamilyScores": ("rhlens.families",), "FamilySet": ("rhlens.families",),
-    "DamageResult": ("rhlens.families",),
-    "CompressSweepResult": ("rhlens.compress.sweep",),
-}
 
 
 class RunDir:
@@ -316,17 +302,6 @@ def _kind_of(directory: Path) -> str | None:
     return None
 
 
-def _class_of(kind: str):
-    for module in _HOMES.get(kind, ()):
-        try:
-            cls = getattr(importlib.import_module(module), kind, None)
-        except ImportError:
-            continue
-        if cls is not None:
-            return cls
-    return None
-
-
 def load_saved(path: str | Path) -> Any:
     """The result saved at ``path`` (a directory, or an older single-file result), as its
     own class, whatever its kind."""
@@ -334,22 +309,14 @@ def load_saved(path: str | Path) -> Any:
     if path.is_file():
         doc = read_json(path)
         kind = doc.get("kind") if isinstance(doc, dict) else None
-        cls = _class_of(kind) if isinstance(kind, str) else None
+        cls = result_class(kind) if isinstance(kind, str) else None
         if cls is None:
             raise ResultError(f"{path} holds no rhlens result this version can read")
         return cls.load(path)
     kind = _kind_of(path)
     if kind is None:
         raise ResultError(f"{path} holds no saved rhlens result")
-    cls = _class_of(kind)
-    if cls is None:  # a kind defined elsewhere: its module registered it, or nobody did
-        for modules in _HOMES.values():
-            for module in modules:
-                importlib.import_module(module)
-        from rhlens.results import load_result
-
-        return load_result(path)
-    return cls.load(path)
+    return load_result(path)
 
 
 def find_scores(source: str | Path):

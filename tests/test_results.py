@@ -126,3 +126,21 @@ def test_tuples_inside_lists_and_unions_come_back_as_tuples(tmp_path):
     assert isinstance(back.interval, tuple) and isinstance(back.by_name["a"][0], tuple)
     none = _Nested(heads=[], rows=())
     assert _Nested.load(none.save(tmp_path / "m")) == none
+
+
+def test_load_result_imports_the_kind_it_finds(tmp_path):
+    """``rhlens.load_result`` reads a saved result in a fresh interpreter that has imported
+    nothing of its kind's module (here the score families')."""
+    import subprocess
+    import sys
+
+    from rhlens.families import FamilyScores
+
+    FamilyScores(per_probe=torch.rand(2, 3, 4), success=torch.tensor([True, False]),
+                 model_name="toy", probes=[{"key": "a"}, {"key": "b"}],
+                 family="mass").save(tmp_path / "fam")
+    code = ("import sys, rhlens; r = rhlens.load_result(sys.argv[1]); "
+            "assert 'rhlens.families' in sys.modules; print(type(r).__name__, r.family)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "fam")], capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out == ["FamilyScores", "mass"]
