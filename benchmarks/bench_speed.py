@@ -234,7 +234,14 @@ def kernel_split(bench: Bench, decoder: CapturedDecoder) -> dict:
         k = kinds.setdefault(kind, [0.0, 0])
         k[0] += us / 2e3  # ms a step
         k[1] += ev.count / 2
-    return {k: {"ms_per_step": round(v[0], 3), "kernels_per_step": int(v[1])} for k, v in kinds.items()}
+    out = {k: {"ms_per_step": round(v[0], 3), "kernels_per_step": int(v[1])} for k, v in kinds.items()}
+    def device_us(ev) -> float:
+        return getattr(ev, "self_device_time_total", 0) or getattr(ev, "self_cuda_time_total", 0)
+
+    top = sorted(prof.key_averages(), key=lambda ev: -device_us(ev))
+    out["top"] = [{"kernel": ev.key[:90], "ms_per_step": round(device_us(ev) / 2e3, 3),
+                   "per_step": ev.count / 2} for ev in top[:15] if ev.count]
+    return out
 
 
 # no_grad: Bench.lean calls _Runner._decode outside run()'s no_grad; with autograd on, each step's
@@ -313,13 +320,21 @@ def _batch_at(model, tok, n: int, args, policy, one_row_ms: float) -> dict:
             outs = bench.runner._decode_captured(graph, 1, [bench.last[r]], n)
         same += int(outs[0][0] == batched[0][r] and torch.equal(rec._buf[:, :, 0], batched[1][:, :, r]))
     out["rows_identical_to_alone"] = same
+    if args.profile:  # where the batched step's time goes (issue 15, target 1: batch of 8)
+        try:
+            out["kernel_split_eager"] = kernel_split(bench, CapturedDecoder(model, policy))
+            one = Bench(model, tok, n, 1, args.new_tokens)
+            out["kernel_split_eager_one_row"] = kernel_split(one, CapturedDecoder(model, policy))
+        except Exception as exc:  # a diagnosis, not a result
+            out["kernel_split_eager"] = repr(exc)[:200]
     return out
 
 
 def section_steps(model, tok, args, bw: float | None, res: dict) -> None:
     out = res["steps"] = {}
     heads = random_heads(model.cfg.n_layers, model.cfg.n_heads, 20, seed=0)
-    policy = KernelPolicy().resolve(next(model.parameters()).device, model)
+    # the captured step uncompiled here (the compile section times the default, compiled one)
+    policy = KernelPolicy(compile=False).resolve(next(model.parameters()).device, model)
     for n in args.step_lengths:
         row = out[n] = {"allocated_gib_before": allocated_gib()}
         try:  # one length failing keeps the others
@@ -376,6 +391,13 @@ def section_compile(model, tok, args, res: dict) -> None:
         _compile_at(model, tok, n, args, row)
         log("compile", n, json.dumps({k: row[k] for k in ("compile_first_decode_s", "captured_compile_ms",
                                                            "compile_vs_lean")}))
+        release()
+    n = args.step_lengths[0]
+    if args.batch > 1 and "captured_compile_ms" in out.get(n, {}):  # the batch on the default step
+        policy = KernelPolicy(compile=True).resolve(next(model.parameters()).device, model)
+        out["batch_compiled"] = _batch_at(model, tok, n, args, policy, out[n]["captured_compile_ms"])
+        release()
+        log("batch compiled", json.dumps(out["batch_compiled"], default=str)[:2000])
 
 
 # ---------------------------------------------------------------------------------------
@@ -548,6 +570,108 @@ def section_masked(model, tok, args, res: dict) -> None:
     log("masked", json.dumps(res["masked"]))
 
 
+@contextlib.contextmanager
+def phase_clock(targets):
+    """While inside, each ``(owner, method, label)`` is timed (synchronised wall time and calls,
+    summed per label into the yielded dict); a method's nested calls are timed under their own
+    labels too."""
+    times: dict[str, list] = {}
+    saved = []
+    for owner, name, label in targets:
+        fn = getattr(owner, name)
+        saved.append((owner, name, owner.__dict__.get(name)))
+
+        def wrapped(*a, _fn=fn, _label=label, **kw):
+            sync()
+            t = time.perf_counter()
+            try:
+                return _fn(*a, **kw)
+            finally:
+                sync()
+                rec = times.setdefault(_label, [0.0, 0])
+                rec[0] += time.perf_counter() - t
+                rec[1] += 1
+
+        setattr(owner, name, wrapped)
+    try:
+        yield times
+    finally:
+        for owner, name, fn in reversed(saved):
+            if fn is None:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, fn)
+
+
+def _split_run(fn, targets) -> dict:
+    from rhlens.engine import captured as cap
+
+    graphs = cap.torch.cuda.CUDAGraph  # count captures: each capture makes one CUDAGraph
+    made = [0]
+
+    class Counting(graphs):
+        def __init__(self, *a, **kw):
+            made[0] += 1
+            super().__init__(*a, **kw)
+
+    cap.torch.cuda.CUDAGraph = Counting
+    try:
+        with phase_clock(targets) as times:
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            total = time.perf_counter() - t
+    finally:
+        cap.torch.cuda.CUDAGraph = graphs
+    out = {"total_s": total, "graph_captures": made[0]}
+    out.update({f"{k}_s": v[0] for k, v in times.items()})
+    out.update({f"{k}_calls": v[1] for k, v in times.items()})
+    out["outside_prefill_and_decode_s"] = (total - out.get("prefill_s", 0.0) - out.get("decode_s", 0.0)
+                                           - out.get("decode_lean_s", 0.0))
+    return out
+
+
+@torch.no_grad()
+def section_split(model, tok, args, res: dict) -> None:
+    """Where one probe's time goes (targets 3 and 5): prefill, decode (graph captures counted),
+    and the rest, for a plain probe and one under ``ablate_heads``; HF's one prefill pass of
+    the same prompt for scale. Each call synchronised, so the parts add up to the total."""
+    from bench_detect import native_modules
+
+    from rhlens.engine.runner import _Runner
+
+    vocab = hf_model(model).config.vocab_size
+    tok_n = _NoEos(tok)
+    n = args.lengths[0]
+    probe = random_probes(tok, vocab, [n], [50])[0]
+    heads = random_heads(model.cfg.n_layers, model.cfg.n_heads, 20, seed=0)
+    targets = [(_Runner, "_prefill", "prefill"), (_Runner, "_decode_captured", "decode"),
+               (_Runner, "_decode", "decode_lean"), (CapturedDecoder, "_edit_values", "edit_values"),
+               (CapturedDecoder, "_static", "static")]
+
+    def plain():
+        return detect(model, tok_n, [probe], args.new_tokens)
+
+    def masked():
+        with ablate_heads(model, heads):
+            return detect(model, tok_n, [probe], args.new_tokens)
+
+    out = res["split"] = {"length": n, "plain": [], "masked": []}
+    for _ in range(1 + args.repeats):  # the first of each: warm-up (kept, marked)
+        for name, fn in (("plain", plain), ("masked", masked)):
+            out[name].append(_split_run(fn, targets))
+    with native_modules(model) as hf:
+        x = torch.tensor([probe.prompt_ids[:-1]], device=next(hf.parameters()).device)
+        out["hf_prefill_s"] = median_of(lambda: hf(input_ids=x, use_cache=True, logits_to_keep=1),
+                                        args.repeats)[0]
+    for name in ("plain", "masked"):
+        runs = out[name][1:]
+        out[f"{name}_median"] = {k: statistics.median(r.get(k, 0) for r in runs) for k in runs[0]}
+    log("split", json.dumps({k: out[k] for k in ("plain_median", "masked_median", "hf_prefill_s")},
+                            default=str))
+
+
 # ---------------------------------------------------------------------------------------
 # Correctness on this device
 # ---------------------------------------------------------------------------------------
@@ -622,7 +746,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
     ap.add_argument("--dtype", default=None, help="bf16 | fp32 (default: bf16 on a GPU)")
     ap.add_argument("--sections", default="check,steps,probe,prefill,masked,compile",
-                    help="any of check,steps,probe,prefill,masked,grid,compile (run in that order)")
+                    help="any of check,steps,probe,prefill,masked,split,grid,compile (run in that order)")
     ap.add_argument("--lengths", type=ints, default=[8192, 32768], help="per-probe lengths")
     ap.add_argument("--step-lengths", type=ints, default=[8192, 32768])
     ap.add_argument("--new-tokens", type=int, default=32)
@@ -676,7 +800,7 @@ def main(argv=None) -> int:
     # The models first: a capture that fails can leave the RNG unusable for random weights.
     if "prefill" in sections:
         small = random_model(args.shape, dtype, device, max(args.prefill_lengths) + 64, args.prefill_layers)
-    if sections & {"steps", "probe", "grid", "masked", "compile"}:
+    if sections & {"steps", "probe", "grid", "masked", "split", "compile"}:
         t = time.perf_counter()
         need = max([*args.lengths, *args.step_lengths, *args.grid_lengths, 0]) + args.new_tokens + 1100
         model, tok = random_model(args.shape, dtype, device, need)
@@ -689,6 +813,7 @@ def main(argv=None) -> int:
     attempt("probe", lambda: section_probe(model, tok, args, res))
     attempt("prefill", lambda: section_prefill(*small, args, device, dtype, res))
     attempt("masked", lambda: section_masked(model, tok, args, res))
+    attempt("split", lambda: section_split(model, tok, args, res))
     attempt("grid", lambda: section_grid(model, tok, args, res))
     attempt("compile", lambda: section_compile(model, tok, args, res))
     save()
@@ -744,7 +869,7 @@ def print_table(res: dict) -> None:
               "| best/floor | +20 masked | positions agree |")
         print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for n, r in st.items():
-            if n == "batch":
+            if str(n).startswith("batch"):
                 continue
             f = lambda k, r=r: f"{r[k]:.2f}" if isinstance(r.get(k), float) else "-"  # noqa: E731
             agree = r.get("captured_vs_lean", {}).get("positions_equal_share", "-")
@@ -752,9 +877,11 @@ def print_table(res: dict) -> None:
                   f"| {f('replay_only_ms')} | {f('captured_compile_ms')} | {f('floor_ms')} "
                   f"| {f('best_over_floor')} "
                   f"| {f('mask20_over_recorder')} | {agree} |")
-        if "batch" in st:
-            b = st["batch"]
-            print(f"batch {b['rows']} at {b['length']}: {b['ms_per_step']:.2f} ms/step vs "
+        for key in ("batch", "batch_compiled"):
+            if key not in st:
+                continue
+            b = st[key]
+            print(f"{key} {b['rows']} at {b['length']}: {b['ms_per_step']:.2f} ms/step vs "
                   f"{b['one_row_ms']:.2f}: "
                   f"{b['tokens_per_s_ratio']:.2f}x probe-tokens/s; rows identical to alone "
                   f"{b.get('rows_identical_to_alone')}/{b['rows']}")
@@ -782,6 +909,15 @@ def print_table(res: dict) -> None:
         k = res["masked"]
         print(f"masked 20 heads at {k['length']}: {k['masked_s']:.2f}s vs {k['plain_s']:.2f}s "
               f"= {k['ratio']:.3f}x")
+    sp = res.get("split") or {}
+    for name in ("plain", "masked"):
+        r = sp.get(f"{name}_median")
+        if r:
+            print(f"split {name} probe at {sp['length']}: total {r['total_s']:.3f}s = prefill "
+                  f"{r.get('prefill_s', 0):.3f} + decode "
+                  f"{r.get('decode_s', 0) + r.get('decode_lean_s', 0):.3f} + rest "
+                  f"{r['outside_prefill_and_decode_s']:.3f}; graph captures {r['graph_captures']:.0f}; "
+                  f"HF one-pass prefill {sp.get('hf_prefill_s', 0):.3f}s")
     g = res.get("grid") or {}
     for k, v in g.items():
         if k.startswith("chunk"):

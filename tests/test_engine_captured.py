@@ -237,3 +237,21 @@ def test_the_kept_decoder_does_not_keep_the_model_alive():
     del model, tok, gen
     gc.collect()
     assert ref() is None
+
+
+def test_a_failed_compile_runs_the_step_uncompiled_and_says_so(toy_model, toy_prompts, monkeypatch):
+    model, tok = toy_model
+
+    def broken(fn):
+        def fail(*a, **k):
+            raise RuntimeError("no C compiler here (planted)")
+        return fail
+
+    monkeypatch.setattr(captured_mod, "_compiled", broken)
+    monkeypatch.setattr(captured_mod, "_DECODERS", type(captured_mod._DECODERS)())  # a fresh decoder
+    compiled = KernelPolicy(decode="captured", compile=True)
+    with pytest.warns(UserWarning, match="torch.compile failed"):
+        gen = generate(model, tok, toy_prompts[0], config=GenerationConfig(max_new_tokens=6, policy=compiled))
+    lean = generate(model, tok, toy_prompts[0], config=GenerationConfig(max_new_tokens=6, policy=LEAN))
+    assert gen.response_ids == lean.response_ids
+    assert gen.info["decode"] == "captured (uncompiled: compile failed)"

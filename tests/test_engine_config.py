@@ -94,9 +94,12 @@ def test_policy_resolves_per_device(toy_model, default_model):
         assert {k: getattr(got, k) for k in cpu} == cpu and got.resolved
     # On CUDA (resolving needs no GPU): slab products, keys-first scores, pattern @ V summed
     # in key blocks under grouped-query attention only, and the captured decode step.
-    cuda = dict(keys_first=True, decode="captured", compile=False, bucket=1024, prefill_attn="split")
+    cuda = dict(keys_first=True, decode="captured", compile=True, bucket=1024, prefill_attn="split")
     assert KernelPolicy().resolve("cuda", toy) == KernelPolicy(rows="slab", av="mm", **cuda)
     assert KernelPolicy().resolve("cuda", default) == KernelPolicy(rows="slab", av="split", **cuda)
+    # compiled only where the captured step runs; an explicit choice wins
+    assert KernelPolicy(decode="lean").resolve("cuda", default).compile is False
+    assert KernelPolicy(compile=False).resolve("cuda", default).compile is False
     # K/V copied per head: no groups left to split by
     assert KernelPolicy(expand_kv=True).resolve("cuda", default).av == "mm"
     # explicit choices are kept

@@ -172,7 +172,14 @@ def head(h: Tensor, ln: Tensor, eps: float, w: Tensor, b: Tensor | None) -> Tens
 
 @functools.cache
 def _compiled(fn: Callable) -> Callable:
-    return torch.compile(fn, dynamic=False, fullgraph=True)
+    options = {}
+    from torch._inductor import config as inductor
+
+    if hasattr(inductor, "emulate_precision_casts"):
+        # round where eager rounds (each bf16 intermediate HF's ops produce), not only at the end
+        # of a fused kernel: the compiled step's numbers stay near the lean step's
+        options["emulate_precision_casts"] = True
+    return torch.compile(fn, dynamic=False, fullgraph=True, options=options)
 
 
 # ---------------------------------------------------------------------------------------
@@ -198,6 +205,7 @@ class _Static:
     q_edit: tuple[Tensor, Tensor] | None  # ([layers, h * d] keep, fill)
     z_edit: tuple[Tensor, Tensor] | None
     graph: object = None
+    stepped: bool = False  # the first step ran (on CUDA: the graph is captured after it)
 
 
 class CapturedDecoder:
@@ -237,7 +245,8 @@ class CapturedDecoder:
                  *linear_weights(mlp.down_proj)),
                 float(getattr(attn, "scaling", self.head_dim ** -0.5))))
         fns = (pre_attention, post_attention, head)
-        if policy.compile:
+        self.compiled = bool(policy.compile)
+        if self.compiled:
             fns = tuple(_compiled(fn) for fn in fns)
         self._pre, self._post, self._head = fns
         self.capture = self.device.type == "cuda"
@@ -431,11 +440,43 @@ class CapturedDecoder:
                 spec.buffer[:done, spec.layer, :rows] = st.top_log[:done, li]
         return done
 
+    def _uncompile(self, exc: Exception) -> None:
+        """``torch.compile`` failed here (no compiler, an unsupported op): the step's plain
+        functions from now on, said in a warning and in :attr:`last_path`."""
+        import warnings
+
+        warnings.warn(f"rhlens: torch.compile failed for the captured decode step ({type(exc).__name__}: "
+                      f"{str(exc)[:200]}); running it uncompiled", stacklevel=3)
+        self._pre, self._post, self._head = pre_attention, post_attention, head
+        self.compiled = False
+        self.last_path += " (uncompiled: compile failed)"
+
+    def _first_step(self, st: _Static, k_bufs, v_bufs) -> None:
+        """The first step of a new static set, eagerly (under ``KernelPolicy.compile``: compiling)."""
+        if not self.compiled:
+            self._step(st, k_bufs, v_bufs)
+            return
+        pos, step = st.pos.clone(), st.step.clone()
+        try:
+            self._step(st, k_bufs, v_bufs)
+        except Exception as exc:  # torch._dynamo / inductor errors: run the step uncompiled
+            if "dynamo" not in type(exc).__module__ and "inductor" not in type(exc).__module__ \
+                    and not isinstance(exc, (RuntimeError, ImportError, OSError)):
+                raise
+            self._uncompile(exc)
+            st.pos.copy_(pos)  # the failed step may have moved the counters
+            st.step.copy_(step)
+            self._step(st, k_bufs, v_bufs)
+
     def _advance(self, st: _Static, k_bufs, v_bufs) -> None:
         if st.graph is not None:
             st.graph.replay()
             return
         if not self.capture:
+            if not st.stepped:
+                st.stepped = True
+                self._first_step(st, k_bufs, v_bufs)
+                return
             self._step(st, k_bufs, v_bufs)
             return
         # The first step runs eagerly on a side stream (it warms up cuBLAS handles and, under
@@ -443,7 +484,7 @@ class CapturedDecoder:
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            self._step(st, k_bufs, v_bufs)
+            self._first_step(st, k_bufs, v_bufs)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()

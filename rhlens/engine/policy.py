@@ -15,7 +15,7 @@ field             CUDA                                   elsewhere
 ``av``            ``"split"`` under GQA (else ``"mm"``)  ``"mm"``
 ``keys_first``    ``True``                               ``False``
 ``decode``        ``"captured"``                         ``"lean"``
-``compile``       ``False``                              ``False``
+``compile``       ``True`` (with ``decode="captured"``)   ``False``
 ``bucket``        1024                                   64
 ``prefill_attn``  ``"split"``                            ``"lower_right"``
 ================  =====================================  ==========================
@@ -86,7 +86,10 @@ class KernelPolicy(Config):
             tensor ops; ``"lean"``: :mod:`~rhlens.engine.lean`, hooks called from Python;
             ``"bridge"``: TransformerLens' own forward.
         compile: the captured step's per-layer functions through ``torch.compile`` (fused
-            element-wise kernels; the first run compiles).
+            element-wise kernels, rounding where eager rounds where inductor can emulate it;
+            the first decode of a process compiles, seconds). Default: on where the captured
+            step runs on a GPU; if compiling fails there the step runs uncompiled, with a
+            warning and ``Generation.info["decode"]`` saying so.
         bucket: the captured step attends over the KV buffer up to the prompt + new tokens
             rounded up to a multiple of this (the keys past the current one masked), so that
             one graph serves every step of a decode.
@@ -159,10 +162,14 @@ class KernelPolicy(Config):
             self, rows=self.rows or ("slab" if cuda else "row"), av=av,
             keys_first=cuda if self.keys_first is None else self.keys_first,
             decode=self.decode or ("captured" if cuda else "lean"),
-            compile=False if self.compile is None else self.compile,
+            compile=self.compile,
             bucket=self.bucket or (1024 if cuda else 64),
             prefill_attn=self.prefill_attn or ("split" if cuda else "lower_right"))
-        return dataclasses.replace(policy, decode=decode_path(model, policy.decode))
+        decode = decode_path(model, policy.decode)
+        # compiled by default where the captured step runs on a GPU (fused element-wise kernels:
+        # BENCHMARKS.md E/H); the first decode of a process compiles (seconds)
+        compile = (cuda and decode == "captured") if self.compile is None else self.compile
+        return dataclasses.replace(policy, decode=decode, compile=compile)
 
     def batch_mode(self, rows: int) -> RowsMode:
         """How a step of ``rows`` prompts runs its weight products (a resolved policy)."""

@@ -243,6 +243,8 @@ class _Runner:
         cache, kept = self._prefill(items, bodies, capacity, want_cache=captured is None)
         if captured is not None:
             outs = self._decode_captured(captured, rows, last, n)
+            if "compile failed" in captured.last_path:  # said in every Generation, not only a warning
+                path = "captured (uncompiled: compile failed)"
         else:
             outs = self._decode(cache, last, n, path)
         gens = []
