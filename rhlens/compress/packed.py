@@ -13,7 +13,8 @@ prompt's keys as they are computed, layer by layer, so the full cache of the str
 never exists (peak memory is the packed cache plus one layer's keys). A decode step
 (:class:`PackedAttention`, in the engine's lean step :class:`~rhlens.engine.lean.LeanDecoder`)
 computes q/k/v for every head, writes the new key into its group, and attends each group over
-its own keys: the grouped queries of a KV head as ``[g, d] @ [d, keys]`` (SDPA on a GPU).
+its own keys as the engine computes a decode step's attention (:func:`group_attention`:
+grouped score products, a float32 softmax, pattern @ V in blocks of keys on long contexts).
 Softmax does not depend on the order of the keys, so the ring needs no reordering. The packed
 cache fires no TransformerLens hooks: it is for measuring memory and time (and it answers
 as the mask policy does: the tests check the tokens in float32).
@@ -32,14 +33,14 @@ from torch import Tensor
 
 from rhlens.compress.policy import CacheLayout, HeadPolicy
 from rhlens.engine import GenerationConfig, StepState, hf_model, prefill
-from rhlens.engine.attention import LeanAttention
+from rhlens.engine.attention import LeanAttention, grouped_scores, split_av
 from rhlens.engine.bridge import new_cache
 from rhlens.engine.lean import LeanDecoder
 from rhlens.engine.policy import KernelPolicy
 from rhlens.engine.runner import Generation, _as_ids, _Runner
 from rhlens.errors import ConfigError
 
-__all__ = ["PackedAttention", "packed_cache", "packed_generate"]
+__all__ = ["PackedAttention", "group_attention", "packed_cache", "packed_generate"]
 
 
 @functools.cache
@@ -145,6 +146,27 @@ def cache_bytes(cache) -> int:
     return sum(layer.nbytes() for layer in cache.layers)
 
 
+def group_attention(qg: Tensor, k: Tensor, v: Tensor, scaling: float, policy: KernelPolicy,
+                    invalid: Tensor | None = None) -> Tensor:
+    """The grouped queries ``qg [b, n, g, d]`` (the ``g`` query heads of each of ``n`` KV heads)
+    over their KV heads' keys and values ``k, v [b, n, m, d]`` -> ``[b, n, g, d]``.
+
+    As the engine computes a decode step's attention (``policy`` resolved): the scores as
+    grouped products (``[g, d] @ [d, m]``, or ``[m, d] @ [d, g]`` under ``keys_first``), a
+    float32 softmax cast to the dtype, pattern @ V as sums of blocks of ``av_block`` keys
+    (:func:`~rhlens.engine.attention.split_av`) under ``av="split"`` from ``split_from`` keys
+    on, else one product. ``invalid`` (True for a masked key, broadcast to ``[b, n, g, m]``):
+    keys not written yet.
+    """
+    scores = grouped_scores(qg, k, policy.keys_first) * scaling  # [b, n, g, m]
+    if invalid is not None:
+        scores = scores.masked_fill(invalid, float("-inf"))
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(qg.dtype)
+    if policy.av == "split" and k.shape[-2] >= policy.split_from:
+        return split_av(weights, v, policy.av_block)
+    return torch.matmul(weights, v)  # [b, n, g, d]
+
+
 class PackedAttention(LeanAttention):
     """The lean decode step's attention over a packed cache (fires no hooks)."""
 
@@ -159,11 +181,7 @@ class PackedAttention(LeanAttention):
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """``q [b, n, g, d]`` (the ``g`` query heads of ``n`` KV heads) over ``k, v [b, n, m, d]``."""
-        if q.device.type == "cuda":
-            return F.scaled_dot_product_attention(q, k, v, scale=self.scaling)
-        scores = torch.matmul(q, k.transpose(-2, -1)) * self.scaling
-        weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        return torch.matmul(weights, v)
+        return group_attention(q, k, v, self.scaling, self.policy)
 
     def forward(self, hidden_states: Tensor, cos: Tensor, sin: Tensor, cache,
                 rows: int | None = None) -> Tensor:
