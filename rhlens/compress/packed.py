@@ -11,19 +11,28 @@ layer keeps two groups of KV heads:
 The prefill stores only what the policy keeps: the attention of the prefill pass reads the
 prompt's keys as they are computed, layer by layer, so the full cache of the streaming heads
 never exists (peak memory is the packed cache plus one layer's keys). A decode step
-(:class:`PackedAttention`, in the engine's lean step :class:`~rhlens.engine.lean.LeanDecoder`)
 computes q/k/v for every head, writes the new key into its group, and attends each group over
-its own keys: the grouped queries of a KV head as ``[g, d] @ [d, keys]`` (SDPA on a GPU).
-Softmax does not depend on the order of the keys, so the ring needs no reordering. The packed
-cache fires no TransformerLens hooks: it is for measuring memory and time (and it answers
-as the mask policy does: the tests check the tokens in float32).
+its own keys as the engine computes a decode step's attention (:func:`group_attention`:
+grouped score products, a float32 softmax, pattern @ V in blocks of keys on long contexts).
+Softmax does not depend on the order of the keys, so the ring needs no reordering. Two steps:
+
+* :class:`PackedDecoder`, the engine's captured step (:mod:`~rhlens.engine.captured`: static
+  buffers, the position on the device, one CUDA graph replayed a step on a GPU, run eagerly
+  elsewhere) writing and reading the two groups; where ``KernelPolicy.decode`` resolves to
+  ``"captured"`` (a GPU's default);
+* :class:`PackedAttention` in the engine's lean step :class:`~rhlens.engine.lean.LeanDecoder`
+  (kernels launched from Python), elsewhere.
+
+``Generation.info["decode"]`` says which ran. The packed cache fires no TransformerLens hooks:
+it is for measuring memory and time (and it answers as the mask policy does: the tests check
+the tokens in float32).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -31,15 +40,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rhlens.compress.policy import CacheLayout, HeadPolicy
-from rhlens.engine import GenerationConfig, StepState, hf_model, prefill
-from rhlens.engine.attention import LeanAttention
+from rhlens.engine import GenerationConfig, StepState, hf_model, phase, prefill
+from rhlens.engine.attention import LeanAttention, grouped_scores, split_av
 from rhlens.engine.bridge import new_cache
+from rhlens.engine.captured import SYNC_EVERY, CapturedDecoder, decode_path
 from rhlens.engine.lean import LeanDecoder
 from rhlens.engine.policy import KernelPolicy
 from rhlens.engine.runner import Generation, _as_ids, _Runner
 from rhlens.errors import ConfigError
 
-__all__ = ["PackedAttention", "packed_cache", "packed_generate"]
+__all__ = ["PackedAttention", "PackedDecoder", "group_attention", "packed_cache", "packed_generate"]
+
+_NO_HOOKS = ("the packed cache fires no TransformerLens hooks: detach them, or run the policy as "
+             "a mask (rhlens.compress.policy_hooks)")
 
 
 @functools.cache
@@ -123,26 +136,50 @@ def _packed_layer_class():
     return PackedLayer
 
 
-def packed_cache(model, policy: HeadPolicy, *, reserve: int, layout: CacheLayout | None = None):
-    """An empty packed cache for ``policy``; ``reserve``: decode positions after the prompt."""
-    layout = layout or CacheLayout.of(model)
+def layer_heads(layout: CacheLayout, policy: HeadPolicy) -> list[tuple[list[int], list[int]]]:
+    """Per layer, (the KV heads ``policy`` keeps whole, the streaming ones)."""
     policy.check(layout)
     if any(w is not None for w in layout.sliding):
         raise ConfigError("the packed cache takes models whose every layer is global attention "
                           "(Llama family); run a sliding-window model with the mask policy")
-    cls = _packed_layer_class()
-    hf = hf_model(model)
-    cache = new_cache(hf)
     kept = set(policy.full)
-    cache.layers = [cls([h for h in range(layout.n_kv) if (la, h) in kept],
-                        [h for h in range(layout.n_kv) if (la, h) not in kept],
-                        policy.sink, policy.window, reserve) for la in range(layout.n_layers)]
+    return [([h for h in range(layout.n_kv) if (la, h) in kept],
+             [h for h in range(layout.n_kv) if (la, h) not in kept]) for la in range(layout.n_layers)]
+
+
+def packed_cache(model, policy: HeadPolicy, *, reserve: int, layout: CacheLayout | None = None):
+    """An empty packed cache for ``policy``; ``reserve``: decode positions after the prompt."""
+    heads = layer_heads(layout or CacheLayout.of(model), policy)
+    cls = _packed_layer_class()
+    cache = new_cache(hf_model(model))
+    cache.layers = [cls(full, stream, policy.sink, policy.window, reserve) for full, stream in heads]
     return cache
 
 
 def cache_bytes(cache) -> int:
     """Bytes of a packed cache's buffers."""
     return sum(layer.nbytes() for layer in cache.layers)
+
+
+def group_attention(qg: Tensor, k: Tensor, v: Tensor, scaling: float, policy: KernelPolicy,
+                    invalid: Tensor | None = None) -> Tensor:
+    """The grouped queries ``qg [b, n, g, d]`` (the ``g`` query heads of each of ``n`` KV heads)
+    over their KV heads' keys and values ``k, v [b, n, m, d]`` -> ``[b, n, g, d]``.
+
+    As the engine computes a decode step's attention (``policy`` resolved): the scores as
+    grouped products (``[g, d] @ [d, m]``, or ``[m, d] @ [d, g]`` under ``keys_first``), a
+    float32 softmax cast to the dtype, pattern @ V as sums of blocks of ``av_block`` keys
+    (:func:`~rhlens.engine.attention.split_av`) under ``av="split"`` from ``split_from`` keys
+    on, else one product. ``invalid`` (True for a masked key, broadcast to ``[b, n, g, m]``):
+    keys not written yet.
+    """
+    scores = grouped_scores(qg, k, policy.keys_first) * scaling  # [b, n, g, m]
+    if invalid is not None:
+        scores = scores.masked_fill(invalid, float("-inf"))
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(qg.dtype)
+    if policy.av == "split" and k.shape[-2] >= policy.split_from:
+        return split_av(weights, v, policy.av_block)
+    return torch.matmul(weights, v)  # [b, n, g, d]
 
 
 class PackedAttention(LeanAttention):
@@ -154,16 +191,11 @@ class PackedAttention(LeanAttention):
                   self.v_out, self.o_in, self.o_out, self.cos, self.sin, self.rot_q, self.rot_k,
                   self.scores, self.pattern)
         if any(p is not None for p in points):
-            raise ConfigError("the packed cache fires no TransformerLens hooks: detach them, or run "
-                              "the policy as a mask (rhlens.compress.policy_hooks)")
+            raise ConfigError(_NO_HOOKS)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """``q [b, n, g, d]`` (the ``g`` query heads of ``n`` KV heads) over ``k, v [b, n, m, d]``."""
-        if q.device.type == "cuda":
-            return F.scaled_dot_product_attention(q, k, v, scale=self.scaling)
-        scores = torch.matmul(q, k.transpose(-2, -1)) * self.scaling
-        weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        return torch.matmul(weights, v)
+        return group_attention(q, k, v, self.scaling, self.policy)
 
     def forward(self, hidden_states: Tensor, cos: Tensor, sin: Tensor, cache,
                 rows: int | None = None) -> Tensor:
@@ -196,38 +228,170 @@ class PackedAttention(LeanAttention):
         return self._output(out.reshape(b, h, 1, self.head_dim), b, F.linear, None)
 
 
+class PackedDecoder(CapturedDecoder):
+    """The engine's captured decode step over a packed cache: one prompt, no hooks.
+
+    Each layer's KV heads fall in up to two groups, fixed at construction from the head policy
+    (index tensors on the device): the heads kept whole, whose buffers ``kf/vf`` are the
+    step's KV buffers (the new key written at ``st.pos``; attention over the first
+    ``st.keys`` keys, those past ``st.pos`` masked), and the streaming heads, whose ring
+    ``ks/vs`` gets the new key at the slot of ``st.pos``, computed on the device (attention
+    over all ``sink + window`` slots, those not written yet masked). Each group's output goes
+    to its query heads' places in ``st.z``. Nothing in a step reads the position back to the
+    host, so on a GPU the whole step is one CUDA graph, as the engine's.
+    """
+
+    def __init__(self, model, policy: KernelPolicy, head_policy: HeadPolicy,
+                 layout: CacheLayout | None = None) -> None:
+        heads = layer_heads(layout or CacheLayout.of(model), head_policy)
+        super().__init__(model, dataclasses.replace(policy, rows="batch"))  # one prompt: no slab padding
+        dev = self.device
+        self.full = [full for full, _ in heads]  # what a packed cache for this policy holds
+        self.sink, self.window = head_policy.sink, head_policy.window
+        self.ring_idx = torch.arange(self.sink + self.window, device=dev)  # [held]
+        # Per layer, the groups it has: ("full" | "stream", their KV heads [n_group] on the device,
+        # None when the group is every KV head of the layer: no gather, no scatter).
+        self.groups_of: list[tuple[tuple[str, Tensor | None], ...]] = []
+        for full, stream in heads:
+            groups = []
+            for kind, kv_heads in (("full", full), ("stream", stream)):
+                if kv_heads:
+                    idx = (None if len(kv_heads) == self.n_kv
+                           else torch.tensor(kv_heads, dtype=torch.long, device=dev))
+                    groups.append((kind, idx))
+            self.groups_of.append(tuple(groups))
+        self._rings: list[tuple[Tensor, Tensor]] = []  # per layer (ks, vs) of the cache being decoded
+        self._ring_ptrs: tuple[int, ...] | None = None  # their addresses, which the graphs hold
+        self._slot = self._unwritten = None  # this step's ring slot [1], ring slots not written [held]
+
+    @torch.no_grad()
+    def decode_cache(self, cache, last: int, max_new: int, on_tokens: Callable[[list[list[int]]], bool],
+                     check_every: int | None = SYNC_EVERY) -> int:
+        """Decode the prompt whose body ``cache`` holds (a packed cache for this head policy,
+        prefilled), feeding ``last`` first; as :meth:`CapturedDecoder.decode` (``on_tokens``
+        gets ``[steps][1]`` tokens; returns the steps run). The full groups' buffers must hold
+        the body plus ``max_new`` tokens rounded up to ``KernelPolicy.bucket``."""
+        if any(any(specs) for per_layer in self._specs() for specs in per_layer):
+            raise ConfigError(_NO_HOOKS)
+        if [layer.full for layer in cache.layers] != self.full:
+            raise ConfigError("this packed cache was made for another head policy")
+        n_body = cache.layers[0].n
+        keys = -(-(n_body + max_new) // self.policy.bucket) * self.policy.bucket
+        if keys > cache.layers[0].kf.shape[2]:
+            raise ConfigError(f"the packed cache holds {cache.layers[0].kf.shape[2]} positions; the "
+                              f"captured step attends over {keys} (the prompt and the answer rounded "
+                              "up to KernelPolicy.bucket): make it with a larger reserve")
+        rings = [(layer.ks, layer.vs) for layer in cache.layers]
+        ptrs = tuple(t.data_ptr() for pair in rings for t in pair)
+        if ptrs != self._ring_ptrs:  # the graphs captured so far write and read other rings
+            self._graphs, self._pool = {}, None
+        self._rings, self._ring_ptrs = rings, ptrs
+        try:
+            ran = self.decode([layer.kf for layer in cache.layers], [layer.vf for layer in cache.layers],
+                              1, n_body + 1, [last], max_new, on_tokens, check_every)
+        finally:
+            self._rings = []
+        for layer in cache.layers:  # every step wrote its fed token's key
+            layer.n = n_body + ran
+        return ran
+
+    def _write_kv(self, st, li: int, s0: int, real: int, k: Tensor, v: Tensor, kb: Tensor,
+                  vb: Tensor) -> None:
+        """``k, v [1, kv, 1, d]``: the full group's at ``st.pos`` of ``kb, vb [1, n_full,
+        capacity, d]``, the streaming group's at its ring slot."""
+        if li == 0:  # once a step, on the device: where this position goes in the rings
+            p = st.pos  # [1]
+            self._slot = torch.where(p < self.sink, p, self.sink + (p - self.sink) % self.window)
+            # slot j holds position j until the ring wraps: the slots past p are not written yet
+            self._unwritten = self.ring_idx > p  # [held]
+        for kind, idx in self.groups_of[li]:
+            kg = k[:real] if idx is None else k[:real].index_select(1, idx)  # [1, n_group, 1, d]
+            vg = v[:real] if idx is None else v[:real].index_select(1, idx)
+            if kind == "full":
+                kb[s0:s0 + real].index_copy_(2, st.pos, kg)
+                vb[s0:s0 + real].index_copy_(2, st.pos, vg)
+            else:
+                ks, vs = self._rings[li]  # [1, n_stream, held, d]
+                ks[s0:s0 + real].index_copy_(2, self._slot, kg)
+                vs[s0:s0 + real].index_copy_(2, self._slot, vg)
+
+    def _attend(self, st, li: int, s0: int, real: int, q: Tensor, kb: Tensor, vb: Tensor,
+                scaling: float, split: bool, invalid: Tensor) -> None:
+        """Each group of ``q [1, h, 1, d]`` over its own keys, into ``st.z`` (``split`` is
+        decided per group, from its number of keys, by :func:`group_attention`)."""
+        kv, g, d, C = self.n_kv, self.groups, self.head_dim, st.keys
+        qg = q[:real].reshape(real, kv, g, d)  # [1, kv, g, d]: the g query heads of each KV head
+        z = st.z[s0:s0 + real].view(real, kv, g, d)  # their places in st.z [1, 1, h * d]
+        for kind, idx in self.groups_of[li]:
+            if kind == "full":  # the first C keys, those past st.pos masked
+                keys, values, masked = kb[s0:s0 + real, :, :C], vb[s0:s0 + real, :, :C], invalid
+            else:  # every ring slot, those not written yet masked
+                ks, vs = self._rings[li]
+                keys, values, masked = ks[s0:s0 + real], vs[s0:s0 + real], self._unwritten
+            if idx is None:
+                z.copy_(group_attention(qg, keys, values, scaling, self.policy, masked))
+            else:
+                out = group_attention(qg.index_select(1, idx), keys, values, scaling, self.policy, masked)
+                z.index_copy_(1, idx, out)  # [1, n_group, g, d] to the group's query heads
+
+
 class _PackedRunner(_Runner):
     """The engine's runner with a packed cache: one prompt at a time, one prefill pass."""
 
     def __init__(self, model, tokenizer, config: GenerationConfig, state: StepState,
                  policy: HeadPolicy, layout: CacheLayout) -> None:
         super().__init__(model, tokenizer, config, state)
-        self.policy = dataclasses.replace(self.policy, rows="batch")  # no slab padding
+        # The packed steps run one prompt without slab padding. (``self.policy`` stays the
+        # run's: run() looks up the engine's captured step for it, which the packed one replaces.)
+        self.packed_policy = dataclasses.replace(self.policy, rows="batch")
         self.head_policy, self.layout = policy, layout
         self.last_cache = None
+        self._captured: PackedDecoder | None = None
 
     def _path(self) -> str:
-        return "lean"  # the packed cache's own lean step (never the captured one)
+        """The packed cache's own steps: captured where ``KernelPolicy.decode`` resolves to it
+        with the hooks attached now, else lean (never the bridge, which cannot read the cache)."""
+        if self.policy.decode == "captured" and decode_path(self.model, "captured") == "captured":
+            return "captured"
+        return "lean"
 
     def _prefill(self, items, bodies, capacity, want_cache=True):
         if len(items) != 1:
             raise ConfigError("the packed cache answers one prompt at a time")
-        cache = packed_cache(self.model, self.head_policy, reserve=self.config.max_new_tokens,
+        # capacity: the body + the answer, rounded up to the captured step's bucket for it
+        cache = packed_cache(self.model, self.head_policy, reserve=capacity - len(bodies[0]),
                              layout=self.layout)
         prefill(self.model, bodies[0], cache, chunk=None)  # one pass: see PackedLayer.update
         self.last_cache = cache
         return cache, [0]
 
     def step(self, path):
-        return LeanDecoder(self.model, self.policy, attention=PackedAttention)
+        return LeanDecoder(self.model, self.packed_policy, attention=PackedAttention)
+
+    def _decode_captured(self, decoder, rows: int, last: list[int],
+                         n_prompt: int) -> list[tuple[list[int], str]]:
+        """The captured packed step on the prefilled cache (``decoder``, the engine's captured
+        step over its KV pool, is not used)."""
+        if self._captured is None:
+            self._captured = PackedDecoder(self.model, self.packed_policy, self.head_policy, self.layout)
+        stops = self._stops(rows)
+        self.state.rows = rows
+        check = SYNC_EVERY if (self.eos or self.config.stop_at_newline) else None
+        with phase("decode", self.state):
+            self._captured.decode_cache(self.last_cache, last[0], self.config.max_new_tokens,
+                                        stops.add_steps, check)
+        return stops.result()
 
 
 def packed_generate(model, tokenizer, prompts: Iterable[Sequence[int] | Tensor], policy: HeadPolicy, *,
                     config: GenerationConfig | None = None) -> Iterator[Generation]:
     """Greedy answers with ``policy`` as a packed cache (Llama-family models; no hooks attached).
 
-    ``Generation.info["kv_bytes"]`` holds the bytes of the packed cache's buffers (the
-    reserve for the answer included).
+    The decode step is the captured packed step (:class:`PackedDecoder`) where
+    ``config.policy``'s ``decode`` resolves to ``"captured"`` (a GPU's default), else the lean
+    one (:class:`PackedAttention`); ``Generation.info["decode"]`` says which ran.
+    ``info["kv_bytes"]`` holds the bytes of the packed cache's buffers (the reserve for the
+    answer included, rounded up to ``KernelPolicy.bucket`` on the captured step).
     """
     config = config or GenerationConfig()
     if not LeanDecoder.eligible(model):

@@ -72,6 +72,18 @@ def split_av(weights: Tensor, v: Tensor, block: int) -> Tensor:
     return out.to(weights.dtype)
 
 
+def grouped_scores(qg: Tensor, k: Tensor, keys_first: bool,
+                   mm: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
+    """Unscaled scores of the grouped queries ``qg [b, kv, g, d]`` against their KV heads' keys
+    ``k [b, kv, n, d]``: ``[b, kv, g, n]``. ``keys_first`` (``KernelPolicy.keys_first``):
+    computed as ``[n, d] @ [d, g]`` and transposed, the same dot products as ``[g, d] @ [d, n]``.
+    ``mm``: the product (``None``: ``torch.matmul``)."""
+    mm = mm or torch.matmul
+    if keys_first:
+        return mm(k, qg.transpose(-2, -1)).transpose(-2, -1)
+    return mm(qg, k.transpose(-2, -1))
+
+
 # ---------------------------------------------------------------------------------------
 # Hook points the step calls straight
 # ---------------------------------------------------------------------------------------
@@ -261,10 +273,7 @@ class LeanAttention:
                 return self._output(out, b, lin, padded if mode == "slab" else None)
         if g > 1:
             qg = q.reshape(b, h // g, g, self.head_dim)  # [b, kv, g, d]
-            if self.policy.keys_first:  # the same dot products as [n, d] @ [d, g]
-                scores = mm(k, qg.transpose(-2, -1)).transpose(-2, -1)
-            else:
-                scores = mm(qg, k.transpose(-2, -1))  # [b, kv, g, n]
+            scores = grouped_scores(qg, k, self.policy.keys_first, mm)  # [b, kv, g, n]
             scores = scores.reshape(b, h, 1, n) * self.scaling
         else:
             scores = mm(q, k.transpose(-2, -1)) * self.scaling  # [b, h, 1, n]

@@ -215,6 +215,10 @@ class CapturedDecoder:
     on the KV buffers ``k``/``v`` (one ``[rows_alloc, kv, capacity, d]`` tensor per layer,
     prompt bodies prefilled in rows ``[:rows]``); ``on_tokens(new)`` gets each read-back batch
     of tokens (``[steps][rows]``) and returns True when every row has stopped.
+
+    A KV layout other than one buffer per layer is served by a subclass overriding
+    :meth:`_write_kv` (where a step's keys and values go) and :meth:`_attend` (what each query
+    head attends over): :class:`rhlens.compress.packed.PackedDecoder`.
     """
 
     def __init__(self, model, policy: KernelPolicy) -> None:
@@ -301,8 +305,7 @@ class CapturedDecoder:
                 q, k, v = self._pre(hb, *pre_w, cos, sin, q_keep, q_fill, n, d)
                 real = min(B, s0 + blk) - s0
                 if real > 0:
-                    kb[s0:s0 + real].index_copy_(2, st.pos, k[:real])
-                    vb[s0:s0 + real].index_copy_(2, st.pos, v[:real])
+                    self._write_kv(st, li, s0, real, k, v, kb, vb)
                     self._attend(st, li, s0, real, q, kb, vb, scaling, split, invalid)
                 parts.append(self._post(hb, st.z[s0:s0 + blk], z_keep, z_fill, *post_w))
             h = parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -315,6 +318,13 @@ class CapturedDecoder:
             st.top_log.index_copy_(0, st.step, st.top.unsqueeze(0))
         st.pos += 1
         st.step += 1
+
+    def _write_kv(self, st: _Static, li: int, s0: int, real: int, k: Tensor, v: Tensor, kb: Tensor,
+                  vb: Tensor) -> None:
+        """This step's keys and values ``k, v [block, kv, 1, d]`` of rows ``s0 .. s0 + real``
+        written into layer ``li``'s buffers ``kb, vb [rows, kv, capacity, d]`` at ``st.pos``."""
+        kb[s0:s0 + real].index_copy_(2, st.pos, k[:real])
+        vb[s0:s0 + real].index_copy_(2, st.pos, v[:real])
 
     def _attend(self, st: _Static, li: int, s0: int, real: int, q: Tensor, kb: Tensor, vb: Tensor,
                 scaling: float, split: bool, invalid: Tensor) -> None:
