@@ -105,6 +105,22 @@ def test_captured_batched_rows_equal_prompts_alone_on_slabs(toy_model, toy_promp
     assert [t for t, _ in alone] == [t for t, _ in lean]
 
 
+def test_blocked_values_product_shared_by_a_slabs_rows(default_model):
+    """pattern @ V in blocks of keys for a slab's rows at once (the GPU's default under GQA):
+    each row as alone, and as the lean step computes it (float32)."""
+    model, tok = default_model
+    config = ProbeConfig(lengths=(400,), depths=(10.0, 50.0, 90.0), answer_buffer=200)
+    prompts = [p.prompt_ids for p in build_probes(tok, config=config).probes if p.needle_id == "orlen-key"]
+    policy = dict(rows="slab", slab=4, av="split", av_block=64, keys_first=True)
+    cap = KernelPolicy(decode="captured", **policy)
+    alone = decode_all(model, tok, prompts, GenerationConfig(max_new_tokens=6, policy=cap))
+    batched = decode_all(model, tok, prompts, GenerationConfig(max_new_tokens=6, policy=cap, batch_size=3))
+    lean = decode_all(model, tok, prompts, GenerationConfig(max_new_tokens=6,
+                                                            policy=KernelPolicy(decode="lean", **policy)))
+    assert_same(batched, alone)
+    assert_same(alone, lean)
+
+
 def test_steps_past_a_stop_are_cropped(toy_model, toy_prompts, monkeypatch):
     """Stops are read every few steps; what those extra steps recorded is discarded."""
     model, tok = toy_model

@@ -128,7 +128,7 @@ def test_run_json_records_the_resolved_policy(toy_model, tmp_path):
     detect_retrieval_heads(model, probes, config=DetectConfig(max_new_tokens=4), out=tmp_path / "auto")
     header = json.loads((tmp_path / "auto" / "run.json").read_text())
     assert header["recorded"]["kernel_policy"] == {
-        "type": "KernelPolicy", "rows": "row", "slab": 16, "av": "mm", "split_from": 16384,
+        "type": "KernelPolicy", "rows": "row", "slab": 16, "av": "mm", "split_from": 0,
         "av_block": 1024, "keys_first": False, "expand_kv": False, "decode": "lean",
         "compile": False, "bucket": 64, "prefill_attn": "lower_right"}
     exact = DetectConfig(max_new_tokens=4, policy=KernelPolicy(expand_kv=True, rows="batch"))

@@ -71,7 +71,10 @@ class KernelPolicy(Config):
             1 ms a layer at 32K keys on an H200). ``"sdpa"``: the output from SDPA itself, used
             only while no hook edited the scores or the pattern (resolved to ``"mm"`` where
             SDPA has no flash / memory-efficient kernel for the model).
-        split_from: ``"split"`` takes one product below this many keys.
+        split_from: ``"split"`` takes one product below this many keys (default 0: blocks
+            at every length, so that a slab's rows share one blocked product, which rounds
+            each row as alone; one product a row made a batch of 8 rows at 8K keys spend 3.5 of
+            its 18.1 ms on 256 launches of it, H100, BENCHMARKS.md H).
         av_block: keys per block in ``"split"``.
         keys_first: grouped-query scores as ``[keys, d] @ [d, group]`` instead of
             ``[group, d] @ [d, keys]``: the same dot products; cuBLAS runs the tiny-M shape
@@ -105,7 +108,7 @@ class KernelPolicy(Config):
     rows: RowsMode | None = None
     slab: int = 16
     av: AvMode | None = None
-    split_from: int = 16384
+    split_from: int = 0
     av_block: int = 1024
     keys_first: bool | None = None
     expand_kv: bool = False
