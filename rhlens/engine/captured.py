@@ -352,7 +352,7 @@ class CapturedDecoder:
         if st.top is not None:
             torch.argmax(weights[:, :, -1], dim=-1, out=st.top[li, s0:s0 + real])
         weights = weights.reshape(real, kv, g, C)
-        if split and self.policy.rows == "slab" and C >= 2 * self.policy.av_block:
+        if split and self.policy.rows == "slab" and 2 * self.policy.av_block <= C:
             # The blocked product for the block's rows at once: it rounds each row as alone (on
             # an H100 at all 141 key counts tried, 1K-33K, as LeanAttention's slab mode relies
             # on), and one launch reads the rows' values at a far better rate than one a row.
