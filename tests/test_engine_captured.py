@@ -271,3 +271,32 @@ def test_a_failed_compile_runs_the_step_uncompiled_and_says_so(toy_model, toy_pr
     lean = generate(model, tok, toy_prompts[0], config=GenerationConfig(max_new_tokens=6, policy=LEAN))
     assert gen.response_ids == lean.response_ids
     assert gen.info["decode"] == "captured (uncompiled: compile failed)"
+
+
+def test_a_gpu_models_kv_pool_is_kept_between_runs_and_its_contents_forgotten(toy_model, toy_prompts,
+                                                                              monkeypatch):
+    """The buffers the captured step's graphs point at stay put across runs (on a GPU; forced
+    here), what they hold is never reused by another run, and a live run's pool is not shared."""
+    import gc
+
+    from rhlens.engine import StepState, _Runner, release_buffers
+    from rhlens.engine import kv as kv_mod
+
+    model, tok = toy_model
+    config = GenerationConfig(max_new_tokens=6, policy=CAPTURED)
+    masks = ablation_hooks(model, [(0, 1), (1, 3)], phase="all")  # acts on the prefill too
+    reference = generate(model, tok, toy_prompts[0], config=config, hooks=masks)  # a pool of its own
+    monkeypatch.setattr(kv_mod, "_keep_between_runs", lambda device: True)
+    first = generate(model, tok, toy_prompts[0], config=config)
+    pool = kv_mod._KEPT[model.original_model][0]
+    # the same prompt under the mask: nothing the first run prefilled is reused
+    masked = generate(model, tok, toy_prompts[0], config=config, hooks=masks)
+    assert kv_mod._KEPT[model.original_model][0] is pool and masked.reused_prefix == 0
+    assert masked.response_ids == reference.response_ids != first.response_ids
+    a = _Runner(model, tok, config, StepState())  # a live run holds the pool: the next gets its own
+    b = _Runner(model, tok, config, StepState())
+    assert a.pool is pool and b.pool is not pool
+    del a, b
+    gc.collect()
+    release_buffers(model)
+    assert model.original_model not in kv_mod._KEPT

@@ -53,6 +53,7 @@ from rhlens.engine.hooks import (
 )
 from rhlens.engine.kv import KVPool as _KVPool  # noqa: F401
 from rhlens.engine.kv import plain_cache_layers as _plain_cache_layers  # noqa: F401
+from rhlens.engine.kv import release_buffers
 from rhlens.engine.lean import LeanDecoder as _LeanDecoder  # noqa: F401
 from rhlens.engine.lean import decode_step as _decode_step  # noqa: F401
 from rhlens.engine.lean import lean_ok as _lean_ok  # noqa: F401
@@ -98,4 +99,5 @@ __all__ = [
     "native_modules",
     "phase",
     "prefill",
+    "release_buffers",
 ]

@@ -10,6 +10,7 @@ which prompt body each row holds, so that a prompt sharing a prefix with the pre
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Hashable, Sequence
 
 import torch
@@ -19,7 +20,7 @@ from rhlens.engine.bridge import attention_shape, layer_devices, new_cache, text
 from rhlens.engine.native import prefill
 from rhlens.errors import ConfigError
 
-__all__ = ["KVPool", "buffer_cache", "plain_cache_layers", "reusable"]
+__all__ = ["KVPool", "buffer_cache", "kept_pool", "plain_cache_layers", "release_buffers", "reusable"]
 
 
 @functools.cache
@@ -152,7 +153,7 @@ class KVPool:
     """
 
     def __init__(self, hf: torch.nn.Module, n_layers: int) -> None:
-        self.hf = hf
+        self._hf = weakref.ref(hf)  # a pool kept with its model (kept_pool) must not keep it alive
         self.n_layers = n_layers
         self.k: list[Tensor] = []
         self.v: list[Tensor] = []
@@ -167,6 +168,18 @@ class KVPool:
         cfg = text_config(hf)
         self.hidden = int(cfg.hidden_size)
         self.inter = int(getattr(cfg, "intermediate_size", 4 * self.hidden))
+
+    @property
+    def hf(self) -> torch.nn.Module:
+        hf = self._hf()
+        if hf is None:
+            raise RuntimeError("rhlens: the model of this KV pool is gone (engine bug)")
+        return hf
+
+    def forget(self) -> None:
+        """Keep the buffers, trust none of what they hold (another run: other hooks, weights)."""
+        self.body = [None] * len(self.body)
+        self.last, self.key = None, None
 
     @property
     def rows(self) -> int:
@@ -260,3 +273,41 @@ class KVPool:
     def decode_cache(self, rows: int, length: int):
         """A cache over the first ``rows`` rows, ``length`` tokens filled."""
         return buffer_cache(self.hf, [k[:rows] for k in self.k], [v[:rows] for v in self.v], length)
+
+
+# A GPU model's pool, kept between runs: the captured decode step's CUDA graphs hold the KV
+# buffers' addresses, and a pool made anew per run came back at other addresses on about every
+# other call (a 37 ms re-capture of an 8K-token Llama-3-8B probe's 0.6 s, H100: BENCHMARKS.md H).
+_KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _keep_between_runs(device: torch.device) -> bool:
+    return device.type == "cuda"  # where graphs are captured
+
+
+def kept_pool(hf: torch.nn.Module, n_layers: int, owner: object) -> KVPool:
+    """The KV pool for a run of ``hf`` by ``owner``: on a GPU the model's kept pool (its buffers
+    reused, their contents forgotten) unless another live run holds it; a new pool elsewhere.
+    :func:`release_buffers` frees it."""
+    if not _keep_between_runs(next(hf.parameters()).device):
+        return KVPool(hf, n_layers)
+    got = _KEPT.get(hf)
+    if got is not None and got[1]() is not None:  # in use by a live run (e.g. two open generators)
+        return KVPool(hf, n_layers)
+    pool = got[0] if got is not None and got[0].n_layers == n_layers else KVPool(hf, n_layers)
+    pool.forget()
+    _KEPT[hf] = (pool, weakref.ref(owner))
+    return pool
+
+
+def release_buffers(model) -> None:
+    """Free what the engine keeps on a model's GPU between runs (``model``: a bridge): its KV
+    pool and the captured decode step's graphs (the next run allocates and captures anew)."""
+    from rhlens.engine.bridge import hf_model
+    from rhlens.engine.captured import _DECODERS
+
+    hf = hf_model(model)
+    _KEPT.pop(hf, None)
+    _DECODERS.pop(hf, None)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

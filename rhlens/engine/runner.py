@@ -24,7 +24,7 @@ from torch import Tensor
 from rhlens.engine.bridge import hf_model, input_device, new_cache
 from rhlens.engine.captured import SYNC_EVERY, captured_decoder, decode_path
 from rhlens.engine.hooks import HookPair, StepState, phase
-from rhlens.engine.kv import KVPool, plain_cache_layers
+from rhlens.engine.kv import kept_pool, plain_cache_layers
 from rhlens.engine.lean import decode_step
 from rhlens.engine.native import DEFAULT_PREFILL_CHUNK, default_prefill_chunk, prefill
 from rhlens.engine.policy import KernelPolicy
@@ -182,7 +182,7 @@ class _Runner:
         self.policy = config.policy.resolve(self.device, model)
         self.chunk = config.chunk_for(self.device)
         n_layers = plain_cache_layers(self.hf)
-        self.pool = KVPool(self.hf, n_layers) if n_layers else None
+        self.pool = kept_pool(self.hf, n_layers, self) if n_layers else None
         self.eos = _eos_ids(tokenizer) if config.stop_at_eos else set()
         self._newline: dict[int, bool] = {}
         self._last_body: tuple[tuple[tuple[int, ...], Hashable], Any] | None = None
