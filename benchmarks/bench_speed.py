@@ -533,6 +533,7 @@ def section_grid(model, tok, args, res: dict) -> None:
     for n in args.grid_lengths:  # one HF run per length: its time does not depend on the depth
         probe = next(p for p in probes if p.length == n)
         hf_each[n] = median_of(lambda p=probe: hf_generate(model, p, args.new_tokens), 1)[0]
+        log("grid HF", n, round(hf_each[n], 3))
     hf_sum = sum(hf_each[p.length] for p in probes)
     out["hf_per_length_s"] = hf_each
     out["hf_sum_s"] = hf_sum
