@@ -341,9 +341,7 @@ class _PackedRunner(_Runner):
     def __init__(self, model, tokenizer, config: GenerationConfig, state: StepState,
                  policy: HeadPolicy, layout: CacheLayout) -> None:
         super().__init__(model, tokenizer, config, state)
-        # The packed steps run one prompt without slab padding. (``self.policy`` stays the
-        # run's: run() looks up the engine's captured step for it, which the packed one replaces.)
-        self.packed_policy = dataclasses.replace(self.policy, rows="batch")
+        self.packed_policy = dataclasses.replace(self.policy, rows="batch")  # one prompt: no slab padding
         self.head_policy, self.layout = policy, layout
         self.last_cache = None
         self._captured: PackedDecoder | None = None
@@ -368,18 +366,19 @@ class _PackedRunner(_Runner):
     def step(self, path):
         return LeanDecoder(self.model, self.packed_policy, attention=PackedAttention)
 
-    def _decode_captured(self, decoder, rows: int, last: list[int],
-                         n_prompt: int) -> list[tuple[list[int], str]]:
-        """The captured packed step on the prefilled cache (``decoder``, the engine's captured
-        step over its KV pool, is not used)."""
+    def _captured_decoder(self) -> PackedDecoder:
         if self._captured is None:
             self._captured = PackedDecoder(self.model, self.packed_policy, self.head_policy, self.layout)
+        return self._captured
+
+    def _decode_captured(self, decoder: PackedDecoder, rows: int, last: list[int],
+                         n_prompt: int) -> list[tuple[list[int], str]]:
+        """The captured packed step on the prefilled packed cache."""
         stops = self._stops(rows)
         self.state.rows = rows
         check = SYNC_EVERY if (self.eos or self.config.stop_at_newline) else None
         with phase("decode", self.state):
-            self._captured.decode_cache(self.last_cache, last[0], self.config.max_new_tokens,
-                                        stops.add_steps, check)
+            decoder.decode_cache(self.last_cache, last[0], self.config.max_new_tokens, stops.add_steps, check)
         return stops.result()
 
 

@@ -196,6 +196,10 @@ class _Runner:
             wanted = "lean"
         return decode_path(self.model, wanted)
 
+    def _captured_decoder(self):
+        """The captured step this run decodes on (the model's, kept with it)."""
+        return captured_decoder(self.model, self.policy)
+
     def max_rows(self, n_tokens: int) -> int:
         if self.pool is None:
             return 1
@@ -233,7 +237,7 @@ class _Runner:
         path = self._path()
         captured = None
         if path == "captured":
-            captured = captured_decoder(self.model, self.policy)
+            captured = self._captured_decoder()
             if not captured.applies(rows, config.max_new_tokens):
                 path, captured = "lean", None
         capacity = n - 1 + config.max_new_tokens
