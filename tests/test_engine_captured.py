@@ -287,6 +287,7 @@ def test_a_gpu_models_kv_pool_is_kept_between_runs_and_its_contents_forgotten(to
     masks = ablation_hooks(model, [(0, 1), (1, 3)], phase="all")  # acts on the prefill too
     reference = generate(model, tok, toy_prompts[0], config=config, hooks=masks)  # a pool of its own
     monkeypatch.setattr(kv_mod, "_keep_between_runs", lambda device: True)
+    monkeypatch.setattr(kv_mod, "_keep_cap", lambda device: 1 << 40)
     first = generate(model, tok, toy_prompts[0], config=config)
     pool = kv_mod._KEPT[model.original_model][0]
     # the same prompt under the mask: nothing the first run prefilled is reused
@@ -299,4 +300,18 @@ def test_a_gpu_models_kv_pool_is_kept_between_runs_and_its_contents_forgotten(to
     del a, b
     gc.collect()
     release_buffers(model)
+    assert model.original_model not in kv_mod._KEPT
+
+
+def test_a_large_kv_pool_is_not_held_after_its_run(toy_model, toy_prompts, monkeypatch):
+    from rhlens.engine import kv as kv_mod
+
+    model, tok = toy_model
+    monkeypatch.setattr(kv_mod, "_keep_between_runs", lambda device: True)
+    config = GenerationConfig(max_new_tokens=4, policy=CAPTURED)
+    monkeypatch.setattr(kv_mod, "_keep_cap", lambda device: 1 << 40)
+    list(generate_many(model, tok, toy_prompts[:2], config=config))
+    assert model.original_model in kv_mod._KEPT  # small: kept for the next run
+    monkeypatch.setattr(kv_mod, "_keep_cap", lambda device: 1000)  # bytes: the toy pool is larger
+    list(generate_many(model, tok, toy_prompts[:2], config=config))
     assert model.original_model not in kv_mod._KEPT

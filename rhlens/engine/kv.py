@@ -20,7 +20,8 @@ from rhlens.engine.bridge import attention_shape, layer_devices, new_cache, text
 from rhlens.engine.native import prefill
 from rhlens.errors import ConfigError
 
-__all__ = ["KVPool", "buffer_cache", "kept_pool", "plain_cache_layers", "release_buffers", "reusable"]
+__all__ = ["KVPool", "buffer_cache", "done_with", "kept_pool", "plain_cache_layers", "release_buffers",
+           "reusable"]
 
 
 @functools.cache
@@ -285,6 +286,13 @@ def _keep_between_runs(device: torch.device) -> bool:
     return device.type == "cuda"  # where graphs are captured
 
 
+def _keep_cap(device: torch.device) -> int:
+    """The largest pool kept after its run: an eighth of the device's memory (a Llama-3-8B row
+    of 32K tokens is 4 GiB; a 131K one, 16 GiB, whose prefill takes seconds, is not worth
+    holding for a 37 ms capture)."""
+    return torch.cuda.get_device_properties(device).total_memory // 8
+
+
 def kept_pool(hf: torch.nn.Module, n_layers: int, owner: object) -> KVPool:
     """The KV pool for a run of ``hf`` by ``owner``: on a GPU the model's kept pool (its buffers
     reused, their contents forgotten) unless another live run holds it; a new pool elsewhere.
@@ -298,6 +306,17 @@ def kept_pool(hf: torch.nn.Module, n_layers: int, owner: object) -> KVPool:
     pool.forget()
     _KEPT[hf] = (pool, weakref.ref(owner))
     return pool
+
+
+def done_with(hf: torch.nn.Module, pool: KVPool) -> None:
+    """A run has ended: its pool stays kept unless it holds more than :func:`_keep_cap`."""
+    got = _KEPT.get(hf)
+    if got is None or got[0] is not pool:
+        return
+    _KEPT[hf] = (pool, lambda: None)  # no live owner now
+    held = sum(t.numel() * t.element_size() for t in pool.k + pool.v)
+    if held > _keep_cap(pool.device):
+        del _KEPT[hf]
 
 
 def release_buffers(model) -> None:

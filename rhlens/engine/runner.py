@@ -24,7 +24,7 @@ from torch import Tensor
 from rhlens.engine.bridge import hf_model, input_device, new_cache
 from rhlens.engine.captured import SYNC_EVERY, captured_decoder, decode_path
 from rhlens.engine.hooks import HookPair, StepState, phase
-from rhlens.engine.kv import kept_pool, plain_cache_layers
+from rhlens.engine.kv import done_with, kept_pool, plain_cache_layers
 from rhlens.engine.lean import decode_step
 from rhlens.engine.native import DEFAULT_PREFILL_CHUNK, default_prefill_chunk, prefill
 from rhlens.engine.policy import KernelPolicy
@@ -369,6 +369,14 @@ def generate_many(model, tokenizer, prompts: Iterable[Sequence[int] | Tensor], *
         with model.hooks(fwd_hooks=pairs) if pairs else contextlib.nullcontext():
             return runner.run(items, on_start)
 
+    try:
+        yield from _generate_all(runner, run, prompts, config, item_hooks, prefill_keys)
+    finally:  # a large KV pool is not held after the run (see engine.kv.done_with)
+        if runner.pool is not None:
+            done_with(runner.hf, runner.pool)
+
+
+def _generate_all(runner, run, prompts, config, item_hooks, prefill_keys) -> Iterator[Generation]:
     batch: list[tuple[int, tuple[int, ...], Hashable]] = []
     limit = 1
     for i, prompt in enumerate(prompts):
