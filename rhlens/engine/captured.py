@@ -476,9 +476,10 @@ class CapturedDecoder:
         try:
             self._step(st, k_bufs, v_bufs)
         except Exception as exc:  # torch._dynamo / inductor errors: run the step uncompiled
-            if "dynamo" not in type(exc).__module__ and "inductor" not in type(exc).__module__ \
-                    and not isinstance(exc, (RuntimeError, ImportError, OSError)):
-                raise
+            if isinstance(exc, torch.OutOfMemoryError) or (
+                    "dynamo" not in type(exc).__module__ and "inductor" not in type(exc).__module__
+                    and not isinstance(exc, (RuntimeError, ImportError, OSError))):
+                raise  # out of memory is not a compile failure
             self._uncompile(exc)
             st.pos.copy_(pos)  # the failed step may have moved the counters
             st.step.copy_(step)
