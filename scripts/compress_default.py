@@ -216,6 +216,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--sink", type=int, default=4)
     ap.add_argument("--window", type=int, default=124)
+    ap.add_argument("--pool", choices=("max", "mean"), default="max",
+                    help="a KV head's score from its query heads' scores")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--exact-rows", action="store_true",
                     help="decode each policy's row as it would run alone (slower on a CPU)")
@@ -242,7 +244,7 @@ def main(argv=None) -> int:
         return 1
     budgets = [float(x) for x in args.budgets.split(",")]
     stage_sweep(model, tok, out, length, scores, mass, budgets, args.seeds,
-                CompressConfig(sink=args.sink, window=args.window), not args.exact_rows)
+                CompressConfig(sink=args.sink, window=args.window, pool=args.pool), not args.exact_rows)
     return 0
 
 
