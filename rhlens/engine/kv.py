@@ -190,6 +190,11 @@ class KVPool:
     def capacity(self) -> int:
         return self.k[0].shape[2] if self.k else 0
 
+    def nbytes(self, device: torch.device | None = None) -> int:
+        """Bytes of the buffers held now (on ``device`` only, if given)."""
+        return sum(t.numel() * t.element_size() for t in self.k + self.v
+                   if device is None or t.device == device)
+
     def row_bytes(self, capacity: int) -> int:
         return 2 * self.n_layers * self.n_kv * self.head_dim * capacity * self.dtype.itemsize
 
@@ -211,7 +216,7 @@ class KVPool:
             fraction = getattr(torch.cuda.memory, "get_per_process_memory_fraction", None)
             if fraction is not None:  # a process capped below the card's memory
                 free = min(free, int(total * fraction(device)) - allocated)
-            free += sum(t.numel() * t.element_size() for t in self.k + self.v if t.device == device)
+            free += self.nbytes(device)
             row = self.row_bytes(capacity) * layers // self.n_layers
             rows = min(rows, int((free - margin) // row))
         return max(1, rows)
@@ -314,8 +319,7 @@ def done_with(hf: torch.nn.Module, pool: KVPool) -> None:
     if got is None or got[0] is not pool:
         return
     _KEPT[hf] = (pool, lambda: None)  # no live owner now
-    held = sum(t.numel() * t.element_size() for t in pool.k + pool.v)
-    if held > _keep_cap(pool.device):
+    if pool.nbytes() > _keep_cap(pool.device):
         del _KEPT[hf]
 
 
