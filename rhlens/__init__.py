@@ -9,10 +9,14 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
+from rhlens import deprecation
 from rhlens.errors import ConfigError as ConfigError
 from rhlens.errors import ModelLoadError as ModelLoadError
 from rhlens.errors import ProbeError as ProbeError
+from rhlens.errors import ResultError as ResultError
 from rhlens.errors import RhlensError as RhlensError
+from rhlens.store.registry import register_homes
+from rhlens.version import __version__ as __version__
 
 # The face a notebook needs, ``import rhlens as rh``: name -> (module, attribute there).
 # Nothing is imported until a name is first used. A verb never takes a subpackage's name
@@ -37,13 +41,13 @@ _LAZY: dict[str, tuple[str, str]] = {
     "DetectConfig": ("rhlens.retrieval", "DetectConfig"),
     "retrieval_scores_from_cache": ("rhlens.retrieval", "retrieval_scores_from_cache"),
     "probe_retrieval_scores": ("rhlens.retrieval", "probe_retrieval_scores"),
-    "RetrievalScores": ("rhlens.scores", "RetrievalScores"),
+    "RetrievalScores": ("rhlens.retrieval", "RetrievalScores"),
     # knocking heads out
     "ablate_heads": ("rhlens.ablation", "ablate_heads"),
-    "Mask": ("rhlens.ablation", "Mask"),
-    "top_k_mask": ("rhlens.ablation", "top_k_mask"),
-    "random_k_mask": ("rhlens.ablation", "random_k_mask"),
-    "parse_mask": ("rhlens.ablation", "parse_mask"),
+    "Mask": ("rhlens.masks", "Mask"),
+    "top_k_mask": ("rhlens.masks", "top_k_mask"),
+    "random_k_mask": ("rhlens.masks", "random_k_mask"),
+    "parse_mask": ("rhlens.masks", "parse_mask"),
     # analyses
     "niah_sweep": ("rhlens.niah", "niah_sweep"),
     "NIAHConfig": ("rhlens.niah", "NIAHConfig"),
@@ -55,19 +59,35 @@ _LAZY: dict[str, tuple[str, str]] = {
     "make_pairs": ("rhlens.patching", "make_pairs"),
     "PatchConfig": ("rhlens.patching", "PatchConfig"),
     "HeadPatchingResult": ("rhlens.patching", "HeadPatchingResult"),
-    "cot_ablation": ("rhlens.cot.experiment", "cot_ablation"),
-    "CoTConfig": ("rhlens.cot.experiment", "CoTConfig"),
-    "CoTResult": ("rhlens.cot.experiment", "CoTResult"),
-    "compress_sweep": ("rhlens.compress.sweep", "compress_sweep"),
-    "CompressSweepResult": ("rhlens.compress.sweep", "CompressSweepResult"),
+    "cot_ablation": ("rhlens.cot", "cot_ablation"),
+    "CoTConfig": ("rhlens.cot", "CoTConfig"),
+    "CoTResult": ("rhlens.cot", "CoTResult"),
+    "compress_sweep": ("rhlens.compress", "compress_sweep"),
+    "CompressSweepResult": ("rhlens.compress", "CompressSweepResult"),
     "score_families": ("rhlens.families", "score_families"),
     "FamilyScores": ("rhlens.families", "FamilyScores"),
     # results
-    "load_result": ("rhlens.results", "load_result"),
+    "load_result": ("rhlens.store.results", "load_result"),
 }
 
-__all__ = sorted(["ConfigError", "ModelLoadError", "ProbeError", "RhlensError", *_LAZY])
-__version__ = "0.1.0"
+__all__ = sorted(["ConfigError", "ModelLoadError", "ProbeError", "ResultError", "RhlensError", *_LAZY])
+
+# Where each kind of saved result is defined: the store imports no analysis, so this layer,
+# which knows them all, tells it which module to import for a kind it has not seen yet
+# (``load_result`` in a fresh interpreter). A class registers itself once its module runs.
+register_homes({
+    "RetrievalScores": "rhlens.retrieval",
+    "SparsityResult": "rhlens.properties", "DynamicResult": "rhlens.properties",
+    "StabilityResult": "rhlens.properties", "IntrinsicResult": "rhlens.properties",
+    "UniversalTable": "rhlens.properties",
+    "NIAHResult": "rhlens.niah", "MaskSweepResult": "rhlens.niah",
+    "HeadPatchingResult": "rhlens.patching", "PatchingVsRetrieval": "rhlens.patching",
+    "CoTResult": "rhlens.cot",
+    "FamilyScores": "rhlens.families", "FamilySet": "rhlens.families",
+    "DamageResult": "rhlens.families",
+    "CompressSweepResult": "rhlens.compress",
+})
+deprecation.install()  # old module paths (rhlens.results, rhlens.scores, ...) keep working
 
 
 def __getattr__(name: str) -> Any:

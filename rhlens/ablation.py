@@ -12,188 +12,30 @@ Three ways to knock a head out, each a TransformerLens hook on the bridge:
 masks only while the model answers; ``phase="all"`` masks the prefill too. Hooks are
 attached only inside :func:`ablate_heads`, a context manager, so nothing stays attached.
 
-Which heads: :func:`top_k_mask` (the K best retrieval heads, by the one top-K rule),
-:func:`random_k_mask` (K heads drawn from the model's grid, never a retrieval head), and
-:func:`parse_mask` for the specs a user types (``none``, ``top:K``, ``random:K[:seed]``,
-``heads:L.H,...``); :func:`mean_reference_prompts` picks the prompts ``mode="mean"`` averages.
+Which heads is :mod:`rhlens.masks`' business (:class:`~rhlens.masks.Mask`, top-K, random-K,
+parsing, K sweeps); :func:`mean_reference_prompts` picks the prompts ``mode="mean"`` averages.
 """
 
 from __future__ import annotations
 
 import contextlib
-import random
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from rhlens.deprecation import moved_names
 from rhlens.engine import EngineHook, HeadEditSpec, HookPair, hf_model, native_attention, phase
 from rhlens.errors import ConfigError
+from rhlens.masks import Mask, Mode, PhaseName
 
-__all__ = [
-    "Mask",
-    "ablate_heads",
-    "ablation_hooks",
-    "head_means",
-    "mean_reference_prompts",
-    "parse_mask",
-    "random_heads",
-    "random_k_heads",
-    "random_k_mask",
-    "top_k_mask",
-]
+__all__ = ["ablate_heads", "ablation_hooks", "head_means", "mean_reference_prompts"]
 
-Head = tuple[int, int]
-Mode = Literal["uniform", "zero", "mean"]
-PhaseName = Literal["decode", "all"]
-
-
-def random_heads(n_layers: int, n_heads: int, k: int, *, seed: int = 0,
-                 exclude: Sequence[Head] | None = None) -> list[Head]:
-    """``k`` distinct (layer, head) pairs drawn uniformly from the model's real grid.
-
-    Heads in ``exclude`` (typically the top retrieval heads) are never drawn. The same seed
-    gives the same heads. (The paper's code drew from a hard-coded 32 x 32 grid.)
-    """
-    banned = {tuple(h) for h in (exclude or [])}
-    pool = [(la, h) for la in range(n_layers) for h in range(n_heads) if (la, h) not in banned]
-    if not 0 <= k <= len(pool):
-        raise ConfigError(f"cannot draw {k} random heads: {len(pool)} heads are available "
-                          f"({n_layers}x{n_heads} grid, {len(banned)} excluded)")
-    return sorted(random.Random(seed).sample(pool, k))
-
-
-@dataclass(frozen=True)
-class Mask:
-    """A set of heads to knock out, and how. ``Mask.none()`` is the unmasked baseline."""
-
-    heads: tuple[Head, ...] = ()
-    mode: Mode = "uniform"
-    phase: PhaseName = "decode"
-    label: str = ""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "heads", tuple(sorted({(int(a), int(b)) for a, b in self.heads})))
-        if self.mode not in ("uniform", "zero", "mean"):
-            raise ConfigError(f"mode must be uniform, zero or mean, got {self.mode!r}")
-        if self.phase not in ("decode", "all"):
-            raise ConfigError(f"phase must be decode or all, got {self.phase!r}")
-        if not self.label:
-            object.__setattr__(self, "label", f"{len(self.heads)} heads" if self.heads else "none")
-
-    @classmethod
-    def none(cls) -> Mask:
-        return cls((), label="none")
-
-    def to_dict(self) -> dict:
-        return {"heads": [list(h) for h in self.heads], "mode": self.mode, "phase": self.phase,
-                "label": self.label}
-
-
-# ---- choosing heads ------------------------------------------------------------------------
-RETRIEVAL_THRESHOLD = 0.1  # the paper's line between retrieval heads and the rest
-
-
-def _grid(scores, grid: tuple[int, int] | None) -> tuple[int, int]:
-    if grid is not None:
-        return int(grid[0]), int(grid[1])
-    if scores is None:
-        raise ConfigError("need the model's grid (n_layers, n_heads) or retrieval scores")
-    return scores.n_layers, scores.n_heads
-
-
-def _check_k(k: int, n_cells: int, what: str) -> None:
-    if not 1 <= k <= n_cells:
-        raise ConfigError(f"{what}: K must be between 1 and the model's {n_cells} heads, got {k}")
-
-
-def top_k_mask(scores, k: int, *, mode: Mode = "uniform", phase: PhaseName = "decode") -> Mask:
-    """The ``k`` best retrieval heads (:func:`rhlens.stats.top_k_heads`: ties by layer, head),
-    labelled ``top-k``."""
-    from rhlens.stats import top_k_heads
-
-    _check_k(k, scores.n_layers * scores.n_heads, f"top-{k}")
-    return Mask(tuple(top_k_heads(scores.mean, k)), mode, phase, label=f"top-{k}")
-
-
-def random_k_heads(scores, k: int, *, seed: int = 0, grid: tuple[int, int] | None = None,
-                   exclude_threshold: float = RETRIEVAL_THRESHOLD) -> list[Head]:
-    """``k`` heads drawn from the model's grid, never a retrieval head nor a top-``k`` head.
-
-    ``grid`` is the model's ``(n_layers, n_heads)`` (default: the scores'); without
-    ``scores``, heads are drawn from the whole grid. Heads scoring above
-    ``exclude_threshold`` and the top-``k`` heads are excluded, so a random mask never
-    hides a retrieval head.
-    """
-    n_layers, n_heads = _grid(scores, grid)
-    _check_k(k, n_layers * n_heads, f"random-{k}")
-    banned: list[Head] = []
-    if scores is not None:
-        if (scores.n_layers, scores.n_heads) != (n_layers, n_heads):
-            raise ConfigError(f"the scores cover {scores.n_layers} x {scores.n_heads} heads, the "
-                              f"model {n_layers} x {n_heads}: scores of another model?")
-        from rhlens.stats import heads_above, top_k_heads
-
-        banned = sorted(set(heads_above(scores.mean, exclude_threshold)) |
-                        set(top_k_heads(scores.mean, k)))
-    return random_heads(n_layers, n_heads, k, seed=seed, exclude=banned)
-
-
-def random_k_mask(scores, k: int, *, seed: int = 0, grid: tuple[int, int] | None = None,
-                  mode: Mode = "uniform", phase: PhaseName = "decode") -> Mask:
-    """:func:`random_k_heads` as a mask labelled ``random-k-s<seed>``."""
-    heads = random_k_heads(scores, k, seed=seed, grid=grid)
-    return Mask(tuple(heads), mode, phase, label=f"random-{k}-s{seed}")
-
-
-MASK_SPECS = "none, top:K, random:K[:seed] or heads:L.H,L.H,..."
-
-
-def parse_mask(spec: str, *, grid: tuple[int, int] | None = None, scores=None,
-               mode: Mode = "uniform", phase: PhaseName = "decode") -> Mask:
-    """A mask from a spec: ``none``, ``top:K``, ``random:K[:seed]`` or ``heads:L.H,L.H``.
-
-    ``grid`` is the model's ``(n_layers, n_heads)``: heads and K are checked against it (and
-    random heads drawn from it). ``top:K`` needs ``scores``; ``random:K`` uses them, when
-    given, to leave retrieval heads out.
-    """
-    kind, _, rest = spec.strip().partition(":")
-    if kind == "none" and not rest:
-        return Mask((), mode, phase, label="none")
-    if kind == "heads":
-        heads = []
-        for item in rest.split(","):
-            parts = item.strip().split(".")
-            if len(parts) != 2 or not all(x.strip().isdigit() for x in parts):
-                raise ConfigError(f"mask {spec!r}: heads are written layer.head (e.g. heads:3.1,"
-                                  f"10.4), got {item.strip()!r}")
-            heads.append((int(parts[0]), int(parts[1])))
-        if grid is not None:
-            for la, h in heads:
-                if not (0 <= la < grid[0] and 0 <= h < grid[1]):
-                    raise ConfigError(f"mask {spec!r}: head {la}.{h} is outside the model's "
-                                      f"{grid[0]} layers x {grid[1]} heads")
-        return Mask(tuple(heads), mode, phase, label=spec.strip())
-    if kind not in ("top", "random"):
-        raise ConfigError(f"a mask is {MASK_SPECS}; got {spec!r}")
-    parts = rest.split(":")
-    if not rest or len(parts) > (2 if kind == "random" else 1) or \
-            not all(x.strip().lstrip("-").isdigit() for x in parts):
-        form = "top:K" if kind == "top" else "random:K or random:K:SEED"
-        raise ConfigError(f"mask {spec!r}: expected {form} with whole numbers")
-    k, seed = int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
-    if kind == "top":
-        if scores is None:
-            raise ConfigError(f"mask {spec}: top-K needs retrieval scores (--scores: a detection "
-                              "run or a paper JSON file)")
-        if grid is not None and (scores.n_layers, scores.n_heads) != tuple(grid):
-            raise ConfigError(f"the scores cover {scores.n_layers} x {scores.n_heads} heads, the "
-                              f"model {grid[0]} x {grid[1]}: scores of another model?")
-        return top_k_mask(scores, k, mode=mode, phase=phase)
-    return random_k_mask(scores, k, seed=seed, grid=grid, mode=mode, phase=phase)
+# Which heads to knock out lives in rhlens.masks; the names stay reachable here for older code.
+__getattr__ = moved_names("rhlens.ablation", dict.fromkeys(
+    ("MASK_SPECS", "RETRIEVAL_THRESHOLD", "parse_mask", "random_k_heads", "random_k_mask",
+     "top_k_mask", "random_heads"), "rhlens.masks"))
 
 
 def mean_reference_prompts(probes: Sequence, n: int = 4) -> list[tuple[int, ...]]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "ModelLoadError", "ProbeError", "RhlensError"]
+__all__ = ["ConfigError", "ModelLoadError", "ProbeError", "ResultError", "RhlensError"]
 
 
 class RhlensError(ValueError):
@@ -19,3 +19,7 @@ class ProbeError(RhlensError):
 
 class ConfigError(RhlensError):
     """A configuration value is out of range or inconsistent."""
+
+
+class ResultError(RhlensError):
+    """A saved result is missing, damaged, of another kind, or from a newer rhlens."""

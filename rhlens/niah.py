@@ -11,7 +11,6 @@ one prefill per probe plus M decodes, not M prefills.
 
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -21,16 +20,18 @@ from typing import Any, Literal
 
 import numpy as np
 
-from rhlens.ablation import Mask, ablation_hooks, random_heads
+from rhlens.ablation import ablation_hooks
 from rhlens.engine import GenerationConfig, generate_many
 from rhlens.errors import ConfigError
-from rhlens.identity import run_header
-from rhlens.probe import Probe
-from rhlens.results import Config, Result, ResultError
+from rhlens.masks import Mask, seed_list, sweep_masks
+from rhlens.probes.probe import Probe
 from rhlens.retrieval import check_probes
-from rhlens.runs import NIAH_LOG, RunDir, load_single_file
-from rhlens.scores import RetrievalScores
+from rhlens.retrieval.scores import RetrievalScores
 from rhlens.stats import rouge1_recall, rouge_tokens
+from rhlens.store.identity import run_header
+from rhlens.store.layout import NIAH_LOG, RunDir
+from rhlens.store.results import Config, Result, ResultError
+from rhlens.store.runs import load_single_file
 
 __all__ = [
     "AnswerClass",
@@ -264,65 +265,6 @@ def finished_records(done: dict[str, dict[str, Any]], labels: Sequence[str],
 # ---------------------------------------------------------------------------------------
 # The K curve (Figure 7)
 # ---------------------------------------------------------------------------------------
-def _seed_list(seeds: int | Sequence[int]) -> list[int]:
-    """``seeds`` random draws per K: a count (>= 1) or distinct seeds (>= 0)."""
-    if isinstance(seeds, bool):
-        raise ConfigError(f"seeds must be a count >= 1 or a list of seeds, got {seeds!r}")
-    if isinstance(seeds, int):
-        if seeds < 1:
-            raise ConfigError(f"seeds must be >= 1 (random masks per K), got {seeds}")
-        return list(range(seeds))
-    out = list(seeds)
-    if not out or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in out):
-        raise ConfigError(f"seeds must be a non-empty list of whole numbers >= 0, got {out!r}")
-    if len(set(out)) != len(out):
-        raise ConfigError(f"seeds must be distinct, got {out!r}")
-    return out
-
-
-def _k_list(ks: Sequence[int], n_cells: int) -> list[int]:
-    """Sorted distinct Ks, each in [0, heads], at least one of them > 0."""
-    if isinstance(ks, (str, bytes)) or not isinstance(ks, Sequence):
-        raise ConfigError(f"ks must be a list of head counts, got {ks!r}")
-    if not all(isinstance(k, int) and not isinstance(k, bool) for k in ks):
-        raise ConfigError(f"every K must be a whole number, got {list(ks)!r}")
-    out = sorted(set(ks))
-    if not any(k > 0 for k in out):
-        raise ConfigError(f"ks needs at least one K > 0 (heads to mask), got {list(ks)!r}")
-    if out[0] < 0:
-        raise ConfigError(f"K must be >= 0, got {out[0]}")
-    if out[-1] > n_cells:
-        raise ConfigError(f"K={out[-1]} exceeds the model's {n_cells} heads")
-    return out
-
-
-def sweep_masks(scores: RetrievalScores, ks: Sequence[int], seeds: int | Sequence[int] = 3, *,
-                mode: str = "uniform", phase: str = "decode",
-                exclude_threshold: float = 0.1) -> list[Mask]:
-    """The masks of a K sweep: none, top-K, and random-K for each seed.
-
-    Random heads are drawn from the model's whole grid minus every head scoring above
-    ``exclude_threshold`` (and minus the top-K), so a random mask never hides a retrieval
-    head. Every argument is checked here, before any compute.
-    """
-    seed_list = _seed_list(seeds)
-    k_list = _k_list(ks, scores.n_layers * scores.n_heads)
-    if not isinstance(exclude_threshold, (int, float)) or not math.isfinite(exclude_threshold):
-        raise ConfigError(f"exclude_threshold must be a finite number, got {exclude_threshold!r}")
-    retrieval = scores.retrieval_heads(exclude_threshold)
-    masks = [Mask((), mode, phase, label="none")]
-    for k in k_list:
-        if k == 0:
-            continue
-        top = scores.top_heads(k)
-        masks.append(Mask(tuple(top), mode, phase, label=f"top-{k}"))
-        banned = sorted(set(retrieval) | set(top))
-        for s in seed_list:
-            heads = random_heads(scores.n_layers, scores.n_heads, k, seed=s, exclude=banned)
-            masks.append(Mask(tuple(heads), mode, phase, label=f"random-{k}-s{s}"))
-    return masks
-
-
 @dataclass
 class MaskSweepResult(Result):
     """Mean NIAH score against K for top-K and random-K masks (the paper's Figure 7)."""
@@ -399,8 +341,8 @@ def mask_sweep(model, probes: Sequence[Probe], scores: RetrievalScores, *,
         raise ConfigError(
             f"the scores are for a {scores.n_layers}x{scores.n_heads} model, this model is "
             f"{model.cfg.n_layers}x{model.cfg.n_heads}; use scores detected on this model")
-    seed_list = _seed_list(seeds)
-    masks = sweep_masks(scores, ks, seed_list, mode=mode, phase=phase)
+    seeds = seed_list(seeds)
+    masks = sweep_masks(scores, ks, seeds, mode=mode, phase=phase)
     result = niah_sweep(model, probes, masks=masks, config=config, tokenizer=tokenizer,
                         means=means, out=out, progress=progress)
     return MaskSweepResult(ks=sorted({0, *ks}), niah=result, seeds=seed_list)

@@ -66,7 +66,7 @@ def test_detect_writes_every_file(detect_run):
 
 
 def test_run_json_holds_what_shapes_the_results(detect_run):
-    from rhlens.models import PACKAGED_MODELS, _packaged_gguf
+    from rhlens.models.load import PACKAGED_MODELS, _packaged_gguf
 
     run = json.loads((detect_run / "run.json").read_text())
     ident = run["identity"]

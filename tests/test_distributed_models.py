@@ -84,7 +84,7 @@ def test_the_planned_placement_splits_the_layers_within_the_budgets():
     exactly one of them, in order, neither over its budget (counted here from the config)."""
     from transformers import AutoConfig
 
-    from rhlens.models import _resolve
+    from rhlens.models.load import _resolve
 
     budget = 400 * 2**20
     plan = plan_device_map(None, device_map="balanced", max_memory={0: budget, 1: budget})

@@ -18,13 +18,12 @@ from pathlib import Path
 
 from rhlens.cli.args import Parser, error_line, one_line, say
 from rhlens.errors import RhlensError
+from rhlens.version import __version__
 
 __all__ = ["build_parser", "main"]
 
 
 def _version() -> str:
-    from rhlens import __version__
-
     return f"rhlens {__version__}"
 
 

@@ -118,7 +118,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     from rhlens.compress import CompressConfig
     from rhlens.compress.sweep import compress_sweep, sweep_policies
-    from rhlens.runs import COMPRESS_LOG, save_compress_run
+    from rhlens.report.runs import save_compress_run
+    from rhlens.store.layout import COMPRESS_LOG
 
     config = CompressConfig(sink=args.sink, window=args.window, pool=args.pool)
     niah = niah_config(args)

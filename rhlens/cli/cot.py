@@ -52,12 +52,12 @@ def add_parsers(sub) -> None:
 
 
 def cmd_cot(args: argparse.Namespace) -> int:
-    from rhlens.ablation import Mask
     from rhlens.cot.experiment import cot_ablation
     from rhlens.cot.tasks import get_task
-    from rhlens.niah import sweep_masks
+    from rhlens.masks import Mask, sweep_masks
     from rhlens.plotting import plot_cot_bars
-    from rhlens.runs import RunDir, save_figure
+    from rhlens.report.runs import save_figure
+    from rhlens.store.layout import RunDir
 
     out = prepare.take_output(args)
     config = cot_config(args)

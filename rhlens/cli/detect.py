@@ -54,8 +54,8 @@ def add_parsers(sub) -> None:
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
+    from rhlens.report.runs import save_detection_run
     from rhlens.retrieval import detect_retrieval_heads
-    from rhlens.runs import save_detection_run
 
     out = prepare.take_output(args)
     config = detect_config(args)

@@ -65,9 +65,9 @@ def _means(args, model, tok, probes):
 
 
 def cmd_niah(args: argparse.Namespace) -> int:
-    from rhlens.ablation import parse_mask
+    from rhlens.masks import parse_mask
     from rhlens.niah import niah_sweep
-    from rhlens.runs import save_niah_run
+    from rhlens.report.runs import save_niah_run
 
     out = prepare.take_output(args)
     config = niah_config(args)
@@ -94,8 +94,9 @@ def cmd_niah(args: argparse.Namespace) -> int:
 
 
 def cmd_mask_sweep(args: argparse.Namespace) -> int:
-    from rhlens.niah import mask_sweep, sweep_masks
-    from rhlens.runs import save_mask_sweep_run
+    from rhlens.masks import sweep_masks
+    from rhlens.niah import mask_sweep
+    from rhlens.report.runs import save_mask_sweep_run
 
     out = prepare.take_output(args)
     config = niah_config(args)

@@ -24,11 +24,11 @@ def add_parsers(sub) -> None:
 
 
 def cmd_official(args: argparse.Namespace) -> int:
-    from rhlens.io import prepare_output
+    from rhlens.store.logs import prepare_output
 
     directory = prepare_output(args.fetch)
     try:
-        from rhlens.official import fetch_official_scores
+        from rhlens.retrieval.official import fetch_official_scores
     except ImportError:
         raise ConfigError("this rhlens cannot fetch the official scores (rhlens.official is "
                           "missing); download them by hand from the paper's repository") from None

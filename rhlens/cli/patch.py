@@ -74,7 +74,8 @@ def _interrupted(args: argparse.Namespace) -> str:
 def cmd_patch(args: argparse.Namespace) -> int:
     from rhlens.patching import make_pairs, patch_heads, patching_vs_retrieval
     from rhlens.plotting.patching import plot_patching_heatmap, plot_patching_vs_retrieval
-    from rhlens.runs import RunDir, save_figure
+    from rhlens.report.runs import save_figure
+    from rhlens.store.layout import RunDir
 
     # Everything that can fail on a typo fails here, before the model loads.
     out = prepare.take_output(args)

@@ -76,7 +76,7 @@ def scores(path: str | None, shape):
     """Retrieval scores from ``--scores``, checked against the model's grid."""
     if path is None:
         return None
-    from rhlens.scores import RetrievalScores
+    from rhlens.retrieval.scores import RetrievalScores
 
     try:
         loaded = RetrievalScores.from_any(path)
@@ -109,9 +109,9 @@ def check_resume(args: argparse.Namespace, out: Path, log_name: str, probe_set=N
     way), and ``extra`` parts of the header named as the library names them; the library
     compares the whole identity (masks, items) when it opens the log.
     """
-    from rhlens.identity import run_header
-    from rhlens.io import check_resume as check
     from rhlens.models import describe_model
+    from rhlens.store.identity import run_header
+    from rhlens.store.logs import check_resume as check
 
     model = describe_model(args.model, dtype=args.dtype, offline=args.offline)
     unknown = ("model.weights_sha256",) if model.get("weights_sha256") is None else ()

@@ -46,8 +46,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     """Write ``--out`` (HTML) and its ``.md`` twin, then say where they are."""
     import json
 
-    from rhlens.io import prepare_output
     from rhlens.report import build_report
+    from rhlens.store.logs import prepare_output
 
     if not args.runs and not args.official:
         raise ConfigError("give at least one RUN_DIR or --official FILE")

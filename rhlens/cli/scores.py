@@ -103,7 +103,7 @@ def _probes(args: argparse.Namespace, tok, shape, config):
 
 def cmd_scores(args: argparse.Namespace) -> int:
     from rhlens.families import FAMILIES_LOG, damage_masks, question_span, score_families
-    from rhlens.runs import save_figure
+    from rhlens.report.runs import save_figure
 
     if args.needle_set and args.needles:
         raise ConfigError("--needle-set and --needles: give one of them")
@@ -165,7 +165,7 @@ def _judge(args, model, tok, probes, fs, out) -> dict:
     from rhlens.families import damage_sweep
     from rhlens.niah import NIAHConfig
     from rhlens.plotting import plot_damage_curves
-    from rhlens.runs import save_figure
+    from rhlens.report.runs import save_figure
 
     rankings = {f: fs[f] for f in fs.defined()}
     if not rankings:

@@ -28,13 +28,16 @@ from rhlens.compress.policy import (
     rank_kv_heads,
     streaming_policy,
 )
+from rhlens.compress.sweep import CompressSweepResult, compress_sweep, sweep_policies
 
 __all__ = [
     "CacheLayout",
     "CompressConfig",
+    "CompressSweepResult",
     "HeadPolicy",
     "PolicyMask",
     "budget_policy",
+    "compress_sweep",
     "full_heads_for_budget",
     "full_policy",
     "kv_grid",
@@ -42,4 +45,5 @@ __all__ = [
     "random_policy",
     "rank_kv_heads",
     "streaming_policy",
+    "sweep_policies",
 ]

@@ -46,7 +46,7 @@ from rhlens.engine.bridge import new_cache
 from rhlens.engine.captured import SYNC_EVERY, CapturedDecoder, decode_path
 from rhlens.engine.lean import LeanDecoder
 from rhlens.engine.policy import KernelPolicy
-from rhlens.engine.runner import Generation, _as_ids, _Runner
+from rhlens.engine.runner import Generation, Runner, as_ids
 from rhlens.errors import ConfigError
 
 __all__ = ["PackedAttention", "PackedDecoder", "group_attention", "packed_cache", "packed_generate"]
@@ -335,7 +335,7 @@ class PackedDecoder(CapturedDecoder):
                 z.index_copy_(1, idx, out)  # [1, n_group, g, d] to the group's query heads
 
 
-class _PackedRunner(_Runner):
+class _PackedRunner(Runner):
     """The engine's runner with a packed cache: one prompt at a time, one prefill pass."""
 
     def __init__(self, model, tokenizer, config: GenerationConfig, state: StepState,
@@ -399,7 +399,7 @@ def packed_generate(model, tokenizer, prompts: Iterable[Sequence[int] | Tensor],
     layout = CacheLayout.of(model)
     runner = _PackedRunner(model, tokenizer, config, StepState(), policy, layout)
     for i, prompt in enumerate(prompts):
-        (gen,) = runner.run([(i, _as_ids(prompt), None)], None)
+        (gen,) = runner.run([(i, as_ids(prompt), None)], None)
         gen.info["kv_bytes"] = cache_bytes(runner.last_cache)
         yield gen
 

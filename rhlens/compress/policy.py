@@ -33,10 +33,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from rhlens.engine.runner import _count as check_count
+from rhlens.engine.runner import check_count
 from rhlens.errors import ConfigError
-from rhlens.results import Config
-from rhlens.stats import rank_heads
+from rhlens.stats import random_heads, rank_heads
+from rhlens.store.results import Config
 
 __all__ = [
     "CacheLayout",
@@ -301,7 +301,7 @@ def kv_grid(ranking: Any, layout: CacheLayout, pool: Pool = "max") -> Float[Tens
     """A ``[layer, kv_head]`` score grid from a ranking: a
     :class:`~rhlens.scores.RetrievalScores`, a ``[layer, query head]`` grid (pooled over each
     KV head's query heads by ``pool``) or a ``[layer, kv_head]`` grid (used as it is)."""
-    from rhlens.scores import RetrievalScores
+    from rhlens.retrieval.scores import RetrievalScores
 
     if pool not in ("max", "mean"):
         raise ConfigError(f"pool must be 'max' or 'mean', got {pool!r}")
@@ -348,10 +348,8 @@ def budget_policy(ranking: Any, layout: CacheLayout, context: int, budget: float
 def random_policy(layout: CacheLayout, context: int, budget: float, seed: int,
                   config: CompressConfig | None = None) -> HeadPolicy:
     """As many KV heads as ``budget`` buys, drawn uniformly among the selectable ones with
-    :func:`rhlens.ablation.random_heads` on the ``[layer, kv_head]`` grid (nothing excluded
+    :func:`rhlens.stats.random_heads` on the ``[layer, kv_head]`` grid (nothing excluded
     but the KV heads of sliding-window layers)."""
-    from rhlens.ablation import random_heads
-
     config = config or CompressConfig()
     k = full_heads_for_budget(layout, context, budget, config.sink, config.window)
     allowed = set(layout.selectable)

@@ -39,13 +39,14 @@ from rhlens.compress.policy import (
 )
 from rhlens.engine import GenerationConfig, KernelPolicy, generate_many
 from rhlens.errors import ConfigError
-from rhlens.identity import run_header
-from rhlens.io import ProbeLog, Records
-from rhlens.niah import NIAHConfig, NIAHResult, _seed_list, answer_record, finished_records
-from rhlens.probe import Probe
-from rhlens.results import Config, Result
+from rhlens.masks import seed_list
+from rhlens.niah import NIAHConfig, NIAHResult, answer_record, finished_records
+from rhlens.probes.probe import Probe
 from rhlens.retrieval import check_probes
-from rhlens.runs import COMPRESS_LOG
+from rhlens.store.identity import run_header
+from rhlens.store.layout import COMPRESS_LOG
+from rhlens.store.logs import ProbeLog, Records
+from rhlens.store.results import Config, Result
 
 __all__ = ["CompressSweepResult", "compress_sweep", "needle_attention_mass", "sweep_policies"]
 
@@ -161,20 +162,20 @@ def sweep_policies(layout: CacheLayout, context: int, rankings: Mapping[str, Any
     that does not fit the model) before any compute."""
     config = config or CompressConfig()
     budget_list = _budget_list(budgets)
-    seed_list = _seed_list(seeds) if not (isinstance(seeds, int) and seeds == 0) else []
+    seeds_ = seed_list(seeds) if not (isinstance(seeds, int) and seeds == 0) else []
     if not isinstance(rankings, Mapping):
         raise ConfigError("rankings must map a name to RetrievalScores or a [layer, head] grid")
     for name in rankings:
         if not isinstance(name, str) or not name or name in RESERVED or "@" in name or "|" in name:
             raise ConfigError(f"a ranking's name must be a plain word other than {RESERVED}, got {name!r}")
-    if not rankings and not seed_list:
+    if not rankings and not seeds_:
         raise ConfigError("a sweep needs a ranking or random seeds")
     policies = [full_policy(layout, config.sink, config.window)]
     for b in budget_list:
         policies += [budget_policy(r, layout, context, b, config, name=name) for name, r in rankings.items()]
         if streaming:
             policies.append(streaming_policy(layout, context, b, config.sink))
-        policies += [random_policy(layout, context, b, s, config) for s in seed_list]
+        policies += [random_policy(layout, context, b, s, config) for s in seeds_]
     return policies
 
 
@@ -218,7 +219,7 @@ def compress_sweep(model, probes: Sequence[Probe], rankings: Mapping[str, Any], 
     context = max(p.n_tokens for p in probes)
     policies = sweep_policies(layout, context, rankings, budgets, seeds, config=config,
                               streaming=streaming)
-    seed_list = sorted({p.seed for p in policies if p.kind == "random"})
+    drawn = sorted({p.seed for p in policies if p.kind == "random"})
     # Policies that attend to the same keys answer alike: each distinct one runs once.
     specs: dict[tuple, int] = {}
     spec_of = {p.label: specs.setdefault(p.signature(layout), len(specs)) for p in policies}
@@ -270,7 +271,7 @@ def compress_sweep(model, probes: Sequence[Probe], rankings: Mapping[str, Any], 
     result = NIAHResult(records=finished_records(sink.done, labels, probes), masks=described,
                         model_name=name, config=niah)
     return CompressSweepResult(budgets=_budget_list(budgets), context=context, policies=described,
-                               niah=result, rankings=list(rankings), seeds=seed_list, config=config)
+                               niah=result, rankings=list(rankings), seeds=drawn, config=config)
 
 
 # ---------------------------------------------------------------------------------------

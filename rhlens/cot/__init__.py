@@ -12,6 +12,7 @@ run itself, with the model, is :func:`rhlens.cot.experiment.cot_ablation`.
 Modules import one way only: extract <- items <- data, loaders <- tasks <- experiment.
 """
 
+from rhlens.cot.experiment import CoTConfig, CoTResult, cot_ablation
 from rhlens.cot.extract import (
     extract_choice,
     extract_number,
@@ -41,10 +42,13 @@ from rhlens.cot.tasks import (
 )
 
 __all__ = [
+    "CoTConfig",
+    "CoTResult",
     "Question",
     "Task",
     "TaskItem",
     "as_task",
+    "cot_ablation",
     "extract_choice",
     "extract_number",
     "extract_text",

@@ -11,7 +11,7 @@ prompt's KV cache, so M masks cost one prefill and M decodes per item.
 
 With ``out=RUN`` each answer is appended to ``RUN/cot_<task>.jsonl`` as it is made (the
 run's settings in ``RUN/cot_<task>.run.json``) and a rerun resumes from it; the run
-directory's layout (the saved result in ``RUN/cot/<task>/``) is :mod:`rhlens.runs`'.
+directory's layout (the saved result in ``RUN/cot/<task>/``) is :mod:`rhlens.store.layout`'.
 :meth:`CoTResult.load` also reads the ``cot_<task>.json`` files of earlier versions.
 """
 
@@ -28,15 +28,15 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from rhlens.ablation import Mask, ablation_hooks
+from rhlens.ablation import ablation_hooks
 from rhlens.cot.items import Task, as_task
 from rhlens.cot.tasks import get_task
 from rhlens.engine import GenerationConfig, chat_prompt, generate_many
 from rhlens.errors import ConfigError
-from rhlens.identity import run_header
-from rhlens.results import RESULT_FILE, Config, Result, ResultError, read_json
-from rhlens.scores import RetrievalScores
+from rhlens.masks import as_masks
 from rhlens.stats import bootstrap_means, percentile_interval
+from rhlens.store.identity import run_header
+from rhlens.store.results import RESULT_FILE, Config, Result, ResultError, read_json
 
 __all__ = ["CoTConfig", "CoTResult", "as_masks", "cot_ablation"]
 
@@ -214,57 +214,6 @@ def _legacy_file(path: Path) -> Path | None:
 
 
 # ---------------------------------------------------------------------------------- masks
-def as_masks(masks: Any = None, *, k: int | None = None, seeds: int | Sequence[int] = 0,
-             mode: str = "uniform") -> list[Mask]:
-    """The masks of a run, the unmasked baseline ``"none"`` first (added when missing).
-
-    ``masks`` may be ``None`` (the baseline only); a :class:`~rhlens.ablation.Mask` or a list
-    of them; a list of ``(layer, head)`` pairs (one mask, labelled ``heads-<n>``); or a
-    :class:`~rhlens.scores.RetrievalScores` with ``k``: its top-``k`` heads, plus ``k``
-    random non-retrieval heads per seed in ``seeds`` (a count or a list; none by default),
-    as :func:`rhlens.niah.sweep_masks` draws them.
-    ``mode`` is how the heads of pairs and scores are knocked out. Masks act only while
-    answering (``phase="decode"``), as in the paper.
-    """
-    if isinstance(masks, RetrievalScores):
-        if k is None or isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ConfigError(f"masks from retrieval scores need k >= 1 (the top-K heads), got {k!r}")
-        from rhlens.niah import sweep_masks
-
-        # sweep_masks always draws random controls: with no seeds keep none and top-K only.
-        out = sweep_masks(masks, ks=[k], seeds=seeds or 1, mode=mode)
-        if not seeds:
-            out = [m for m in out if not m.label.startswith("random-")]
-    else:
-        if k is not None:
-            raise ConfigError("k picks the top-K heads of RetrievalScores; pass the scores as masks")
-        items = [] if masks is None else [masks] if isinstance(masks, Mask) else list(masks)
-        if items and all(isinstance(m, Mask) for m in items):
-            out = items
-        elif items and not any(isinstance(m, Mask) for m in items):
-            out = [Mask(tuple(_pair(h) for h in items), mode, label=f"heads-{len(items)}")]
-        elif items:
-            raise ConfigError("masks: give Mask objects or (layer, head) pairs, not a mix")
-        else:
-            out = []
-    if not any(m.label == "none" for m in out):
-        out = [Mask.none(), *out]
-    labels = [m.label for m in out]
-    if len(set(labels)) != len(labels):
-        raise ConfigError(f"mask labels must be unique, got {labels}")
-    if any(m.phase == "all" and m.heads for m in out):
-        raise ConfigError("CoT masks act while answering (phase='decode'), as in the paper")
-    return out
-
-
-def _pair(head: Any) -> tuple[int, int]:
-    try:
-        layer, h = head
-        return int(layer), int(h)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"heads are (layer, head) pairs, got {head!r}") from exc
-
-
 # -------------------------------------------------------------------------------- the run
 def _fingerprint(task: Task) -> str:
     """What a resumed log must match: every item's prompts and gold answer."""

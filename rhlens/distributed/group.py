@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from rhlens.errors import ConfigError, RhlensError
-from rhlens.io import lock_output
+from rhlens.store.logs import lock_output
 
 __all__ = ["Group", "current_group", "is_main", "lock_launch", "on_main", "rank_device",
            "rank_max_memory", "shutdown"]

@@ -14,8 +14,8 @@ from typing import Any
 from rhlens.distributed.group import Group, current_group, on_main
 from rhlens.distributed.plan import Shard, Unit, plan_units, schedule
 from rhlens.errors import ConfigError
-from rhlens.identity import RunHeader
-from rhlens.io import (
+from rhlens.store.identity import RunHeader
+from rhlens.store.logs import (
     ProbeLog,
     Records,
     ShardLog,

@@ -55,7 +55,6 @@ from rhlens.engine.kv import KVPool as _KVPool  # noqa: F401
 from rhlens.engine.kv import plain_cache_layers as _plain_cache_layers  # noqa: F401
 from rhlens.engine.kv import release_buffers
 from rhlens.engine.lean import LeanDecoder as _LeanDecoder  # noqa: F401
-from rhlens.engine.lean import decode_step as _decode_step  # noqa: F401
 from rhlens.engine.lean import lean_ok as _lean_ok  # noqa: F401
 from rhlens.engine.native import (  # noqa: F401
     DEFAULT_PREFILL_CHUNK,
@@ -70,11 +69,14 @@ from rhlens.engine.policy import KernelPolicy
 from rhlens.engine.runner import (
     Generation,
     GenerationConfig,
-    _Runner,  # noqa: F401
     chat_prompt,
     generate,
     generate_many,
 )
+from rhlens.engine.runner import (
+    Runner as _Runner,  # noqa: F401
+)
+from rhlens.engine.runner import decode_step as _decode_step  # noqa: F401
 
 # The underscored names: private, kept importable from here for benchmarks and tests.
 __all__ = [

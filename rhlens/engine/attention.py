@@ -21,7 +21,6 @@ from torch import Tensor
 
 from rhlens.engine.bridge import linear_weights
 from rhlens.engine.hooks import EngineHook, engine_hooks
-from rhlens.engine.policy import KernelPolicy
 
 __all__ = ["LeanAttention"]
 
@@ -143,7 +142,8 @@ class LeanAttention:
     bridge does, for bit-for-bit agreement at any precision, at the cost of that copy.
     """
 
-    def __init__(self, bridge: torch.nn.Module, policy: KernelPolicy) -> None:
+    # KernelPolicy (rhlens.engine.policy) is named, not imported: the policy imports the steps.
+    def __init__(self, bridge: torch.nn.Module, policy: KernelPolicy) -> None:  # noqa: F821
         module = bridge.original_component
         self.bridge, self.policy = bridge, policy
         self.groups = int(getattr(module, "num_key_value_groups", 1))

@@ -43,7 +43,6 @@ from rhlens.engine.attention import LeanAttention, split_av
 from rhlens.engine.bridge import attention_shape, hf_model, layer_devices, linear_weights, native
 from rhlens.engine.hooks import EngineHook, HeadEditSpec, TopKeySpec, engine_hooks
 from rhlens.engine.lean import lean_ok
-from rhlens.engine.policy import KernelPolicy
 
 __all__ = ["SYNC_EVERY", "CapturedDecoder", "captured_decoder", "captured_ok", "decode_path"]
 
@@ -221,7 +220,8 @@ class CapturedDecoder:
     head attends over): :class:`rhlens.compress.packed.PackedDecoder`.
     """
 
-    def __init__(self, model, policy: KernelPolicy) -> None:
+    # KernelPolicy (rhlens.engine.policy) is named, not imported: the policy imports the steps.
+    def __init__(self, model, policy: KernelPolicy) -> None:  # noqa: F821
         hf = hf_model(model)
         inner = hf.model
         self.policy = policy  # no reference to the model: the cache below is keyed by it, weakly
@@ -536,7 +536,7 @@ def _weights(hf: torch.nn.Module) -> tuple[int, ...]:
     return tuple(p.data_ptr() for p in hf.parameters())
 
 
-def captured_decoder(model, policy: KernelPolicy) -> CapturedDecoder:
+def captured_decoder(model, policy: KernelPolicy) -> CapturedDecoder:  # noqa: F821
     """The model's :class:`CapturedDecoder` for ``policy`` (a resolved policy), kept with the
     model so that its graphs serve later runs on buffers at the same addresses; made anew
     when the weights moved."""

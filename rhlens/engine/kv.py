@@ -16,7 +16,8 @@ from collections.abc import Hashable, Sequence
 import torch
 from torch import Tensor
 
-from rhlens.engine.bridge import attention_shape, layer_devices, new_cache, text_config
+from rhlens.engine.bridge import attention_shape, hf_model, layer_devices, new_cache, text_config
+from rhlens.engine.captured import _DECODERS
 from rhlens.engine.native import prefill
 from rhlens.errors import ConfigError
 
@@ -326,9 +327,6 @@ def done_with(hf: torch.nn.Module, pool: KVPool) -> None:
 def release_buffers(model) -> None:
     """Free what the engine keeps on a model's GPU between runs (``model``: a bridge): its KV
     pool and the captured decode step's graphs (the next run allocates and captures anew)."""
-    from rhlens.engine.bridge import hf_model
-    from rhlens.engine.captured import _DECODERS
-
     hf = hf_model(model)
     _KEPT.pop(hf, None)
     _DECODERS.pop(hf, None)

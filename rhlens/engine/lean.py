@@ -28,9 +28,8 @@ from torch import Tensor
 from rhlens.engine.attention import LeanAttention, pad_rows, row_linear, slab_linear
 from rhlens.engine.bridge import hf_model, layer_devices, linear_weights, native
 from rhlens.engine.hooks import has_torch_hooks, internal_handles
-from rhlens.engine.policy import KernelPolicy
 
-__all__ = ["LeanDecoder", "decode_step", "lean_ok", "plain_forward", "resident_hooks"]
+__all__ = ["DecodeStep", "LeanDecoder", "lean_ok", "plain_forward", "resident_hooks"]
 
 DecodeStep = Callable[[Tensor, Any, int], Tensor]
 
@@ -53,8 +52,10 @@ class LeanDecoder:
     :class:`rhlens.compress.packed.PackedAttention`).
     """
 
-    def __init__(self, model, policy: KernelPolicy,
-                 attention: Callable[[torch.nn.Module, KernelPolicy], LeanAttention] = LeanAttention) -> None:
+    # KernelPolicy (rhlens.engine.policy) is named, not imported: the policy imports the steps.
+    def __init__(self, model, policy: KernelPolicy,  # noqa: F821
+                 attention: Callable[[torch.nn.Module, KernelPolicy], LeanAttention] = LeanAttention  # noqa: F821
+                 ) -> None:
         hf = hf_model(model)
         inner = hf.model
         self.policy = policy
@@ -193,21 +194,3 @@ def lean_ok(model) -> bool:
         elif has_torch_hooks(module, internal) or not resident_hooks(module):
             return False
     return True
-
-
-def decode_step(model, lean: bool, policy: KernelPolicy | None = None) -> DecodeStep:
-    """``step(input_ids [batch, 1], cache, position) -> logits [batch, 1, vocab]``.
-
-    The lean step when ``lean`` and :func:`lean_ok`, computing its products as ``policy``
-    says (``None``: the device's defaults); else the bridge's own forward.
-    """
-    hf = hf_model(model)
-    if lean and lean_ok(model):
-        if policy is None or not policy.resolved:
-            policy = (policy or KernelPolicy()).resolve(next(hf.parameters()).device, model)
-        return LeanDecoder(model, policy)
-
-    def step(input_ids: Tensor, cache, position: int) -> Tensor:
-        return hf(input_ids=input_ids, past_key_values=cache, use_cache=True).logits
-
-    return step

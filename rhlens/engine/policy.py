@@ -37,8 +37,9 @@ from typing import Literal
 import torch
 
 from rhlens.engine.bridge import attention_shape, hf_model
+from rhlens.engine.captured import decode_path
 from rhlens.errors import ConfigError
-from rhlens.results import Config
+from rhlens.store.results import Config
 
 __all__ = ["KernelPolicy"]
 
@@ -159,8 +160,6 @@ class KernelPolicy(Config):
             dtype = next(hf.parameters()).dtype
             if not _sdpa_runs(torch.device(device), dtype, n_heads, n_kv, head_dim):
                 av = "mm"
-        from rhlens.engine.captured import decode_path
-
         policy = dataclasses.replace(
             self, rows=self.rows or ("slab" if cuda else "row"), av=av,
             keys_first=cuda if self.keys_first is None else self.keys_first,

@@ -25,16 +25,17 @@ from rhlens.engine.bridge import hf_model, input_device, new_cache
 from rhlens.engine.captured import SYNC_EVERY, captured_decoder, decode_path
 from rhlens.engine.hooks import HookPair, StepState, phase
 from rhlens.engine.kv import done_with, kept_pool, plain_cache_layers
-from rhlens.engine.lean import decode_step
+from rhlens.engine.lean import DecodeStep, LeanDecoder, lean_ok
 from rhlens.engine.native import DEFAULT_PREFILL_CHUNK, default_prefill_chunk, prefill
 from rhlens.engine.policy import KernelPolicy
 from rhlens.errors import ConfigError
-from rhlens.results import Config
+from rhlens.store.results import Config
 
-__all__ = ["Generation", "GenerationConfig", "chat_prompt", "generate", "generate_many"]
+__all__ = ["Generation", "GenerationConfig", "Runner", "as_ids", "chat_prompt", "check_count", "decode_step",
+           "generate", "generate_many"]
 
 
-def _count(name: str, value: Any, low: int) -> None:
+def check_count(name: str, value: Any, low: int) -> None:
     try:
         ok = not isinstance(value, bool) and operator.index(value) >= low
     except TypeError:
@@ -79,10 +80,10 @@ class GenerationConfig(Config):
     policy: KernelPolicy | Literal["auto"] | None = None
 
     def __post_init__(self) -> None:
-        _count("max_new_tokens", self.max_new_tokens, 1)
+        check_count("max_new_tokens", self.max_new_tokens, 1)
         if self.prefill_chunk is not None:
-            _count("prefill_chunk (tokens, or None)", self.prefill_chunk, 1)
-        _count("batch_size", self.batch_size, 1)
+            check_count("prefill_chunk (tokens, or None)", self.prefill_chunk, 1)
+        check_count("batch_size", self.batch_size, 1)
         for name in ("stop_at_newline", "stop_at_eos", "reuse_prefix", "lean_decode"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -172,7 +173,7 @@ class _Stops:
         return [(o, s or "length") for o, s in zip(self.outs, self.stops)]
 
 
-class _Runner:
+class Runner:
     """Prefills and decodes batches of equal-length prompts for :func:`generate_many`."""
 
     def __init__(self, model, tokenizer, config: GenerationConfig, state: StepState) -> None:
@@ -359,7 +360,7 @@ def generate_many(model, tokenizer, prompts: Iterable[Sequence[int] | Tensor], *
     """
     config = config or GenerationConfig()
     state = state or StepState()
-    runner = _Runner(model, tokenizer, config, state)
+    runner = Runner(model, tokenizer, config, state)
     hook_list = list(hooks)
 
     def run(items, extra: Sequence[HookPair] = ()) -> list[Generation]:
@@ -380,7 +381,7 @@ def _generate_all(runner, run, prompts, config, item_hooks, prefill_keys) -> Ite
     batch: list[tuple[int, tuple[int, ...], Hashable]] = []
     limit = 1
     for i, prompt in enumerate(prompts):
-        ids = _as_ids(prompt)
+        ids = as_ids(prompt)
         key = prefill_keys[i] if prefill_keys is not None else None
         if item_hooks is not None:
             yield from run([(i, ids, key)], list(item_hooks(i)))
@@ -398,7 +399,7 @@ def _generate_all(runner, run, prompts, config, item_hooks, prefill_keys) -> Ite
         yield from run(batch)
 
 
-def _as_ids(prompt: Sequence[int] | Int[Tensor, " seq"]) -> tuple[int, ...]:
+def as_ids(prompt: Sequence[int] | Int[Tensor, " seq"]) -> tuple[int, ...]:
     if isinstance(prompt, Tensor):
         if prompt.ndim != 1:
             raise ConfigError(f"a prompt must be a 1-D tensor of token ids, got {tuple(prompt.shape)}")
@@ -417,3 +418,24 @@ def chat_prompt(tokenizer, user: str, *, chat_template: bool = True) -> list[int
                                                   add_generation_prompt=True, tokenize=True,
                                                   return_dict=False))
     return list(tokenizer(user)["input_ids"])
+
+
+def decode_step(model, lean: bool, policy: KernelPolicy | None = None) -> DecodeStep:
+    """The decode step of a run: ``step(input_ids [batch, 1], cache, position) -> logits [batch, 1, vocab]``.
+
+    The lean step when ``lean`` and :func:`lean_ok`, computing its products as ``policy``
+    says (``None``: the device's defaults); else the bridge's own forward.
+    """
+    hf = hf_model(model)
+    if lean and lean_ok(model):
+        if policy is None or not policy.resolved:
+            policy = (policy or KernelPolicy()).resolve(next(hf.parameters()).device, model)
+        return LeanDecoder(model, policy)
+
+    def step(input_ids: Tensor, cache, position: int) -> Tensor:
+        return hf(input_ids=input_ids, past_key_values=cache, use_cache=True).logits
+
+    return step
+
+
+_Runner = Runner  # the older private name (benchmarks/bench_speed.py patches its methods)

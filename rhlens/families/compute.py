@@ -32,11 +32,11 @@ from rhlens.families.detectors import detector_scores, repeated_sequences
 from rhlens.families.forced import forced_scores, probe_span, question_span
 from rhlens.families.recorder import AnswerRecorder
 from rhlens.families.result import FamiliesConfig, FamilyScores, FamilySet
-from rhlens.identity import run_header
-from rhlens.io import ProbeLog, Records
-from rhlens.probe import Probe
-from rhlens.retrieval import DetectConfig, _model_shape, check_probes, copy_scores
+from rhlens.probes.probe import Probe
+from rhlens.retrieval import DetectConfig, bridge_shape, check_probes, copy_scores
 from rhlens.stats import rouge1_recall
+from rhlens.store.identity import run_header
+from rhlens.store.logs import ProbeLog, Records
 
 __all__ = ["FAMILIES_LOG", "layer_types", "needle_mass_scores", "score_families"]
 
@@ -80,7 +80,7 @@ def score_families(model, probes: Sequence[Probe], *, config: FamiliesConfig | N
     if tokenizer is None:
         raise ConfigError("pass the tokenizer: the model has none attached")
     probes = list(getattr(probes, "probes", probes))
-    n_layers, n_heads, n_kv, n_ctx = _model_shape(model)
+    n_layers, n_heads, n_kv, n_ctx = bridge_shape(model)
     name = getattr(model, "rhlens_name", None) or str(getattr(model.cfg, "model_name", "model"))
     results: list[FamilyScores] = []
     if config.probe_families:
@@ -153,7 +153,7 @@ def _probe_records(model, tokenizer, probes: list[Probe], config: FamiliesConfig
         sink.close()
         return sink.done
 
-    n_layers, n_heads, _, _ = _model_shape(model)
+    n_layers, n_heads, _, _ = bridge_shape(model)
     device = next(model.parameters()).device
     state = StepState()
     recorder = AnswerRecorder(n_layers, n_heads, detect.max_new_tokens, state, device,

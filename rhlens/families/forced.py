@@ -27,8 +27,8 @@ from torch import Tensor
 
 from rhlens.errors import ConfigError, ProbeError
 from rhlens.families.recorder import span_mass
-from rhlens.probe import Probe
-from rhlens.retrieval import _pattern_layers, cache_answer_patterns, copy_scores
+from rhlens.probes.probe import Probe
+from rhlens.retrieval import cache_answer_patterns, copy_scores, pattern_layers
 
 __all__ = ["Span", "forced_scores", "needle_sentence_span", "probe_query_scores", "probe_span",
            "question_span", "row_patterns"]
@@ -103,7 +103,7 @@ def row_patterns(model, tokens: Sequence[int], rows: tuple[int, int], *,
     seq = [*tokens[:r1], int(tokens[-1])]
     cache = cache_answer_patterns(model, seq, answer_start=r0 + 1, prefill_chunk=prefill_chunk)
     out = []
-    for name in _pattern_layers(cache):
+    for name in pattern_layers(cache):
         pattern = cache[name][0]  # [head, row, key]; keys end at the last row
         out.append((pattern, r1 - pattern.shape[-1]))
     return out

@@ -31,13 +31,13 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from rhlens.ablation import Mask, random_heads
 from rhlens.errors import ConfigError
-from rhlens.niah import NIAHConfig, NIAHResult, _k_list, _seed_list, niah_sweep
-from rhlens.probe import Probe
-from rhlens.results import Result
-from rhlens.scores import RetrievalScores
-from rhlens.stats import bootstrap_means, percentile_interval, top_k_heads
+from rhlens.masks import Mask, k_list, seed_list
+from rhlens.niah import NIAHConfig, NIAHResult, niah_sweep
+from rhlens.probes.probe import Probe
+from rhlens.retrieval.scores import RetrievalScores
+from rhlens.stats import bootstrap_means, percentile_interval, random_heads, top_k_heads
+from rhlens.store.results import Result
 
 __all__ = ["DEFAULT_KS", "DamageResult", "curve_auc", "damage_masks", "damage_sweep", "k_to_halve"]
 
@@ -104,8 +104,8 @@ def damage_masks(rankings: Mapping[str, RetrievalScores | Tensor], grid: tuple[i
     A mask is labelled by the first label that names its heads.
     """
     n_layers, n_heads = grid
-    k_list = [k for k in _k_list(list(ks), n_layers * n_heads) if k > 0]
-    seed_list = _seed_list(seeds)
+    ks_ = [k for k in k_list(list(ks), n_layers * n_heads) if k > 0]
+    seeds_ = seed_list(seeds)
     if not rankings:
         raise ConfigError("no ranking to judge")
     for name in rankings:
@@ -118,10 +118,10 @@ def damage_masks(rankings: Mapping[str, RetrievalScores | Tensor], grid: tuple[i
         if tuple(g.shape) != (n_layers, n_heads):
             raise ConfigError(f"ranking {name!r} covers {tuple(g.shape)} heads, the model "
                               f"{n_layers}x{n_heads}")
-        for k in k_list:
+        for k in ks_:
             heads[f"{name}:top-{k}"] = sorted([la, h] for la, h in top_k_heads(g, k))
-    for k in k_list:
-        for s in seed_list:
+    for k in ks_:
+        for s in seeds_:
             heads[f"{RANDOM}-{k}-s{s}"] = [list(x) for x in random_heads(n_layers, n_heads, k, seed=s)]
     masks: dict[tuple, Mask] = {}
     for label, hs in heads.items():
@@ -244,5 +244,5 @@ def damage_sweep(model, probes: Sequence[Probe], rankings: Mapping[str, Retrieva
     niah = niah_sweep(model, probes, masks=masks, config=config, tokenizer=tokenizer, out=out,
                       progress=progress)
     return DamageResult(niah=niah, heads=heads, rankings=list(rankings),
-                        ks=[k for k in sorted(set(ks)) if k > 0], seeds=_seed_list(seeds),
+                        ks=[k for k in sorted(set(ks)) if k > 0], seeds=seed_list(seeds),
                         needle_set=needle_set)

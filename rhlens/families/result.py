@@ -7,7 +7,7 @@ and load. So anything that takes retrieval scores (``mask_sweep``, ``cot_ablatio
 ``patching_vs_retrieval``, ``--scores`` of the CLI) takes any family's, and a report or a
 notebook tells them apart by ``family``. Subclassing rather than tagging plain
 ``RetrievalScores``: a run folder's detection scores stay the only ``RetrievalScores`` in
-it (:func:`rhlens.runs.read_run` finds results by kind), and a family's scores cannot be
+it (:func:`rhlens.store.runs.read_run` finds results by kind), and a family's scores cannot be
 mistaken for the paper's when loaded back.
 """
 
@@ -21,10 +21,10 @@ import torch
 from torch import Tensor
 
 from rhlens.errors import ConfigError
-from rhlens.results import Config, Result
 from rhlens.retrieval import DetectConfig
-from rhlens.scores import RetrievalScores
+from rhlens.retrieval.scores import RetrievalScores
 from rhlens.stats import Head, spearman, top_k_heads
+from rhlens.store.results import Config, Result
 
 __all__ = [
     "DETECTOR_FAMILIES",

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from rhlens.errors import ConfigError
 from rhlens.patching.pairs import PatchPair
-from rhlens.results import Config
+from rhlens.store.results import Config
 
 __all__ = ["ACTIVATIONS", "PatchConfig", "activation_atoms"]
 

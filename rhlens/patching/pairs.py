@@ -23,16 +23,16 @@ import torch
 
 from rhlens.engine import generate, hf_model, native_attention
 from rhlens.errors import ConfigError, ProbeError
-from rhlens.probe import Probe
 from rhlens.probes import (
     BUILTIN_NEEDLES,
     Haystack,
     Needle,
     ProbeConfig,
     ProbeSet,
-    _needle_tokens,
     build_probes,
+    needle_tokens,
 )
+from rhlens.probes.probe import Probe
 
 __all__ = ["ALTERNATIVE_ANSWERS", "PatchPair", "make_pair", "make_pairs"]
 
@@ -263,7 +263,7 @@ def _swap_needle(tokenizer, probe: Probe, needle: Needle | None,
         if alt == real:
             continue
         if whole_sentence and real in sentence:
-            ids, (b0, b1) = _needle_tokens(tokenizer, Needle(sentence.replace(real, alt, 1),
+            ids, (b0, b1) = needle_tokens(tokenizer, Needle(sentence.replace(real, alt, 1),
                                                              "?", alt, probe.needle_id))
             ok = len(ids) == r1 - r0 and (b0, b1) == (s0 - r0, s1 - r0)
             new_answer = ids[b0:b1] if ok else []

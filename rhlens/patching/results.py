@@ -21,9 +21,9 @@ from torch import Tensor
 
 from rhlens.errors import ConfigError
 from rhlens.patching.config import PatchConfig, kv_indexed
-from rhlens.results import Result, ResultError, read_json
-from rhlens.scores import RetrievalScores
+from rhlens.retrieval.scores import RetrievalScores
 from rhlens.stats import pearson, rank_heads, spearman
+from rhlens.store.results import Result, ResultError, read_json
 
 __all__ = ["HeadPatchingResult", "PatchingVsRetrieval", "compare_patching", "patching_vs_retrieval"]
 

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from rhlens.scores import RetrievalScores
+from rhlens.retrieval.scores import RetrievalScores
 
 __all__ = ["niah_grid", "plot_niah_heatmap", "plot_niah_heatmaps", "plot_score_distribution"]
 

@@ -26,7 +26,7 @@ from rhlens.properties import (
     UniversalTable,
     top_k_heads,
 )
-from rhlens.scores import RetrievalScores
+from rhlens.retrieval.scores import RetrievalScores
 
 __all__ = [
     "plot_dynamic",

@@ -41,8 +41,8 @@ from rhlens.properties.paper import (
     universal,
 )
 from rhlens.properties.resampling import StabilityResult, stability
-from rhlens.results import Config, Result
-from rhlens.scores import RetrievalScores
+from rhlens.retrieval.scores import RetrievalScores
+from rhlens.store.results import Config, Result
 
 __all__ = [
     "RETRIEVAL_THRESHOLD",

@@ -13,8 +13,8 @@ from torch import Tensor
 
 from rhlens import stats
 from rhlens.errors import ConfigError
-from rhlens.results import Result, ResultError
-from rhlens.scores import Head, RetrievalScores
+from rhlens.retrieval.scores import Head, RetrievalScores
+from rhlens.store.results import Result, ResultError
 
 RETRIEVAL_THRESHOLD = 0.1  # the paper's cut between retrieval heads and the rest
 

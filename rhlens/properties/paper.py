@@ -25,9 +25,10 @@ from rhlens.properties.common import (
     heads_in_order,
     successful,
 )
-from rhlens.results import Config, Result, ResultError
-from rhlens.scores import Head, RetrievalScores
+from rhlens.retrieval.scores import Head, RetrievalScores
 from rhlens.stats import top_k_heads
+from rhlens.store.results import Config, Result, ResultError
+from rhlens.store.runs import load_single_file
 
 __all__ = [
     "DynamicResult",
@@ -187,8 +188,6 @@ class UniversalTable(Result):
     @classmethod
     def load(cls, directory: str | Path) -> UniversalTable:
         """A saved table; also the ``universal.json`` of older rhlens versions (schema 0)."""
-        from rhlens.runs import load_single_file
-
         return load_single_file(cls, directory, "universal.json") or super().load(directory)
 
     @classmethod

@@ -24,9 +24,9 @@ from rhlens.properties.common import (
     check_threshold,
     successful,
 )
-from rhlens.results import Result
-from rhlens.scores import Head, RetrievalScores
+from rhlens.retrieval.scores import Head, RetrievalScores
 from rhlens.stats import top_k_heads
+from rhlens.store.results import Result
 
 __all__ = ["StabilityResult", "stability"]
 

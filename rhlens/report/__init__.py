@@ -10,7 +10,7 @@ one file answers "which heads, how sure, and what breaks without them". The HTML
 (figures in ``<name>_files/``) diffs well and renders on GitHub.
 
 The report renders saved results only: it loads no model and reruns no analysis of a run
-(:mod:`rhlens.runs` finds what a folder holds). Where an older folder lacks a result the
+(:func:`rhlens.store.runs.read_run` finds what a folder holds). Where an older folder lacks a result the
 report would show, a note says so and how to produce it. Only the cross-run comparisons
 (universal, intrinsic), which no single run holds, are computed here, with the paper's
 definitions.

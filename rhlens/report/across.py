@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rhlens.report.document import Section, Table, Text
 from rhlens.report.format import head_name, image, num
-from rhlens.scores import RetrievalScores
+from rhlens.retrieval.scores import RetrievalScores
 
 __all__ = ["across_section"]
 

@@ -15,8 +15,8 @@ from rhlens.report.document import Report, Section, Text
 from rhlens.report.families import families_section
 from rhlens.report.niah import niah_section, sweep_section
 from rhlens.report.patching import patching_section
-from rhlens.runs import RunContents, find_scores, read_run
-from rhlens.scores import RetrievalScores
+from rhlens.retrieval.scores import RetrievalScores
+from rhlens.store.runs import RunContents, read_run
 
 __all__ = ["build_report"]
 
@@ -24,7 +24,7 @@ __all__ = ["build_report"]
 def _official_sets(sources: Sequence[str | Path]) -> list[tuple[RetrievalScores, str]]:
     """Paper-format score files; a folder of them stands for every ``*.json`` in it (a run
     folder, or saved scores, for its scores)."""
-    from rhlens.official import load_official
+    from rhlens.retrieval.official import load_official
 
     out: list[tuple[RetrievalScores, str]] = []
     for source in sources:
@@ -33,7 +33,7 @@ def _official_sets(sources: Sequence[str | Path]) -> list[tuple[RetrievalScores,
             out.append((load_official(source), str(source)))
             continue
         try:
-            out.append((find_scores(source), str(source)))
+            out.append((RetrievalScores.from_any(source), str(source)))
         except ConfigError:  # no run, no saved scores: a folder of paper files
             out += [(scores, str(source / f"{name}.json"))
                     for name, scores in load_official(source).items()]

@@ -7,8 +7,8 @@ from typing import Any
 
 from rhlens.report.document import Section, Table, Text
 from rhlens.report.format import clip, head_list, head_name, image, num, setting
-from rhlens.runs import RunContents
-from rhlens.scores import RetrievalScores
+from rhlens.retrieval.scores import RetrievalScores
+from rhlens.store.runs import RunContents
 
 __all__ = ["detection_section", "has_niah_records"]
 
@@ -47,7 +47,7 @@ def _missing(run: RunContents, names: Sequence[str]) -> Text:
     return Text(
         f"This run folder holds no saved {listed} result (it was written before rhlens saved "
         "the properties with the scores, or from a paper-format file). Nothing is recomputed "
-        f"here with other settings; to add them, run rhlens.runs.save_properties({str(run.path)!r}) "
+        f"here with other settings; to add them, run rhlens.report.runs.save_properties({str(run.path)!r}) "
         "(or rerun the same rhlens detect command: every probe is done, so it only rewrites "
         "the outputs) and build the report again.", "note")
 

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import quote
 
-from rhlens.results import atomic_write_text
+from rhlens.store.results import atomic_write_text
+from rhlens.version import __version__
 
 __all__ = ["Block", "Image", "Report", "Section", "Table", "Text"]
 
@@ -118,8 +119,6 @@ class Report:
 
     def to_html(self, path: str | Path) -> Path:
         """Write one self-contained HTML file (figures inline as base64 PNG, no links out)."""
-        from rhlens import __version__
-
         path = Path(path)
         sources = "".join(f"<li><code>{html.escape(s)}</code></li>" for s in self.sources)
         doc = "\n".join([

@@ -7,7 +7,7 @@ from typing import Any
 
 from rhlens.report.document import Section, Table, Text
 from rhlens.report.format import clip, head_name, image, num, setting
-from rhlens.runs import RunContents
+from rhlens.store.runs import RunContents
 
 __all__ = ["patching_section"]
 

@@ -5,7 +5,7 @@ JSON file per model, ``{"<layer>-<head>": [score on each successful probe]}``. W
 the paper's properties (sparse, universal, intrinsic, dynamic) can be checked on the
 authors' own numbers, for models far larger than a laptop runs::
 
-    from rhlens.official import fetch_official_scores, load_official
+    from rhlens.retrieval.official import fetch_official_scores, load_official
     fetch_official_scores("data/official")            # needs network access, once
     scores = load_official("data/official")            # {model name: RetrievalScores}
 
@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from rhlens.errors import ConfigError, RhlensError
-from rhlens.results import atomic_write_text
-from rhlens.scores import RetrievalScores
+from rhlens.retrieval.scores import RetrievalScores
+from rhlens.store.results import atomic_write_text
 
 __all__ = [
     "OFFICIAL_MODELS",

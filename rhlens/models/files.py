@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rhlens.errors import ModelLoadError
+from rhlens.models.packaged import PACKAGED_MODELS
 
 __all__ = ["cache_dir", "file_sha256", "folder_weights_sha256", "hub_check", "is_offline",
            "read_gguf_header"]
@@ -56,7 +57,7 @@ def file_sha256(path: str | Path) -> str:
     digest = h.hexdigest()
     memo[str(path)] = {"stamp": stamp, "sha256": digest}
     try:
-        from rhlens.results import atomic_write_text
+        from rhlens.store.results import atomic_write_text
 
         atomic_write_text(memo_path, json.dumps(memo, indent=0))
     except OSError:  # a read-only cache only costs the hash again next time
@@ -211,8 +212,6 @@ def hub_check(name: str, offline: bool) -> None:
 
 
 def unknown_model(name: str, why: str) -> str:
-    from rhlens.models import PACKAGED_MODELS
-
     return (f"cannot load {name!r}: it is neither one of rhlens' packaged models "
             f"({', '.join(sorted(PACKAGED_MODELS))}) nor an existing local folder or .gguf file, "
             f"and {why}")

@@ -23,46 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from rhlens.errors import ConfigError
-from rhlens.identity import RunHeader, diff_identity, merge_identity
+from rhlens.store.files import atomic_write_text, read_jsonl, write_json
+from rhlens.store.identity import RunHeader, diff_identity, merge_identity
+from rhlens.store.layout import LOCK_FILE, PROBES_LOG, SHARDS, run_json_of
 
 __all__ = ["ProbeLog", "Records", "ShardLog", "check_resume", "header_path", "holds_output", "lock_output",
            "merge_logs", "open_header", "prepare_output", "read_done", "read_jsonl", "read_run_json",
            "shard_dir", "shard_files", "unlock_output", "write_json"]
 
-LOCK_FILE = ".rhlens.lock"
-SHARDS = "shards"  # the folder of a run's shard logs: shards/<launch>/r<rank>/<log>
-
-
-def write_json(path: str | Path, obj: Any) -> Path:
-    from rhlens.results import atomic_write_text  # here: it brings torch, a lock check need not
-
-    path = Path(path)
-    atomic_write_text(path, json.dumps(obj, indent=1, default=str))
-    return path
-
-
-def read_jsonl(path: str | Path, *, strict: bool = False) -> list[dict[str, Any]]:
-    """Records of a JSONL file; a last line cut by a crash is skipped.
-
-    ``strict``: a damaged line before the last (which no crash can make) raises ConfigError.
-    """
-    out = []
-    lines = Path(path).read_bytes().split(b"\n")
-    while lines and not lines[-1].strip():
-        lines.pop()
-    for i, line in enumerate(lines, start=1):
-        try:
-            rec = json.loads(line.decode("utf-8"))
-            if not isinstance(rec, dict):
-                raise ValueError("not a JSON object")
-        except ValueError as exc:
-            if strict and i < len(lines):
-                raise ConfigError(f"{path}, line {i} is damaged ({exc}); the run cannot be "
-                                  "resumed: delete that line or choose another output "
-                                  "directory") from None
-            continue
-        out.append(rec)
-    return out
 
 
 # ---- the output folder ---------------------------------------------------------------------
@@ -139,17 +107,17 @@ def read_run_json(path: str | Path) -> dict[str, Any]:
 
 
 # ---- the log -------------------------------------------------------------------------------
-def header_path(out: str | Path, name: str = "probes.jsonl") -> Path:
+def header_path(out: str | Path, name: str = PROBES_LOG) -> Path:
     """The header file of the log ``name`` in ``out``: ``run.json`` for ``probes.jsonl``,
     ``<stem>.run.json`` beside any other log."""
     out = Path(out)
-    return out / "run.json" if name == "probes.jsonl" else out / name.replace(".jsonl", ".run.json")
+    return out / run_json_of(name)
 
 
 _header_path = header_path  # the older private name
 
 
-def check_resume(out: str | Path, header: RunHeader, name: str = "probes.jsonl", *,
+def check_resume(out: str | Path, header: RunHeader, name: str = PROBES_LOG, *,
                  only: tuple[str, ...] | None = None,
                  ignore: tuple[str, ...] = ()) -> dict[str, Any] | None:
     """The header of the run already in ``out`` (``None`` if there is none), once checked.
@@ -183,7 +151,7 @@ def check_resume(out: str | Path, header: RunHeader, name: str = "probes.jsonl",
 
 
 def open_header(out: str | Path, header: RunHeader | Mapping[str, Any],
-                name: str = "probes.jsonl") -> dict[str, Any]:
+                name: str = PROBES_LOG) -> dict[str, Any]:
     """Check ``header`` against the run in ``out`` (:func:`check_resume`) and write it (a new
     run) or what it adds (probes added to the grid, how this session ran); returns the header
     file's content. The caller holds the folder (:func:`lock_output`)."""
@@ -217,8 +185,6 @@ def _records_by_key(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def _rewrite(path: Path, records) -> None:
-    from rhlens.results import atomic_write_text
-
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
@@ -263,7 +229,7 @@ class ProbeLog(ShardLog):
     """
 
     def __init__(self, out: str | Path, header: RunHeader | Mapping[str, Any],
-                 name: str = "probes.jsonl") -> None:
+                 name: str = PROBES_LOG) -> None:
         out = lock_output(out)
         open_header(out, header, name)
         super().__init__(out / name)
@@ -280,7 +246,7 @@ def shard_files(out: str | Path, name: str) -> list[Path]:
     return sorted((Path(out) / SHARDS).glob(f"*/r*/{name}"))
 
 
-def read_done(out: str | Path, name: str = "probes.jsonl") -> dict[str, dict[str, Any]]:
+def read_done(out: str | Path, name: str = PROBES_LOG) -> dict[str, dict[str, Any]]:
     """Every finished record of the log ``name`` in ``out``: the log's, then its shards' (a key
     found twice is one record: the first found)."""
     out = Path(out)
@@ -292,7 +258,7 @@ def read_done(out: str | Path, name: str = "probes.jsonl") -> dict[str, dict[str
     return done
 
 
-def merge_logs(out: str | Path, name: str = "probes.jsonl",
+def merge_logs(out: str | Path, name: str = PROBES_LOG,
                order: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
     """Fold every shard of the log ``name`` into ``out/name``; returns all its records.
 

@@ -13,10 +13,13 @@ beside it and never block a resume. :class:`rhlens.io.ProbeLog` writes the heade
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from rhlens.version import __version__
 
 __all__ = ["RunHeader", "diff_identity", "merge_identity", "model_identity", "run_header",
            "split_settings"]
@@ -38,8 +41,6 @@ class RunHeader:
     recorded: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        from rhlens import __version__
-
         return _plain({"identity": self.identity, "recorded": self.recorded,
                        "rhlens_version": __version__})
 
@@ -102,8 +103,6 @@ def run_header(model: Any = None, probes: Sequence[Any] | None = None, config: A
             policy (``kernel_policy=``, ``kernels=`` or ``policy=``, a dict) is split like a
             config's: ``expand_kv`` into the identity, the whole policy recorded.
     """
-    from rhlens.probes import probes_grid, probes_identity
-
     identity: dict[str, Any] = {}
     recorded: dict[str, Any] = {}
     if model is not None:
@@ -187,3 +186,44 @@ def merge_identity(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, 
             for key, value in source.items():
                 target.setdefault(key, value)
     return merged
+
+
+def sha256_text(text: str) -> str:
+    """SHA-256 of a string's UTF-8 bytes: the content hashes a run's identity is made of."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+
+def probes_identity(probes: Sequence[Any]) -> dict[str, Any]:
+    """What the probes (:class:`~rhlens.probes.Probe` objects) are made of, for a run's identity.
+
+    The haystack (source and content hash), the template and chat-template flag, and the
+    placement rule must be the same for every record of a run; ``needles`` (id -> content
+    hash) and ``prompts`` (probe key -> hash of its tokens and answer span, which catches
+    anything else) are *keyed*: a resume compares them only on the needles and probes both
+    runs have, so a grid may be extended or cut (see :func:`probes_grid`) but a probe never
+    changes under its key.
+    """
+    def distinct(key: str) -> Any:
+        values = sorted({json.dumps(p.meta.get(key), sort_keys=True) for p in probes})
+        values = [json.loads(v) for v in values]
+        return values[0] if len(values) == 1 else values
+
+    haystack = distinct("haystack")
+    if isinstance(haystack, str) and haystack.startswith("dir:"):
+        haystack = "dir"  # the folder may move; its content hash is what matters
+    return {
+        "haystack": haystack, "haystack_seed": distinct("seed"),
+        "haystack_sha256": distinct("haystack_sha256"),
+        "chat_template": distinct("chat_template"), "template_sha256": distinct("template_sha256"),
+        "placement": distinct("placement"),
+        "needles": {p.needle_id: p.meta.get("needle_sha256") for p in probes},
+        "prompts": {p.key: sha256_text(json.dumps([list(p.prompt_ids), list(p.needle_span),
+                                                   p.real_needle]))[:16] for p in probes},
+    }
+
+
+def probes_grid(probes: Sequence[Any]) -> dict[str, Any]:
+    """The grid the probes cover: recorded with a run, but no part of its identity."""
+    return {"lengths": sorted({p.length for p in probes}), "depths": sorted({p.depth for p in probes}),
+            "needles": sorted({p.needle_id for p in probes}), "n_probes": len(probes)}

@@ -18,9 +18,13 @@ from einops import reduce
 from jaxtyping import Bool, Float, UInt8
 from torch import Tensor
 
-from rhlens.errors import ConfigError
-from rhlens.results import Config, Result, ResultError, atomic_write_text
-from rhlens.stats import Head, bootstrap_means, heads_above, rank_heads, top_k_heads
+from rhlens.errors import ConfigError, ResultError
+from rhlens.retrieval.config import DetectConfig
+from rhlens.stats import Head, bootstrap_means, heads_above, random_heads, rank_heads, top_k_heads
+from rhlens.store.files import atomic_write_text, read_json
+from rhlens.store.layout import RunDir
+from rhlens.store.results import Config, Result
+from rhlens.store.runs import kind_of
 
 __all__ = ["Head", "RetrievalScores"]
 
@@ -57,8 +61,6 @@ class RetrievalScores(Result):
         if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
             raise ConfigError(f"{self.n_heads} heads cannot be split into {self.n_kv_heads} KV groups")
         if isinstance(self.config, dict):
-            from rhlens.retrieval import DetectConfig
-
             self.config = DetectConfig.from_settings(self.config)
 
     # ---- shape ---------------------------------------------------------------------------
@@ -126,8 +128,6 @@ class RetrievalScores(Result):
 
     def random_heads(self, k: int, seed: int = 0, exclude: list[Head] | None = None) -> list[Head]:
         """``k`` heads drawn uniformly from this model's real grid, never one in ``exclude``."""
-        from rhlens.ablation import random_heads
-
         return random_heads(self.n_layers, self.n_heads, k, seed=seed, exclude=exclude)
 
     def kv_aggregate(self, how: Literal["max", "mean"] = "max") -> Float[Tensor, "layer kv_head"]:
@@ -179,12 +179,6 @@ class RetrievalScores(Result):
         return head + ")"
 
     # ---- files ---------------------------------------------------------------------------
-    @classmethod
-    def _from_doc(cls, doc: dict[str, Any], directory: Path) -> RetrievalScores:
-        import rhlens.retrieval  # noqa: F401  (registers DetectConfig, the config saved here)
-
-        return super()._from_doc(doc, directory)
-
     @classmethod
     def upgrade(cls, doc: dict[str, Any], version: int, directory: Path) -> dict[str, Any]:
         """Schema 0: ``meta.json`` (model_name, n_kv_heads, probes, config as a dict) next
@@ -265,8 +259,22 @@ class RetrievalScores(Result):
 
     @classmethod
     def from_any(cls, source: str | Path) -> RetrievalScores:
-        """Saved scores, a run directory holding them (or only ``head_scores.json``), or a
-        paper-format JSON file (:func:`rhlens.runs.find_scores` says which is which)."""
-        from rhlens.runs import find_scores
-
-        return find_scores(source)
+        """Saved scores, a run directory holding them (``scores/``, else its
+        ``head_scores.json``), or a paper-format JSON file."""
+        source = Path(source)
+        if not source.exists():
+            raise FileNotFoundError(f"{source} does not exist")
+        if source.is_file():
+            return cls.from_paper_json(source)
+        run = RunDir(source)
+        for candidate in (source, run.scores):
+            if candidate.is_dir() and kind_of(candidate) == "RetrievalScores":
+                return cls.load(candidate)
+        if run.head_scores.is_file():
+            name = source.resolve().name
+            if run.summary.is_file():
+                summary = read_json(run.summary, "summary.json")
+                name = summary.get("model", name) if isinstance(summary, dict) else name
+            return cls.from_paper_json(run.head_scores, model_name=name)
+        raise ConfigError(f"{source} holds no retrieval scores (expected scores/ or "
+                          "head_scores.json of a detection run, or a paper-format JSON file)")

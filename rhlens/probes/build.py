@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rhlens.errors import ConfigError, ProbeError
-from rhlens.haystacks import (
+from rhlens.probes.haystacks import (
     DirectoryHaystack,
     Haystack,
     StdlibHaystack,
@@ -31,8 +31,9 @@ from rhlens.haystacks import (
     make_haystack,
     sha256_text,
 )
-from rhlens.probe import Probe
-from rhlens.results import Config
+from rhlens.probes.probe import Probe
+from rhlens.store.identity import probes_grid, probes_identity
+from rhlens.store.results import Config
 
 __all__ = [
     "BUILTIN_NEEDLES",
@@ -48,6 +49,7 @@ __all__ = [
     "check_placements",
     "load_needles",
     "make_haystack",
+    "needle_tokens",
     "probes_grid",
     "probes_identity",
     "sha256_text",
@@ -305,7 +307,7 @@ def _answer_chars(text: str, answer: str, offsets: Sequence[tuple[int, int]]) ->
     return c0, c0 + len(answer)
 
 
-def _needle_tokens(tokenizer, needle: Needle) -> tuple[list[int], tuple[int, int]]:
+def needle_tokens(tokenizer, needle: Needle) -> tuple[list[int], tuple[int, int]]:
     """The needle's tokens (with a leading space, as after a sentence) and the answer's span."""
     text = " " + needle.needle.strip()
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -337,7 +339,7 @@ def build_probe(tokenizer, haystack_ids: Sequence[int], needle: Needle, length: 
     """
     config = config or ProbeConfig()
     parts = _prompt_parts(tokenizer, config.template, needle.question, config.chat_template)
-    needle_ids, (a0, a1) = _needle_tokens(tokenizer, needle)
+    needle_ids, (a0, a1) = needle_tokens(tokenizer, needle)
     fixed = len(parts.prefix) + len(parts.suffix) + len(needle_ids)
     budget = length - config.answer_buffer - fixed
     if budget < config.min_haystack_tokens:
@@ -409,39 +411,7 @@ def check_placements(probes: Sequence[Probe], *, strict: bool = False) -> list[s
     return [message]
 
 
-def probes_identity(probes: Sequence[Probe]) -> dict[str, Any]:
-    """What the probes are made of, for a run's identity.
-
-    The haystack (source and content hash), the template and chat-template flag, and the
-    placement rule must be the same for every record of a run; ``needles`` (id -> content
-    hash) and ``prompts`` (probe key -> hash of its tokens and answer span, which catches
-    anything else) are *keyed*: a resume compares them only on the needles and probes both
-    runs have, so a grid may be extended or cut (see :func:`probes_grid`) but a probe never
-    changes under its key.
-    """
-    def distinct(key: str) -> Any:
-        values = sorted({json.dumps(p.meta.get(key), sort_keys=True) for p in probes})
-        values = [json.loads(v) for v in values]
-        return values[0] if len(values) == 1 else values
-
-    haystack = distinct("haystack")
-    if isinstance(haystack, str) and haystack.startswith("dir:"):
-        haystack = "dir"  # the folder may move; its content hash is what matters
-    return {
-        "haystack": haystack, "haystack_seed": distinct("seed"),
-        "haystack_sha256": distinct("haystack_sha256"),
-        "chat_template": distinct("chat_template"), "template_sha256": distinct("template_sha256"),
-        "placement": distinct("placement"),
-        "needles": {p.needle_id: p.meta.get("needle_sha256") for p in probes},
-        "prompts": {p.key: sha256_text(json.dumps([list(p.prompt_ids), list(p.needle_span),
-                                                   p.real_needle]))[:16] for p in probes},
-    }
-
-
-def probes_grid(probes: Sequence[Probe]) -> dict[str, Any]:
-    """The grid the probes cover: recorded with a run, but no part of its identity."""
-    return {"lengths": sorted({p.length for p in probes}), "depths": sorted({p.depth for p in probes}),
-            "needles": sorted({p.needle_id for p in probes}), "n_probes": len(probes)}
+_needle_tokens = needle_tokens  # the older private name
 
 
 def _haystack_ids(tokenizer, haystack: Haystack, n_tokens: int) -> list[int]:

@@ -24,13 +24,12 @@ protocol existed, when the class had its own format).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
-import json
 import math
 import os
 import sys
-import tempfile
 import types
 import typing
 from pathlib import Path
@@ -38,7 +37,11 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
-from rhlens.errors import ConfigError, RhlensError
+from rhlens.errors import ConfigError, ResultError, RhlensError
+from rhlens.store.files import atomic_write_text, read_json, write_json
+from rhlens.store.layout import LEGACY_RESULT_FILE, RESULT_FILE, TENSOR_FILE
+from rhlens.store.registry import home_of
+from rhlens.version import __version__
 
 __all__ = [
     "Config",
@@ -50,54 +53,9 @@ __all__ = [
     "write_json",
 ]
 
-RESULT_FILE = "result.json"
-TENSOR_FILE = "tensors.safetensors"
 
 R = TypeVar("R", bound="Result")
 C = TypeVar("C", bound="Config")
-
-
-class ResultError(RhlensError):
-    """A saved result is missing, damaged, of another kind, or from a newer rhlens."""
-
-
-# ---- files -----------------------------------------------------------------------------------
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write a file so that a crash leaves either the old content or the new, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        # mkstemp makes owner-only files; results are meant to be shared like any other file.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_json(path: str | Path, obj: Any) -> Path:
-    """``obj`` as indented JSON, written atomically."""
-    return atomic_write_text(path, json.dumps(obj, indent=1, allow_nan=True))
-
-
-def read_json(path: str | Path, what: str = "file") -> Any:
-    """A JSON file, or a :class:`ResultError` that names it (never a bare traceback)."""
-    path = Path(path)
-    if not path.exists():
-        raise ResultError(f"{path} does not exist")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ResultError(f"{path} is damaged ({what} is not valid JSON: {exc}); "
-                          "delete it or rerun the command that wrote it") from exc
 
 
 # ---- configs ---------------------------------------------------------------------------------
@@ -154,8 +112,6 @@ class Result:
     def save(self, directory: str | Path) -> Path:
         """Write this result into ``directory`` (created; files replaced atomically)."""
         from safetensors.torch import save_file
-
-        from rhlens import __version__
 
         directory = Path(directory)
         if directory.exists() and not directory.is_dir():
@@ -242,33 +198,16 @@ class Result:
             raise ResultError(f"{directory} does not hold a valid {cls.kind}: {exc}") from exc
 
 
-# Where each kind of result is defined, so a folder can be read without knowing its kinds.
-RESULT_HOMES: dict[str, tuple[str, ...]] = {
-    "RetrievalScores": ("rhlens.scores",),
-    "SparsityResult": ("rhlens.properties",), "DynamicResult": ("rhlens.properties",),
-    "StabilityResult": ("rhlens.properties",), "IntrinsicResult": ("rhlens.properties",),
-    "UniversalTable": ("rhlens.properties",),
-    "NIAHResult": ("rhlens.niah",), "MaskSweepResult": ("rhlens.niah",),
-    "HeadPatchingResult": ("rhlens.patching",), "PatchingVsRetrieval": ("rhlens.patching",),
-    "CoTResult": ("rhlens.cot.experiment", "rhlens.cot"),
-    "FamilyScores": ("rhlens.families",), "FamilySet": ("rhlens.families",),
-    "DamageResult": ("rhlens.families",),
-    "CompressSweepResult": ("rhlens.compress.sweep",),
-}
-
-
 def result_class(kind: str) -> type[Result] | None:
-    """The class of results of ``kind``: registered already, or imported from its home."""
+    """The class of results of ``kind``: registered already (its module is imported), or
+    imported from the module registered as its home (:mod:`rhlens.store.registry`)."""
     if kind in Result._results:
         return Result._results[kind]
-    for module in RESULT_HOMES.get(kind, ()):
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            continue
-        if kind in Result._results:
-            return Result._results[kind]
-    return None
+    home = home_of(kind)
+    if home is not None:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(home)
+    return Result._results.get(kind)
 
 
 def load_result(directory: str | Path) -> Result:
@@ -287,7 +226,7 @@ def _read_doc(directory: Path, cls: type) -> dict[str, Any]:
         if not isinstance(doc, dict):
             raise ResultError(f"{path} is damaged (not a JSON object)")
         return doc
-    legacy = directory / "meta.json"  # the format before this protocol (schema 0)
+    legacy = directory / LEGACY_RESULT_FILE  # the format before this protocol (schema 0)
     if legacy.exists():
         meta = read_json(legacy, "meta.json")
         if isinstance(meta, dict):

@@ -20,7 +20,6 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,8 +29,6 @@ from torch import Tensor
 
 from rhlens.engine import (
     EngineHook,
-    GenerationConfig,
-    KernelPolicy,
     StepState,
     TopKeySpec,
     current_phase,
@@ -39,78 +36,25 @@ from rhlens.engine import (
     generate_many,
 )
 from rhlens.errors import ConfigError, ProbeError
-from rhlens.identity import run_header
-from rhlens.probe import Probe
-from rhlens.results import Config
-from rhlens.scores import RetrievalScores
+from rhlens.probes import Probe
+from rhlens.retrieval.config import DetectConfig
+from rhlens.retrieval.scores import RetrievalScores
 from rhlens.stats import rouge1_recall  # the paper's metric; kept importable from here
+from rhlens.store.identity import run_header
 
 __all__ = [
     "DetectConfig",
     "TopKeyRecorder",
+    "bridge_shape",
     "cache_answer_patterns",
     "copy_scores",
     "detect_retrieval_heads",
+    "pattern_layers",
     "probe_retrieval_scores",
     "retrieval_scores_from_cache",
     "rouge1_recall",
     "top_keys_from_cache",
 ]
-
-
-@dataclass(frozen=True)
-class DetectConfig(Config):
-    """Settings of a detection run.
-
-    Attributes:
-        mode: ``"unique"`` (distinct needle tokens copied, <= 1) or ``"paper"`` (the
-            authors' per-step count).
-        success_threshold: ROUGE-1 recall above which a probe counts (paper: 0.5).
-        max_new_tokens: decode steps at most (paper: 50).
-        stop_at_newline: stop answering at a newline (paper: yes).
-        prefill_chunk: prefill this many tokens at a time (None: the device's default, 16384
-            on a GPU, 32768 elsewhere); a reused haystack prefix is cut back to a multiple of
-            it, so reuse changes no result.
-        reuse_prefix: reuse the KV cache of the haystack shared by consecutive probes.
-        batch_size: decode up to this many probes of equal length together (fewer on a GPU
-            when their KV caches would not fit; 1: one at a time). Where the lean decode
-            step runs (Llama-family models, only attention hooks attached), each probe's
-            answer and scores are bit-identical to those it gets alone; elsewhere they agree up
-            to float rounding of batched matrix products.
-        policy: the decode step's kernels (:class:`~rhlens.engine.KernelPolicy`; ``None``: the
-            device's defaults). The resolved policy is written to the run's ``run.json``.
-    """
-
-    mode: Literal["unique", "paper"] = "unique"
-    success_threshold: float = 0.5
-    max_new_tokens: int = 50
-    stop_at_newline: bool = True
-    prefill_chunk: int | None = None
-    reuse_prefix: bool = True
-    batch_size: int = 8
-    policy: KernelPolicy | None = None
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("unique", "paper"):
-            raise ConfigError(f"mode must be 'unique' or 'paper', got {self.mode!r}")
-        if not 0 <= self.success_threshold < 1:
-            raise ConfigError("success_threshold is a ROUGE recall in [0, 1)")
-        GenerationConfig(max_new_tokens=self.max_new_tokens, prefill_chunk=self.prefill_chunk,
-                         batch_size=self.batch_size, policy=self.policy)
-
-    def generation(self) -> GenerationConfig:
-        return GenerationConfig(max_new_tokens=self.max_new_tokens,
-                                stop_at_newline=self.stop_at_newline,
-                                prefill_chunk=self.prefill_chunk, reuse_prefix=self.reuse_prefix,
-                                batch_size=self.batch_size, policy=self.policy)
-
-    @classmethod
-    def from_settings(cls, settings: dict[str, Any]) -> DetectConfig | None:
-        """The config a settings dict of an older file describes (settings this version
-        dropped are ignored); ``None`` when it holds none (e.g. an imported paper file)."""
-        names = {f.name for f in fields(cls)}
-        known = {k: v for k, v in settings.items() if k in names}
-        return cls(**known) if known else None
 
 
 # ---------------------------------------------------------------------------------------
@@ -249,7 +193,7 @@ def _check_answer(n_tokens: int, answer_start: int) -> int:
     return n_tokens - answer_start
 
 
-def _pattern_layers(cache) -> list[str]:
+def pattern_layers(cache) -> list[str]:
     """The ``hook_pattern`` names of ``cache``, by layer; every layer 0..L-1 must be there."""
     found = {int(m.group(1)): name for name in cache if (m := _PATTERN.match(name))}
     if not found:
@@ -274,7 +218,7 @@ def top_keys_from_cache(cache, n_tokens: int, *,
     steps = _check_answer(n_tokens, answer_start)
     first = answer_start - 1  # the query row of step 0
     out = []
-    for name in _pattern_layers(cache):
+    for name in pattern_layers(cache):
         pattern = cache[name]
         if pattern.ndim == 3:
             pattern = pattern[None]
@@ -422,7 +366,8 @@ def probe_retrieval_scores(model, probe: Probe, answer_ids: Sequence[int] | Tens
 # ---------------------------------------------------------------------------------------
 # The analysis
 # ---------------------------------------------------------------------------------------
-def _model_shape(model) -> tuple[int, int, int | None, int | None]:
+def bridge_shape(model) -> tuple[int, int, int | None, int | None]:
+    """``(n_layers, n_heads, n_kv_heads or None, n_ctx or None)`` of a bridged model."""
     cfg = model.cfg
     n_kv = getattr(cfg, "n_key_value_heads", None)
     n_ctx = getattr(cfg, "n_ctx", None)
@@ -477,7 +422,7 @@ def detect_retrieval_heads(model, probes: Sequence[Probe], *, config: DetectConf
         raise ConfigError("pass the tokenizer: the model has none attached")
     part = shard_of(probes)
     probes = list(getattr(probes, "probes", probes))
-    n_layers, n_heads, n_kv, n_ctx = _model_shape(model)
+    n_layers, n_heads, n_kv, n_ctx = bridge_shape(model)
     check_probes(probes, n_ctx, config.max_new_tokens)
     name = getattr(model, "rhlens_name", None) or str(getattr(model.cfg, "model_name", "model"))
     # How many probes share a batch changes the cost, not the experiment; the kernels that

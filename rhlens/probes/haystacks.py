@@ -3,7 +3,6 @@ synthetic sentences, or a folder of ``.txt`` files), each deterministic and cont
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import inspect
 import json
@@ -14,14 +13,10 @@ from functools import lru_cache
 from pathlib import Path
 
 from rhlens.errors import ConfigError
+from rhlens.store.identity import sha256_text
 
 __all__ = ["DirectoryHaystack", "Haystack", "StdlibHaystack", "SyntheticHaystack", "make_haystack",
            "sha256_text"]
-
-
-def sha256_text(text: str) -> str:
-    """SHA-256 of a string's UTF-8 bytes: the content hashes a run's identity is made of."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 class Haystack:

@@ -1,0 +1,48 @@
+"""Probes: the :class:`Probe` (:mod:`.probe`), haystacks (:mod:`.haystacks`), needles and
+building the grid (:mod:`.build`)."""
+
+from rhlens.probes.build import (
+    BUILTIN_NEEDLES,
+    Needle,
+    PlacementWarning,
+    ProbeConfig,
+    ProbeSet,
+    build_probe,
+    build_probes,
+    check_placements,
+    load_needles,
+    needle_tokens,
+    probes_grid,
+    probes_identity,
+)
+from rhlens.probes.haystacks import (
+    DirectoryHaystack,
+    Haystack,
+    StdlibHaystack,
+    SyntheticHaystack,
+    make_haystack,
+    sha256_text,
+)
+from rhlens.probes.probe import Probe
+
+__all__ = [
+    "BUILTIN_NEEDLES",
+    "DirectoryHaystack",
+    "Haystack",
+    "Needle",
+    "PlacementWarning",
+    "Probe",
+    "ProbeConfig",
+    "ProbeSet",
+    "StdlibHaystack",
+    "SyntheticHaystack",
+    "build_probe",
+    "build_probes",
+    "check_placements",
+    "load_needles",
+    "make_haystack",
+    "needle_tokens",
+    "probes_grid",
+    "probes_identity",
+    "sha256_text",
+]
