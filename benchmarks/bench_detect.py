@@ -288,8 +288,8 @@ def step_profile(model, probe: Probe, n_steps: int = 30, kernels: bool = False) 
                 step(x, cache, len(ids) + i)
             _sync()
             out[mode] = (time.perf_counter() - t) / n_steps * 1e3
-            if kernels and mode in ("hf", "lean+recorder", "lean+recorder+mask20") \
-                    and torch.cuda.is_available():
+            if (kernels and mode in ("hf", "lean+recorder", "lean+recorder+mask20")
+                    and torch.cuda.is_available()):
                 from torch.profiler import ProfilerActivity, profile
 
                 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

@@ -46,7 +46,7 @@ def mean_reference_prompts(probes: Sequence, n: int = 4) -> list[tuple[int, ...]
     """
     if n < 1:
         raise ConfigError(f"need at least one reference prompt, got n={n}")
-    probes = list(getattr(probes, "probes", probes))
+    probes = list(probes)
     if not probes:
         raise ConfigError("mean ablation needs probes to average head outputs over")
     return [tuple(p.prompt_ids) for p in probes[:n]]

@@ -156,8 +156,8 @@ def parse_mask(spec: str, *, grid: tuple[int, int] | None = None, scores=None,
     if kind not in ("top", "random"):
         raise ConfigError(f"a mask is {MASK_SPECS}; got {spec!r}")
     parts = rest.split(":")
-    if not rest or len(parts) > (2 if kind == "random" else 1) or \
-            not all(x.strip().lstrip("-").isdigit() for x in parts):
+    if (not rest or len(parts) > (2 if kind == "random" else 1) or
+            not all(x.strip().lstrip("-").isdigit() for x in parts)):
         form = "top:K" if kind == "top" else "random:K or random:K:SEED"
         raise ConfigError(f"mask {spec!r}: expected {form} with whole numbers")
     k, seed = int(parts[0]), int(parts[1]) if len(parts) > 1 else 0

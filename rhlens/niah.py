@@ -21,7 +21,8 @@ from typing import Any, Literal
 import numpy as np
 
 from rhlens.ablation import ablation_hooks
-from rhlens.engine import GenerationConfig, generate_many
+from rhlens.distributed import Sweep, engine_plan, shard_of
+from rhlens.engine import GenerationConfig, generate_many, model_tokenizer
 from rhlens.errors import ConfigError
 from rhlens.masks import Mask, seed_list, sweep_masks
 from rhlens.probes.probe import Probe
@@ -168,8 +169,8 @@ class NIAHResult(Result):
     @classmethod
     def load(cls, directory: str | Path) -> NIAHResult:
         """A saved result; also the ``niah_result.json`` an older rhlens wrote (schema 0)."""
-        return load_single_file(cls, directory, RunDir(directory).legacy_niah.name) or \
-            super().load(directory)
+        return (load_single_file(cls, directory, RunDir(directory).legacy_niah.name) or
+            super().load(directory))
 
     @classmethod
     def upgrade(cls, doc: dict[str, Any], version: int, directory: Path) -> dict[str, Any]:
@@ -194,16 +195,12 @@ def niah_sweep(model, probes: Sequence[Probe], *, masks: Sequence[Mask] = (Mask.
     same ``out`` skips what is there. Inside a ``torchrun`` launch the answers are split
     across the ranks (:class:`rhlens.distributed.Sweep`); every rank returns all of them.
     """
-    from rhlens.distributed import Sweep, engine_plan, shard_of
-
     config = config or NIAHConfig()
     if not isinstance(config, NIAHConfig):
         raise ConfigError(f"config must be a NIAHConfig, got {type(config).__name__}")
-    tokenizer = tokenizer or getattr(model, "tokenizer", None)
-    if tokenizer is None:
-        raise ConfigError("pass the tokenizer: the model has none attached")
+    tokenizer = model_tokenizer(model, tokenizer)
     part = shard_of(probes)
-    probes = list(getattr(probes, "probes", probes))
+    probes = list(probes)
     check_probes(probes, getattr(model.cfg, "n_ctx", None), config.max_new_tokens)
     masks = list(masks)
     if not masks or not all(isinstance(m, Mask) for m in masks):
@@ -217,7 +214,7 @@ def niah_sweep(model, probes: Sequence[Probe], *, masks: Sequence[Mask] = (Mask.
     name = getattr(model, "rhlens_name", None) or "model"
     header = None if out is None else run_header(
         model, probes, config, masks=[m.to_dict() for m in masks],
-        kernel_policy=config.generation().describe(model)["kernel_policy"])
+        kernel_policy=config.generation().kernel_policy(model))
     total = len(probes) * len(masks)
     sweep = Sweep(out, header, NIAH_LOG, total=total, desc="niah", progress=progress, shard=part,
                   weights={f"{m.label}|{p.key}": p.n_tokens for p in probes for m in masks},
@@ -310,8 +307,8 @@ class MaskSweepResult(Result):
     def load(cls, directory: str | Path) -> MaskSweepResult:
         """A saved sweep; also the ``mask_sweep.json`` + ``niah_result.json`` an older
         rhlens wrote into one directory (schema 0)."""
-        return load_single_file(cls, directory, RunDir(directory).legacy_sweep.name) or \
-            super().load(directory)
+        return (load_single_file(cls, directory, RunDir(directory).legacy_sweep.name) or
+            super().load(directory))
 
     @classmethod
     def upgrade(cls, doc: dict[str, Any], version: int, directory: Path) -> dict[str, Any]:

@@ -143,8 +143,8 @@ def run_model(model_name: str, root: Path) -> list[dict]:
     say(f"{model_name}: unmasked NIAH on the non-literal probes {baseline:.1f}")
     dmg_nl, skipped = None, None
     if baseline >= MIN_BASELINE:
-        rankings = {f: ref_nl[f] for f in ("copy", "mass", "query")} | \
-            {"induction": fs_lit["induction"], "copy-literal": fs_lit["copy"]}
+        rankings = ({f: ref_nl[f] for f in ("copy", "mass", "query")} |
+            {"induction": fs_lit["induction"], "copy-literal": fs_lit["copy"]})
         dmg_nl = damage(model, tok, judged(nl), rankings, base / "nonliteral" / "damage", "nonliteral")
     else:
         skipped = f"not run: unmasked NIAH {baseline:.1f} < {MIN_BASELINE:g}"

@@ -43,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """rhlens' own warnings as one line each; anyone else's as Python prints them."""
-    if category.__module__.startswith("rhlens") or \
-            Path(filename).resolve().is_relative_to(Path(__file__).resolve().parents[1]):
+    if (category.__module__.startswith("rhlens") or
+            Path(filename).resolve().is_relative_to(Path(__file__).resolve().parents[1])):
         print(f"rhlens: warning: {one_line(str(message))}", file=sys.stderr, flush=True)  # noqa: T201
     else:
         _ORIGINAL_SHOWWARNING(message, category, filename, lineno, file, line)

@@ -87,8 +87,8 @@ def scores(path: str | None, shape):
         raise ConfigError(f"--scores {path}: {exc.strerror or exc}") from None
     except Exception as exc:
         # json, safetensors and the paper format's own errors: a damaged or foreign file
-        if not isinstance(exc, (ValueError, TypeError, KeyError, OSError, RuntimeError)) and \
-                type(exc).__name__ != "SafetensorError":
+        if (not isinstance(exc, (ValueError, TypeError, KeyError, OSError, RuntimeError)) and
+                type(exc).__name__ != "SafetensorError"):
             raise
         raise ConfigError(f"--scores {path} cannot be read ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''}); is it a detection "

@@ -33,8 +33,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from rhlens.engine.bridge import config_attention_shape, hf_model
 from rhlens.engine.runner import check_count
 from rhlens.errors import ConfigError
+from rhlens.retrieval.scores import RetrievalScores
 from rhlens.stats import random_heads, rank_heads
 from rhlens.store.results import Config
 
@@ -111,8 +113,6 @@ class CacheLayout:
     @classmethod
     def of(cls, model) -> CacheLayout:
         """The layout of a bridged model's cache (its dtype, its layers' windows)."""
-        from rhlens.engine.bridge import hf_model
-
         hf = hf_model(model)
         return cls.from_config(hf.config, next(hf.parameters()).dtype.itemsize)
 
@@ -121,8 +121,6 @@ class CacheLayout:
         """The layout of the cache a model with this HF ``config`` holds in a dtype of
         ``itemsize`` bytes, known before any weight is read (what :meth:`of` finds once loaded)."""
         from transformers import DynamicCache
-
-        from rhlens.engine.bridge import config_attention_shape
 
         text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         n_heads, n_kv, head_dim = config_attention_shape(text)
@@ -182,8 +180,8 @@ class CacheLayout:
 
 
 def _check_budget(budget: float) -> float:
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) \
-            or not 0 < budget <= 1:
+    if (isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget)
+            or not 0 < budget <= 1):
         raise ConfigError(f"a KV budget is a share of the full cache's bytes in (0, 1], got {budget!r}")
     return float(budget)
 
@@ -301,8 +299,6 @@ def kv_grid(ranking: Any, layout: CacheLayout, pool: Pool = "max") -> Float[Tens
     """A ``[layer, kv_head]`` score grid from a ranking: a
     :class:`~rhlens.scores.RetrievalScores`, a ``[layer, query head]`` grid (pooled over each
     KV head's query heads by ``pool``) or a ``[layer, kv_head]`` grid (used as it is)."""
-    from rhlens.retrieval.scores import RetrievalScores
-
     if pool not in ("max", "mean"):
         raise ConfigError(f"pool must be 'max' or 'mean', got {pool!r}")
     if isinstance(ranking, RetrievalScores):

@@ -37,12 +37,13 @@ from rhlens.compress.policy import (
     random_policy,
     streaming_policy,
 )
-from rhlens.engine import GenerationConfig, KernelPolicy, generate_many
+from rhlens.engine import GenerationConfig, KernelPolicy, generate_many, model_tokenizer
 from rhlens.errors import ConfigError
+from rhlens.families import needle_mass_scores
 from rhlens.masks import seed_list
 from rhlens.niah import NIAHConfig, NIAHResult, answer_record, finished_records
 from rhlens.probes.probe import Probe
-from rhlens.retrieval import check_probes
+from rhlens.retrieval import DetectConfig, check_probes
 from rhlens.store.identity import run_header
 from rhlens.store.layout import COMPRESS_LOG
 from rhlens.store.logs import ProbeLog, Records
@@ -210,10 +211,8 @@ def compress_sweep(model, probes: Sequence[Probe], rankings: Mapping[str, Any], 
     niah = niah or NIAHConfig()
     if not isinstance(config, CompressConfig) or not isinstance(niah, NIAHConfig):
         raise ConfigError("config must be a CompressConfig and niah a NIAHConfig")
-    tokenizer = tokenizer or getattr(model, "tokenizer", None)
-    if tokenizer is None:
-        raise ConfigError("pass the tokenizer: the model has none attached")
-    probes = list(getattr(probes, "probes", probes))
+    tokenizer = model_tokenizer(model, tokenizer)
+    probes = list(probes)
     check_probes(probes, getattr(model.cfg, "n_ctx", None), niah.max_new_tokens)
     layout = CacheLayout.of(model)
     context = max(p.n_tokens for p in probes)
@@ -246,7 +245,7 @@ def compress_sweep(model, probes: Sequence[Probe], rankings: Mapping[str, Any], 
         # rounding depends on its batch
         log = ProbeLog(out, run_header(
             model, probes, niah, compress=config.to_dict(), context=context, policies=described,
-            batch_size=rows, kernel_policy=gen_config.describe(model)["kernel_policy"]),
+            batch_size=rows, kernel_policy=gen_config.kernel_policy(model)),
                        name=COMPRESS_LOG)
     done = log.done if log else {}
     order = sorted(probes, key=lambda p: (p.length, p.needle_id, -p.depth))
@@ -289,9 +288,6 @@ def needle_attention_mass(model, probes: Sequence[Probe], *, niah: NIAHConfig | 
     Raises:
         ConfigError: no probe was answered correctly.
     """
-    from rhlens.families import needle_mass_scores
-    from rhlens.retrieval import DetectConfig
-
     niah = niah or NIAHConfig()
     if not isinstance(niah, NIAHConfig):
         raise ConfigError(f"niah must be a NIAHConfig, got {type(niah).__name__}")

@@ -31,7 +31,8 @@ from torch import Tensor
 from rhlens.ablation import ablation_hooks
 from rhlens.cot.items import Task, as_task
 from rhlens.cot.tasks import get_task
-from rhlens.engine import GenerationConfig, chat_prompt, generate_many
+from rhlens.distributed import Sweep, engine_plan
+from rhlens.engine import GenerationConfig, chat_prompt, generate_many, model_tokenizer
 from rhlens.errors import ConfigError
 from rhlens.masks import as_masks
 from rhlens.stats import bootstrap_means, percentile_interval
@@ -246,13 +247,9 @@ def cot_ablation(model, task: Task | str | Path | Iterable[Any], *, masks: Any =
     Inside a ``torchrun`` launch the answers are split across the ranks
     (:class:`rhlens.distributed.Sweep`); every rank returns all of them.
     """
-    from rhlens.distributed import Sweep, engine_plan
-
     config = config or CoTConfig()
     task = get_task(task) if isinstance(task, (str, Path)) else as_task(task, grade=grade)
-    tokenizer = tokenizer or getattr(model, "tokenizer", None)
-    if tokenizer is None:
-        raise ConfigError("pass the tokenizer: the model has none attached")
+    tokenizer = model_tokenizer(model, tokenizer)
     masks = as_masks(masks, k=k, seeds=seeds, mode=mask_mode)
     hooks = {m.label: ablation_hooks(model, m.heads, mode=m.mode, phase=m.phase, means=means)
              for m in masks}  # validates every mask against the model before any compute
@@ -260,7 +257,7 @@ def cot_ablation(model, task: Task | str | Path | Iterable[Any], *, masks: Any =
     header = None if out is None else run_header(
         model, None, config, task=task.name, items=[it.id for it in task],
         prompts=_fingerprint(task), masks=[m.to_dict() for m in masks],
-        kernel_policy=GenerationConfig().describe(model)["kernel_policy"])
+        kernel_policy=GenerationConfig().kernel_policy(model))
     sweep = Sweep(out, header, f"cot_{task.name}.jsonl",
                   total=len(task) * len(masks) * len(config.prompting), desc=f"cot {task.name}",
                   progress=progress, device=next(model.parameters()).device)

@@ -7,6 +7,8 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from rhlens.engine.kv import reusable
+from rhlens.engine.native import DEFAULT_PREFILL_CHUNK
 from rhlens.errors import ConfigError
 
 __all__ = ["DECODE_STEP_TOKENS", "Shard", "Unit", "engine_plan", "plan_units", "schedule", "shard",
@@ -61,9 +63,6 @@ def engine_plan(prompts: Sequence[Any], *, max_new_tokens: int, batch_size: int 
     step, a batch's steps shared by its prompts.
     """
     import numpy as np
-
-    from rhlens.engine.kv import reusable
-    from rhlens.engine.native import DEFAULT_PREFILL_CHUNK
 
     chunk = chunk or DEFAULT_PREFILL_CHUNK
     n = len(prompts)

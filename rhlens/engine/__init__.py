@@ -72,10 +72,9 @@ from rhlens.engine.runner import (
     chat_prompt,
     generate,
     generate_many,
+    model_tokenizer,
 )
-from rhlens.engine.runner import (
-    Runner as _Runner,  # noqa: F401
-)
+from rhlens.engine.runner import Runner as _Runner  # noqa: F401
 from rhlens.engine.runner import decode_step as _decode_step  # noqa: F401
 
 # The underscored names: private, kept importable from here for benchmarks and tests.
@@ -97,6 +96,7 @@ __all__ = [
     "generate",
     "generate_many",
     "hf_model",
+    "model_tokenizer",
     "native_attention",
     "native_modules",
     "phase",

@@ -299,8 +299,8 @@ class LeanAttention:
             # as alone at all 141 key counts tried (1K-33K), where the scores product did not.
             if split and not (mode == "slab" and blocked):
                 av = functools.partial(row_apply2, av)
-            out = av(weights.reshape(b, h // g, g, n), v).reshape(b, h, 1, -1) if g > 1 \
-                else av(weights, v)  # [b, h, 1, d]
+            out = (av(weights.reshape(b, h // g, g, n), v).reshape(b, h, 1, -1) if g > 1
+                else av(weights, v))  # [b, h, 1, d]
         return self._output(out, b, lin, padded if mode == "slab" else None)
 
     def _output(self, out: Tensor, b: int, lin, padded: int | None) -> Tensor:

@@ -82,8 +82,8 @@ class LeanDecoder:
         inner = getattr(hf, "model", None)
         if type(hf).__name__ not in _LEAN_MODELS or inner is None:
             return False
-        if getattr(hf.config, "final_logit_softcapping", None) or type(native(inner.embed_tokens)) \
-                is not torch.nn.Embedding:
+        if (getattr(hf.config, "final_logit_softcapping", None) or type(native(inner.embed_tokens))
+                is not torch.nn.Embedding):
             return False
         if type(native(inner.norm)).__name__ not in _LEAN_NORMS:
             return False

@@ -223,8 +223,8 @@ def prefill_is_silent(model) -> bool:
     internal = internal_handles(model)
     for module in model.modules():
         if isinstance(module, HookPoint):
-            if not module._forward_hooks and not module._forward_pre_hooks \
-                    and not getattr(module, "bwd_hooks", None):
+            if (not module._forward_hooks and not module._forward_pre_hooks
+                    and not getattr(module, "bwd_hooks", None)):
                 continue
             hooks = engine_hooks(module)
             if hooks is None or not all(h.inert_in_prefill for h in hooks):

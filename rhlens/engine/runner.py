@@ -32,7 +32,7 @@ from rhlens.errors import ConfigError
 from rhlens.store.results import Config
 
 __all__ = ["Generation", "GenerationConfig", "Runner", "as_ids", "chat_prompt", "check_count", "decode_step",
-           "generate", "generate_many"]
+           "generate", "generate_many", "model_tokenizer"]
 
 
 def check_count(name: str, value: Any, low: int) -> None:
@@ -107,11 +107,25 @@ class GenerationConfig(Config):
         """The kernel policy a run of ``model`` uses, on the device its weights are on."""
         return self.policy.resolve(next(hf_model(model).parameters()).device, model)
 
+    def kernel_policy(self, model) -> dict[str, Any]:
+        """The resolved :class:`KernelPolicy` of a run of ``model``, JSON-ready (what a run's
+        header records as ``kernel_policy``)."""
+        return self.resolved_policy(model).to_dict()
+
     def describe(self, model) -> dict[str, Any]:
         """What a run of ``model`` with this config uses, JSON-ready, for a run's header:
         ``{"generation": settings, "kernel_policy": the resolved KernelPolicy}``."""
         settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "policy"}
-        return {"generation": settings, "kernel_policy": self.resolved_policy(model).to_dict()}
+        return {"generation": settings, "kernel_policy": self.kernel_policy(model)}
+
+
+def model_tokenizer(model, tokenizer=None):
+    """``tokenizer``, else the one attached to ``model`` (a bridge's); a :class:`ConfigError`
+    when there is neither."""
+    tokenizer = tokenizer or getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise ConfigError("pass the tokenizer: the model has none attached")
+    return tokenizer
 
 
 @dataclass

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from jaxtyping import Float
 
-from rhlens.engine import StepState, generate_many
+from rhlens.engine import StepState, generate_many, model_tokenizer
+from rhlens.engine.bridge import hf_model, text_config
 from rhlens.errors import ConfigError
 from rhlens.families.detectors import detector_scores, repeated_sequences
 from rhlens.families.forced import forced_scores, probe_span, question_span
@@ -47,8 +48,6 @@ _META = ("key", "length", "depth", "needle_id", "n_tokens", "response", "respons
 
 def layer_types(model) -> list[str] | None:
     """``"sliding"`` / ``"global"`` per layer when the model mixes them (Gemma 3), else ``None``."""
-    from rhlens.engine.bridge import hf_model, text_config
-
     types = getattr(text_config(hf_model(model)), "layer_types", None)
     if not types or len(set(types)) < 2:
         return None
@@ -76,10 +75,8 @@ def score_families(model, probes: Sequence[Probe], *, config: FamiliesConfig | N
     config = config or FamiliesConfig()
     if not isinstance(config, FamiliesConfig):
         raise ConfigError(f"config must be a FamiliesConfig, got {type(config).__name__}")
-    tokenizer = tokenizer or getattr(model, "tokenizer", None)
-    if tokenizer is None:
-        raise ConfigError("pass the tokenizer: the model has none attached")
-    probes = list(getattr(probes, "probes", probes))
+    tokenizer = model_tokenizer(model, tokenizer)
+    probes = list(probes)
     n_layers, n_heads, n_kv, n_ctx = bridge_shape(model)
     name = getattr(model, "rhlens_name", None) or str(getattr(model.cfg, "model_name", "model"))
     results: list[FamilyScores] = []
@@ -120,7 +117,7 @@ def _probe_records(model, tokenizer, probes: list[Probe], config: FamiliesConfig
     if out is not None:
         log = ProbeLog(Path(out), run_header(
             model, probes, config,
-            kernel_policy=detect.generation().describe(model)["kernel_policy"]), name=FAMILIES_LOG)
+            kernel_policy=detect.generation().kernel_policy(model)), name=FAMILIES_LOG)
     finished = log.done if log else {}
     todo = [p for p in probes if p.key not in finished]
     todo.sort(key=lambda p: (p.length, p.needle_id, p.meta.get("haystack", ""), -p.depth))

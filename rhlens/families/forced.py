@@ -73,8 +73,8 @@ def question_span(probe: Probe, tokenizer) -> tuple[int, int]:
     overlap it (a token merging the question's edge with its neighbour is included).
     """
     meta = _placed(probe)
-    ctx_end = meta["insert_token"] - meta["haystack_position"] + meta["haystack_tokens"] \
-        + meta["needle_tokens"]
+    ctx_end = (meta["insert_token"] - meta["haystack_position"] + meta["haystack_tokens"]
+        + meta["needle_tokens"])
     suffix = list(probe.prompt_ids[ctx_end:])
     question = probe.question.strip()
     if not question or not suffix:

@@ -33,8 +33,8 @@ def span_mass(attention: Float[Tensor, "... key"], span: tuple[int, int],
     key index ``k`` is absolute position ``offset + k`` (a sliding cache drops early keys)."""
     start, end = span
     lo, hi = max(start - offset, 0), max(min(end - offset, attention.shape[-1]), 0)
-    return attention[..., lo:hi].float().sum(-1) if hi > lo else \
-        attention.new_zeros(attention.shape[:-1], dtype=torch.float32)
+    return (attention[..., lo:hi].float().sum(-1) if hi > lo else
+        attention.new_zeros(attention.shape[:-1], dtype=torch.float32))
 
 
 class AnswerRecorder:

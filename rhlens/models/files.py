@@ -8,6 +8,7 @@ read once), whether a ``.gguf`` file is whole, and whether a hub id can be had a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -16,6 +17,7 @@ from typing import Any
 
 from rhlens.errors import ModelLoadError
 from rhlens.models.packaged import PACKAGED_MODELS
+from rhlens.store.files import atomic_write_text
 
 __all__ = ["cache_dir", "file_sha256", "folder_weights_sha256", "hub_check", "is_offline",
            "read_gguf_header"]
@@ -56,12 +58,8 @@ def file_sha256(path: str | Path) -> str:
             h.update(block)
     digest = h.hexdigest()
     memo[str(path)] = {"stamp": stamp, "sha256": digest}
-    try:
-        from rhlens.store.results import atomic_write_text
-
+    with contextlib.suppress(OSError):  # a read-only cache only costs the hash again next time
         atomic_write_text(memo_path, json.dumps(memo, indent=0))
-    except OSError:  # a read-only cache only costs the hash again next time
-        pass
     return digest
 
 
@@ -80,8 +78,8 @@ def folder_weights_sha256(folder: Path) -> str | None:
     for f in files:
         # A hub cache snapshot links to blobs named by their SHA-256: no need to read them.
         blob = Path(os.path.realpath(f)).name if f.is_symlink() else ""
-        digest = blob if len(blob) == 64 and all(c in "0123456789abcdef" for c in blob) \
-            else file_sha256(f)
+        digest = (blob if len(blob) == 64 and all(c in "0123456789abcdef" for c in blob)
+            else file_sha256(f))
         h.update(f"{f.name}:{digest}\n".encode())
     return h.hexdigest()
 

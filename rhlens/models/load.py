@@ -37,6 +37,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from rhlens.distributed import rank_max_memory
 from rhlens.errors import ConfigError, ModelLoadError
 from rhlens.models.files import (
     cache_dir,
@@ -200,8 +201,8 @@ def _resolve(name: str | None, *, offline: bool | None = None) -> tuple[str, Pat
     src = _locate(name)
     if src.kind == "packaged":
         spec = PACKAGED_MODELS[src.key]
-        return src.display, _hf_folder_from_gguf(Path(src.location), src.key, spec.architectures), \
-            src.key
+        return (src.display, _hf_folder_from_gguf(Path(src.location), src.key, spec.architectures),
+            src.key)
     if src.kind == "gguf":
         return src.display, _hf_folder_from_gguf(Path(src.location), src.key), src.key
     if src.kind == "folder":
@@ -219,9 +220,9 @@ def _in_cache(source: Path | str) -> bool:
 
 def _unreadable(exc: BaseException) -> bool:
     """An error that says a model's files could not be read (not a bug, not memory)."""
-    return isinstance(exc, (OSError, ValueError, KeyError, TypeError, AttributeError)) or \
+    return (isinstance(exc, (OSError, ValueError, KeyError, TypeError, AttributeError)) or
         type(exc).__name__ in ("SafetensorError", "StrictDataclassClassValidationError",
-                               "StrictDataclassFieldValidationError")
+                               "StrictDataclassFieldValidationError"))
 
 
 def _damaged_cache(source: Path | str, exc: BaseException) -> ModelLoadError:
@@ -340,8 +341,8 @@ def check_device(device: Any = None) -> str:
         return text
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            why = "this torch is built without CUDA" if torch.version.cuda is None \
-                else "no GPU is visible"
+            why = ("this torch is built without CUDA" if torch.version.cuda is None
+                else "no GPU is visible")
             raise ConfigError(f"device {text!r}: CUDA is not available here ({why}); "
                               "use --device cpu")
         n = torch.cuda.device_count()
@@ -452,8 +453,8 @@ def check_device_map(device_map: Any, max_memory: Any = None) -> tuple[Any, dict
         if not isinstance(max_memory, dict) or not max_memory:
             raise ConfigError(f"max_memory must map devices to budgets, got {max_memory!r}")
         for key, value in max_memory.items():
-            if not (isinstance(key, int) and not isinstance(key, bool) and key >= 0) \
-                    and key not in ("cpu", "mps", "disk"):
+            if (not (isinstance(key, int) and not isinstance(key, bool) and key >= 0)
+                    and key not in ("cpu", "mps", "disk")):
                 raise ConfigError(f"max_memory: {key!r} is not a device (a GPU index, 'cpu' or 'mps')")
             if isinstance(value, bool) or not isinstance(value, (int, str)):
                 raise ConfigError(f"max_memory[{key!r}] must be bytes or a size like '70GiB', "
@@ -561,8 +562,6 @@ def load_model(
         if device is not None:
             raise ConfigError("give device or device_map, not both")
         if isinstance(device_map, str) and max_memory is None:
-            from rhlens.distributed import rank_max_memory
-
             max_memory = rank_max_memory()
         bridge, tok = _boot_mapped(name, dtype, offline, device_map, max_memory)
     else:

@@ -42,6 +42,7 @@ from rhlens.patching.config import (
     plan_cells,
 )
 from rhlens.patching.pairs import PatchPair
+from rhlens.patching.results import HeadPatchingResult
 
 __all__ = ["patch_activation"]
 
@@ -202,8 +203,8 @@ def check_cache(cache: Any, names: Sequence[str], batch: int, n: int,
         t = cache[name]
         is_pattern = name.endswith("hook_pattern")
         want = "[batch, head, query, key]" if is_pattern else "[batch, pos, head, d]"
-        seq = (t.shape[2], t.shape[3]) if (is_pattern and t.ndim == 4) else \
-            (t.shape[1],) * 2 if t.ndim == 4 else None
+        seq = ((t.shape[2], t.shape[3]) if (is_pattern and t.ndim == 4) else
+            (t.shape[1],) * 2 if t.ndim == 4 else None)
         if t.ndim != 4 or t.shape[0] != batch or seq != (n, n):
             raise ConfigError(f"clean cache {name} has shape {tuple(t.shape)}, expected {want} with "
                               f"batch {batch} and {n} positions (the corrupted tokens' shape)")
@@ -240,8 +241,6 @@ def patch_activation(model, corrupted_tokens: Tensor | Sequence[Sequence[int]],
         :class:`~rhlens.patching.HeadPatchingResult`: ``patched[example, layer, head]`` (NaN
         where not patched), ``corrupted`` (the unpatched run), ``clean``, ``effects``.
     """
-    from rhlens.patching.results import HeadPatchingResult
-
     tokens = torch.as_tensor(corrupted_tokens)
     if tokens.ndim == 1:
         tokens = tokens[None]
@@ -271,8 +270,8 @@ def patch_activation(model, corrupted_tokens: Tensor | Sequence[Sequence[int]],
 
     with torch.no_grad():
         corrupted = _values(metric(forward([])))
-        clean = _values(metric(clean_logits)) if clean_logits is not None \
-            else torch.full_like(corrupted, math.nan)
+        clean = (_values(metric(clean_logits)) if clean_logits is not None
+            else torch.full_like(corrupted, math.nan))
     bar = None
     if progress:
         from tqdm.auto import tqdm

@@ -91,8 +91,8 @@ def plot_damage_curves(results: DamageResult | Sequence[DamageResult], titles: S
         ax.set_ylim(-2, 102)
         ax.set_xlabel("K (heads masked)")
         ax.set_ylabel("NIAH score (ROUGE-1 recall x 100)")
-        title = titles[i] if i < len(titles) else \
-            f"{res.niah.model_name}{', ' + res.needle_set if res.needle_set else ''}"
+        title = (titles[i] if i < len(titles) else
+            f"{res.niah.model_name}{', ' + res.needle_set if res.needle_set else ''}")
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7)
     return fig

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.figure import Figure
 
-from rhlens.patching import HeadPatchingResult, PatchingVsRetrieval
+from rhlens.patching import HeadPatchingResult, PatchingVsRetrieval, compare_patching
 
 __all__ = ["plot_patching_agreement", "plot_patching_heatmap", "plot_patching_vs_retrieval"]
 
@@ -80,8 +80,6 @@ def plot_patching_vs_retrieval(comparison: PatchingVsRetrieval, *, label: int = 
 
 def plot_patching_agreement(exact: HeadPatchingResult, estimate: HeadPatchingResult) -> Figure:
     """Attribution (or any estimate) against exact patching, one point per head."""
-    from rhlens.patching import compare_patching
-
     a, b = exact.mean.numpy().ravel(), estimate.mean.numpy().ravel()
     ok = np.isfinite(a) & np.isfinite(b)
     stats = compare_patching(exact, estimate)

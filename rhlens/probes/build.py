@@ -299,8 +299,8 @@ def _answer_chars(text: str, answer: str, offsets: Sequence[tuple[int, int]]) ->
     def rank(c0: int) -> tuple[int, int, int, int]:
         c1 = c0 + len(answer)
         on_tokens = c0 in starts and c1 in ends
-        on_words = (c0 == 0 or not (text[c0 - 1].isalnum() and answer[0].isalnum())) and \
-            (c1 == len(text) or not (text[c1].isalnum() and answer[-1].isalnum()))
+        on_words = ((c0 == 0 or not (text[c0 - 1].isalnum() and answer[0].isalnum())) and
+            (c1 == len(text) or not (text[c1].isalnum() and answer[-1].isalnum())))
         return (-(on_tokens and on_words), -on_tokens, -on_words, c0)
 
     c0 = min(found, key=rank)

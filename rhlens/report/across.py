@@ -13,6 +13,8 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
+from rhlens.plotting import plot_intrinsic, plot_universal
+from rhlens.properties import intrinsic, universal
 from rhlens.report.document import Section, Table, Text
 from rhlens.report.format import head_name, image, num
 from rhlens.retrieval.scores import RetrievalScores
@@ -27,9 +29,6 @@ MAX_SCATTERS = 8
 
 def across_section(score_sets: list[tuple[RetrievalScores, str]], *, dpi: int) -> Section | None:
     """``None`` when fewer than two sets have successful probes (nothing to compare)."""
-    from rhlens.plotting import plot_intrinsic, plot_universal
-    from rhlens.properties import intrinsic, universal
-
     usable = [(s, src) for s, src in score_sets if s.n_successful > 0]
     if len(usable) < 2:
         return None

@@ -15,6 +15,7 @@ from rhlens.report.document import Report, Section, Text
 from rhlens.report.families import families_section
 from rhlens.report.niah import niah_section, sweep_section
 from rhlens.report.patching import patching_section
+from rhlens.retrieval.official import load_official
 from rhlens.retrieval.scores import RetrievalScores
 from rhlens.store.runs import RunContents, read_run
 
@@ -24,8 +25,6 @@ __all__ = ["build_report"]
 def _official_sets(sources: Sequence[str | Path]) -> list[tuple[RetrievalScores, str]]:
     """Paper-format score files; a folder of them stands for every ``*.json`` in it (a run
     folder, or saved scores, for its scores)."""
-    from rhlens.retrieval.official import load_official
-
     out: list[tuple[RetrievalScores, str]] = []
     for source in sources:
         source = Path(source)

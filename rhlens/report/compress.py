@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rhlens.compress.sweep import CompressSweepResult
+from rhlens.plotting.compress import plot_budget_curve
 from rhlens.report.document import Section, Table, Text
 from rhlens.report.format import image, num, setting
 
@@ -11,8 +12,6 @@ __all__ = ["compress_section"]
 
 def compress_section(result: CompressSweepResult, *, dpi: int) -> Section:
     """The budget curve, its numbers (actual shares, heads kept, windows) and what was compared."""
-    from rhlens.plotting.compress import plot_budget_curve
-
     sec = Section("KV cache compression")
     n_probes = len(result.niah.for_mask("full"))
     cfg = result.config

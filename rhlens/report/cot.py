@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from rhlens.plotting import plot_cot_bars
 from rhlens.report.document import Section, Table, Text
 from rhlens.report.format import clip, image, setting
 
@@ -29,8 +30,6 @@ def _broken(result: Any) -> list[tuple[dict[str, Any], dict[str, Any]]]:
 
 def cot_section(results: Sequence[Any], *, examples: int, dpi: int) -> Section:
     """Accuracy per task, mask and prompting mode with intervals; the answers a mask broke."""
-    from rhlens.plotting import plot_cot_bars
-
     sec = Section("Chain of thought")
     n_answers = sum(len(r.records) for r in results)
     sec.add(Text(f"{n_answers} answers of {results[0].model_name} on "

@@ -5,6 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from rhlens.plotting import (
+    plot_dynamic,
+    plot_head_heatmap,
+    plot_niah_heatmap,
+    plot_score_distribution,
+    plot_sparsity,
+    plot_stability,
+)
 from rhlens.report.document import Section, Table, Text
 from rhlens.report.format import clip, head_list, head_name, image, num, setting
 from rhlens.retrieval.scores import RetrievalScores
@@ -53,8 +61,6 @@ def _missing(run: RunContents, names: Sequence[str]) -> Text:
 
 
 def _niah_section(scores: RetrievalScores, dpi: int) -> Section:
-    from rhlens.plotting import plot_niah_heatmap
-
     sec = Section("Needle in a haystack")
     sec.add(image(plot_niah_heatmap(scores), "detection-niah",
                   "ROUGE-1 recall x 100 of the unmasked answers per length and depth.", dpi))
@@ -63,13 +69,6 @@ def _niah_section(scores: RetrievalScores, dpi: int) -> Section:
 
 def detection_section(run: RunContents, scores: RetrievalScores, *, top: int, dpi: int) -> Section:
     """Summary, top heads (with saved bootstrap intervals), maps, and the saved properties."""
-    from rhlens.plotting import (
-        plot_dynamic,
-        plot_head_heatmap,
-        plot_score_distribution,
-        plot_sparsity,
-    )
-
     sec = Section("Detection")
     rows = _summary_rows(run, scores)
     n_cells = scores.n_layers * scores.n_heads
@@ -179,8 +178,6 @@ def detection_section(run: RunContents, scores: RetrievalScores, *, top: int, dp
 
 
 def _stability_section(stab, dpi: int) -> Section:
-    from rhlens.plotting import plot_stability
-
     sec = Section("Stability")
     lo, hi = stab.n_retrieval_ci
     reached = (f"the top-{stab.k} set reaches a Jaccard overlap of {stab.target:g} with the "

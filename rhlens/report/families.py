@@ -6,6 +6,7 @@ import math
 from collections.abc import Sequence
 
 from rhlens.families import FAMILIES, DamageResult, FamilySet
+from rhlens.plotting import plot_damage_curves, plot_family_correlations, plot_family_tops
 from rhlens.report.document import Section, Table, Text
 from rhlens.report.format import head_list, image, num
 
@@ -25,8 +26,6 @@ def _k(x: float) -> str:
 
 
 def _agreement(fs: FamilySet, top: int, dpi: int) -> Section:
-    from rhlens.plotting import plot_family_correlations, plot_family_tops
-
     where = f" on the {fs.needle_set} needles" if fs.needle_set else ""
     answers = getattr(fs.config, "answers", "model")
     how = "" if answers == "model" else " (reference answers)"
@@ -68,8 +67,6 @@ def _agreement(fs: FamilySet, top: int, dpi: int) -> Section:
 
 
 def _damage(res: DamageResult, dpi: int) -> Section:
-    from rhlens.plotting import plot_damage_curves
-
     where = f" on the {res.needle_set} needles" if res.needle_set else ""
     sec = Section(f"Masking each family's top heads{where}")
     summary = res.summary()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from rhlens.niah import MaskSweepResult, NIAHResult
+from rhlens.plotting import plot_k_curve, plot_mask_heatmaps
 from rhlens.report.detection import has_niah_records
 from rhlens.report.document import Image, Section, Table, Text
 from rhlens.report.format import clip, image, num, setting
@@ -44,8 +45,6 @@ def _examples(niah: NIAHResult, label: str, n: int) -> Section | None:
 
 
 def _heatmap(niah: NIAHResult, labels: Sequence[str], name: str, dpi: int) -> Image | None:
-    from rhlens.plotting import plot_mask_heatmaps
-
     labels = [x for x in labels if x in niah.masks]
     if not labels or not all(has_niah_records(niah.for_mask(x)) for x in labels):
         return None
@@ -56,8 +55,6 @@ def _heatmap(niah: NIAHResult, labels: Sequence[str], name: str, dpi: int) -> Im
 
 def sweep_section(sweep: MaskSweepResult, *, examples: int, dpi: int) -> Section:
     """The K curve, its numbers, NIAH maps and the answers the top-K mask broke."""
-    from rhlens.plotting import plot_k_curve
-
     niah = sweep.niah
     sec = Section("Masking sweep")
     c = sweep.curve()

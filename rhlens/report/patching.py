@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rhlens.plotting.patching import plot_patching_heatmap, plot_patching_vs_retrieval
 from rhlens.report.document import Section, Table, Text
 from rhlens.report.format import clip, head_name, image, num, setting
 from rhlens.store.runs import RunContents
@@ -33,8 +34,8 @@ def _heads_table(res: Any, scores: Any, top: int) -> Table | Text:
     same_grid = (scores is not None and scores.n_successful
                  and (scores.n_layers, scores.n_heads) == (res.n_layers, res.n_heads))
     score = scores.mean if same_grid else None
-    header = ("rank", "head", "effect", "std over pairs", "pairs") + \
-        (("retrieval score",) if score is not None else ())
+    header = (("rank", "head", "effect", "std over pairs", "pairs") +
+        (("retrieval score",) if score is not None else ()))
     rows = []
     for rank, r in enumerate(df.itertuples(index=False) if df is not None else (), start=1):
         row = (str(rank), head_name(int(r.layer), int(r.head)), num(r.effect), num(r.std),
@@ -49,8 +50,6 @@ def _heads_table(res: Any, scores: Any, top: int) -> Table | Text:
 
 
 def _comparison(cmp: Any, dpi: int) -> Section:
-    from rhlens.plotting.patching import plot_patching_vs_retrieval
-
     vs = Section("Patching effect vs retrieval score")
     vs.add(Text(f"Over the heads that have both, Spearman {num(cmp.spearman)} and Pearson "
                 f"{num(cmp.pearson)}; a head is causal above an effect of "
@@ -73,8 +72,6 @@ def patching_section(run: RunContents, *, top: int, dpi: int) -> Section:
     sec = Section("Head patching")
     res, cmp = run.patching, run.patching_vs_retrieval
     if res is not None:
-        from rhlens.plotting.patching import plot_patching_heatmap
-
         sec.add(_summary(res))
         sec.add(_heads_table(res, run.scores, top))
         if res.pairs:

@@ -10,6 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from rhlens.errors import ConfigError
+from rhlens.plotting import (
+    plot_head_heatmap,
+    plot_k_curve,
+    plot_mask_heatmaps,
+    plot_niah_heatmap,
+    plot_score_distribution,
+)
+from rhlens.plotting.compress import plot_budget_curve
+from rhlens.properties import detection_properties
 from rhlens.retrieval.config import DetectConfig
 from rhlens.retrieval.detect import scores_from_records
 from rhlens.retrieval.scores import RetrievalScores
@@ -102,8 +111,6 @@ def save_detection_run(out: str | Path, scores, *, wall_seconds: float | None = 
     Returns:
         The written files by name.
     """
-    from rhlens.properties import detection_properties
-
     run = RunDir(out)
     scores = _with_every_record(run, scores)
     written: dict[str, Path] = {"scores": scores.save(run.scores)}
@@ -117,8 +124,6 @@ def save_detection_run(out: str | Path, scores, *, wall_seconds: float | None = 
     for path in (run.heatmap, run.distribution, run.niah_figure):
         _remove(path)
     if figures:
-        from rhlens.plotting import plot_head_heatmap, plot_niah_heatmap, plot_score_distribution
-
         if scores.n_successful:
             written["heatmap"] = save_figure(plot_head_heatmap(scores), run.heatmap)
             written["distribution"] = save_figure(plot_score_distribution(scores),
@@ -140,9 +145,6 @@ def _write_properties(run: RunDir, results: dict[str, Result]) -> dict[str, Path
 def save_properties(out: str | Path, settings=None) -> dict[str, Path]:
     """(Re)write the saved properties of a finished detection run from its ``scores/``
     (for runs written before rhlens saved them, or to change their settings)."""
-    from rhlens.properties import detection_properties
-    from rhlens.retrieval.scores import RetrievalScores
-
     run = RunDir(out)
     scores = RetrievalScores.load(run.scores)
     return _write_properties(run, detection_properties(scores, settings))
@@ -154,8 +156,6 @@ def save_niah_run(out: str | Path, result, *, figures: bool = True) -> dict[str,
     written = {"niah": result.save(run.niah)}
     _remove(run.legacy_niah)  # the older form of the same output
     if figures:
-        from rhlens.plotting import plot_mask_heatmaps
-
         written["heatmaps"] = save_figure(plot_mask_heatmaps(result), run.niah_heatmaps)
     return written
 
@@ -167,8 +167,6 @@ def save_mask_sweep_run(out: str | Path, sweep, *, figures: bool = True) -> dict
     _remove(run.legacy_sweep)
     _remove(run.legacy_niah)
     if figures:
-        from rhlens.plotting import plot_k_curve, plot_mask_heatmaps
-
         written["k_curve"] = save_figure(plot_k_curve(sweep), run.k_curve)
         written["heatmaps"] = save_figure(
             plot_mask_heatmaps(sweep.niah, sweep.heatmap_labels()), run.niah_heatmaps)
@@ -180,8 +178,6 @@ def save_compress_run(out: str | Path, result, *, figures: bool = True) -> dict[
     run = RunDir(out)
     written = {"compress": result.save(run.compress)}
     if figures:
-        from rhlens.plotting.compress import plot_budget_curve
-
         written["figure"] = save_figure(plot_budget_curve(result), run.compress_figure)
     return written
 

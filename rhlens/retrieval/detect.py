@@ -27,13 +27,18 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from rhlens.distributed import Sweep, engine_plan, shard_of
 from rhlens.engine import (
     EngineHook,
+    GenerationConfig,
     StepState,
     TopKeySpec,
     current_phase,
     current_step,
     generate_many,
+    hf_model,
+    model_tokenizer,
+    prefill,
 )
 from rhlens.errors import ConfigError, ProbeError
 from rhlens.probes import Probe
@@ -186,8 +191,8 @@ def _token_rows(tokens: Sequence[int] | Tensor) -> Int[Tensor, "batch seq"]:
 
 def _check_answer(n_tokens: int, answer_start: int) -> int:
     """The number of answer tokens; refuses an ``answer_start`` outside the sequence."""
-    if isinstance(answer_start, bool) or not isinstance(answer_start, int) \
-            or not 1 <= answer_start < n_tokens:
+    if (isinstance(answer_start, bool) or not isinstance(answer_start, int)
+            or not 1 <= answer_start < n_tokens):
         raise ConfigError(f"answer_start must lie in [1, {n_tokens - 1}] (the first answer token's "
                           f"position in the {n_tokens} tokens), got {answer_start!r}")
     return n_tokens - answer_start
@@ -309,8 +314,6 @@ def cache_answer_patterns(model, tokens: Sequence[int] | Tensor, *, answer_start
     """
     from transformer_lens import ActivationCache
 
-    from rhlens.engine import GenerationConfig, hf_model, prefill
-
     rows = _token_rows(tokens)
     batch, n_tokens = rows.shape
     steps = _check_answer(n_tokens, answer_start)
@@ -414,21 +417,17 @@ def detect_retrieval_heads(model, probes: Sequence[Probe], *, config: DetectConf
     Returns:
         :class:`RetrievalScores`, probes in the order given.
     """
-    from rhlens.distributed import Sweep, engine_plan, shard_of
-
     config = config or DetectConfig()
-    tokenizer = tokenizer or getattr(model, "tokenizer", None)
-    if tokenizer is None:
-        raise ConfigError("pass the tokenizer: the model has none attached")
+    tokenizer = model_tokenizer(model, tokenizer)
     part = shard_of(probes)
-    probes = list(getattr(probes, "probes", probes))
+    probes = list(probes)
     n_layers, n_heads, n_kv, n_ctx = bridge_shape(model)
     check_probes(probes, n_ctx, config.max_new_tokens)
     name = getattr(model, "rhlens_name", None) or str(getattr(model.cfg, "model_name", "model"))
     # How many probes share a batch changes the cost, not the experiment; the kernels that
     # ran (which can round bf16 scores differently) are recorded as resolved.
     header = None if out is None else run_header(
-        model, probes, config, kernel_policy=config.generation().describe(model)["kernel_policy"])
+        model, probes, config, kernel_policy=config.generation().kernel_policy(model))
     device = next(model.parameters()).device
     sweep = Sweep(out, header, "probes.jsonl", total=len(probes), desc="detect", unit="probe",
                   weights={p.key: p.n_tokens for p in probes}, progress=progress, shard=part,

@@ -111,7 +111,7 @@ def run_header(model: Any = None, probes: Sequence[Any] | None = None, config: A
         if device:
             recorded["device"] = device
     if probes is not None:
-        probes = list(getattr(probes, "probes", probes))
+        probes = list(probes)
         identity["probes"] = probes_identity(probes)
         recorded["grid"] = probes_grid(probes)
     if config is not None:
