@@ -181,6 +181,13 @@ def _compiled(fn: Callable) -> Callable:
     return torch.compile(fn, dynamic=False, fullgraph=True, options=options)
 
 
+def _clear_cublas_workspaces() -> None:
+    """Drop cuBLAS's cached workspaces (the next product on each stream allocates its own)."""
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:
+        clear()
+
+
 # ---------------------------------------------------------------------------------------
 # The decoder
 # ---------------------------------------------------------------------------------------
@@ -507,6 +514,15 @@ class CapturedDecoder:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         try:
+            # cuBLAS keeps one workspace per (handle, stream), allocated on first use and freed
+            # by anyone who clears the workspaces (torch.compile's CUDA graphs do, around every
+            # recording: HF's compiled static-cache generate). A graph captured on a workspace
+            # allocated before the capture would keep writing to it after it is freed, into
+            # memory that is someone else's or unmapped (issue 26: an illegal memory access on
+            # a later replay). Cleared before, the capture allocates its workspace in the
+            # graph's own pool, which lives as long as the graph; cleared after, no eager
+            # product uses the pool's memory.
+            _clear_cublas_workspaces()
             with torch.cuda.graph(graph, pool=self._pool):
                 self._step(st, k_bufs, v_bufs)
         except RuntimeError as exc:  # a kernel that cannot be captured here: stay eager
@@ -517,6 +533,8 @@ class CapturedDecoder:
             self.capture = False
             self.last_path = "static"
             return
+        finally:
+            _clear_cublas_workspaces()
         st.graph = graph
 
     def crop(self, steps_run: int, n_steps: Sequence[int]) -> None:

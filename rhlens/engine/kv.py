@@ -19,7 +19,7 @@ from torch import Tensor
 from rhlens.engine.bridge import attention_shape, hf_model, layer_devices, new_cache, text_config
 from rhlens.engine.captured import _DECODERS
 from rhlens.engine.native import prefill
-from rhlens.errors import ConfigError
+from rhlens.errors import ConfigError, ProbeError
 
 __all__ = ["KVPool", "buffer_cache", "done_with", "kept_pool", "plain_cache_layers", "release_buffers",
            "reusable"]
@@ -200,15 +200,16 @@ class KVPool:
         return 2 * self.n_layers * self.n_kv * self.head_dim * capacity * self.dtype.itemsize
 
     def fit_rows(self, want: int, capacity: int, chunk: int | None) -> int:
-        """How many rows of ``capacity`` tokens fit on the device(s) (at most ``want``)."""
-        if want <= 1 or self.device.type != "cuda":
+        """How many rows of ``capacity`` tokens fit on the device(s) (at most ``want``); a
+        :class:`~rhlens.errors.ProbeError` before any compute if not even one does."""
+        if self.device.type != "cuda":
             return max(1, want)
         tokens = min(capacity, chunk or capacity)
         # The prefill's activations dominate the margin: a few [tokens, hidden] and
         # [tokens, intermediate] tensors of one layer at a time.
         width = 3 * self.inter + 12 * self.hidden
         margin = (2 << 30) + tokens * width * 2 * self.dtype.itemsize
-        rows = want
+        rows = max(1, want)
         for device in dict.fromkeys(self.devices):  # each device holds its layers' share
             layers = sum(d == device for d in self.devices)
             free, total = torch.cuda.mem_get_info(device)
@@ -219,8 +220,10 @@ class KVPool:
                 free = min(free, int(total * fraction(device)) - allocated)
             free += self.nbytes(device)
             row = self.row_bytes(capacity) * layers // self.n_layers
+            if free - margin < row:
+                raise ProbeError(_too_big(capacity, device, row, margin, free))
             rows = min(rows, int((free - margin) // row))
-        return max(1, rows)
+        return rows
 
     def ensure(self, rows: int, capacity: int, first: tuple[int, ...], key: Hashable,
                reuse: bool, chunk: int) -> None:
@@ -280,6 +283,14 @@ class KVPool:
     def decode_cache(self, rows: int, length: int):
         """A cache over the first ``rows`` rows, ``length`` tokens filled."""
         return buffer_cache(self.hf, [k[:rows] for k in self.k], [v[:rows] for v in self.v], length)
+
+
+def _too_big(capacity: int, device, row: int, margin: int, free: int) -> str:
+    gib = 2 ** 30
+    return (f"a prompt of {capacity:,} tokens (with its new tokens) needs {row / gib:.1f} GiB of KV "
+            f"cache plus about {margin / gib:.1f} GiB for the prefill on {device}, which has "
+            f"{free / gib:.1f} GiB free: use shorter lengths, a smaller --prefill-chunk, a GPU with "
+            "more memory, or spread the model over several GPUs (device_map)")
 
 
 # A GPU model's pool, kept between runs: the captured decode step's CUDA graphs hold the KV

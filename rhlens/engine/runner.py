@@ -404,7 +404,7 @@ def _generate_all(runner, run, prompts, config, item_hooks, prefill_keys) -> Ite
             yield from run(batch)
             batch = []
         if not batch:
-            limit = runner.max_rows(len(ids)) if config.batch_size > 1 else 1
+            limit = runner.max_rows(len(ids))  # on a GPU: refused here if one row does not fit
         batch.append((i, ids, key))
         if len(batch) >= limit:
             yield from run(batch)
