@@ -64,6 +64,10 @@ _LAZY: dict[str, tuple[str, str]] = {
     "CoTResult": ("rhlens.cot", "CoTResult"),
     "compress_sweep": ("rhlens.compress", "compress_sweep"),
     "CompressSweepResult": ("rhlens.compress", "CompressSweepResult"),
+    "CacheLayout": ("rhlens.compress", "CacheLayout"),
+    "CompressConfig": ("rhlens.compress", "CompressConfig"),
+    "budget_policy": ("rhlens.compress", "budget_policy"),
+    "policy_hooks": ("rhlens.compress", "policy_hooks"),
     "score_families": ("rhlens.families", "score_families"),
     "FamilyScores": ("rhlens.families", "FamilyScores"),
     # results

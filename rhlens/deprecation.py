@@ -35,6 +35,7 @@ MOVED_MODULES: dict[str, str] = {
     "rhlens.probe": "rhlens.probes.probe",
     "rhlens.haystacks": "rhlens.probes.haystacks",
     "rhlens.model_files": "rhlens.models.files",
+    "rhlens.patching_cli": "rhlens.cli.patch",
 }
 
 

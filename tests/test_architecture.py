@@ -25,7 +25,7 @@ LAYERS = {
     "models": 2, "probes": 2, "distributed": 2,
     "retrieval": 3, "masks": 3, "ablation": 3,
     "niah": 4, "cot": 4, "patching": 4, "properties": 4, "families": 4, "compress": 4,
-    "plotting": 5, "views": 5, "report": 5, "cli": 5, "patching_cli": 5,
+    "plotting": 5, "views": 5, "report": 5, "cli": 5,
     "__main__": 6, "": 6,  # rhlens/__init__.py, the face
 }
 

@@ -26,7 +26,7 @@ OLD_NAMES = {
     "rhlens.results": "load_result", "rhlens.io": "ProbeLog", "rhlens.identity": "run_header",
     "rhlens.runs": "save_detection_run", "rhlens.scores": "RetrievalScores",
     "rhlens.official": "load_official", "rhlens.probe": "Probe", "rhlens.haystacks": "make_haystack",
-    "rhlens.model_files": "file_sha256",
+    "rhlens.model_files": "file_sha256", "rhlens.patching_cli": "cmd_patch",
 }
 
 _PROBE = r"""

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rhlens import ModelLoadError, load_model
-from rhlens import models as models_mod
+from rhlens.models import load as models_mod
 
 from toy import TOY_MODEL_DIR
 

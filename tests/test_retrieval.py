@@ -86,7 +86,7 @@ def test_known_retrieval_head_is_found(toy_model):
 # ---- resuming a killed run -------------------------------------------------------------
 def test_killed_run_resumes_to_the_same_result(toy_model, tmp_path, monkeypatch):
     """A resumed run answers only the probes its log lacks, and ends where a full run does."""
-    import rhlens.retrieval
+    import rhlens.retrieval.detect
 
     model, tok = toy_model
     probes = _toy_probes(tok)
@@ -99,14 +99,14 @@ def test_killed_run_resumes_to_the_same_result(toy_model, tmp_path, monkeypatch)
         fh.write('{"key": "len')
 
     answered: list[list[int]] = []  # the prompts the engine answers during the resume
-    engine = rhlens.retrieval.generate_many
+    engine = rhlens.retrieval.detect.generate_many
 
     def counting(model, tokenizer, prompts, **kwargs):
         for prompt, gen in zip(prompts, engine(model, tokenizer, prompts, **kwargs)):
             answered.append(list(prompt))
             yield gen
 
-    monkeypatch.setattr(rhlens.retrieval, "generate_many", counting)
+    monkeypatch.setattr(rhlens.retrieval.detect, "generate_many", counting)
     resumed = detect_retrieval_heads(model, probes, config=cfg, out=part)
     assert sorted(answered) == sorted(list(p.prompt_ids) for p in probes[2:])
     lines = (part / "probes.jsonl").read_text().splitlines()

@@ -51,21 +51,8 @@ from rhlens.models.files import (
 )
 from rhlens.models.packaged import DEFAULT_MODEL, PACKAGED_MODELS, PackagedModel, packaged_key
 
-__all__ = [
-    "PACKAGED_MODELS",
-    "ModelShape",
-    "PackagedModel",
-    "cache_dir",
-    "check_device",
-    "describe_model",
-    "file_sha256",
-    "hf_config",
-    "load_hf",
-    "load_model",
-    "load_tokenizer",
-    "model_shape",
-    "plan_device_map",
-]
+__all__ = ["DEVICE_MAPS", "ModelShape", "check_device", "check_device_map", "describe_model", "hf_config",
+           "load_hf", "load_model", "load_tokenizer", "model_shape", "plan_device_map"]
 
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 

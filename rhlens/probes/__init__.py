@@ -12,8 +12,6 @@ from rhlens.probes.build import (
     check_placements,
     load_needles,
     needle_tokens,
-    probes_grid,
-    probes_identity,
 )
 from rhlens.probes.haystacks import (
     DirectoryHaystack,
@@ -24,6 +22,7 @@ from rhlens.probes.haystacks import (
     sha256_text,
 )
 from rhlens.probes.probe import Probe
+from rhlens.store.identity import probes_grid, probes_identity
 
 __all__ = [
     "BUILTIN_NEEDLES",

@@ -24,36 +24,16 @@ from typing import Any, Literal
 
 from rhlens.errors import ConfigError, ProbeError
 from rhlens.probes.haystacks import (
-    DirectoryHaystack,
     Haystack,
-    StdlibHaystack,
-    SyntheticHaystack,
     make_haystack,
     sha256_text,
 )
 from rhlens.probes.probe import Probe
-from rhlens.store.identity import probes_grid, probes_identity
+from rhlens.store.identity import probes_identity
 from rhlens.store.results import Config
 
-__all__ = [
-    "BUILTIN_NEEDLES",
-    "DirectoryHaystack",
-    "Haystack",
-    "Needle",
-    "PlacementWarning",
-    "ProbeConfig",
-    "StdlibHaystack",
-    "SyntheticHaystack",
-    "build_probe",
-    "build_probes",
-    "check_placements",
-    "load_needles",
-    "make_haystack",
-    "needle_tokens",
-    "probes_grid",
-    "probes_identity",
-    "sha256_text",
-]
+__all__ = ["BUILTIN_NEEDLES", "Needle", "PlacementWarning", "ProbeConfig", "ProbeSet", "build_probe",
+           "build_probes", "check_placements", "load_needles", "needle_tokens"]
 
 
 
