@@ -272,10 +272,15 @@ def _append(path: Path, record: dict[str, Any]) -> None:
 
         own_file(path, "log")  # a link: say so in one line
         raise exc
-    with os.fdopen(fd, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with os.fdopen(fd, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        if exc.filename:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc  # a full disk
 
 
 class ShardLog:

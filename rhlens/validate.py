@@ -33,9 +33,11 @@ __all__ = [
     "check_finite",
     "check_head",
     "check_heads",
+    "check_log_records",
     "check_output_dir",
     "check_span",
     "check_token_ids",
+    "detect_record_problem",
     "input_dir",
     "input_file",
     "own_file",
@@ -95,17 +97,19 @@ def check_finite(values: Any, what: str) -> Any:
 # ---- heads -----------------------------------------------------------------------------------
 def check_head(item: Any, grid: Sequence[int] | None = None) -> tuple[int, int]:
     """A head ``(layer, head)``: exactly two whole numbers, inside ``grid`` when given."""
-    if isinstance(item, (str, bytes)) or (not isinstance(item, Sequence) and \
-            not (hasattr(item, "shape") and hasattr(item, "tolist"))):
-        raise ConfigError(f"a head is a (layer, head) pair of whole numbers, got {item!r}")
-    parts = list(item.tolist()) if hasattr(item, "shape") and not isinstance(item, Sequence) \
-        else list(item)
+    form = f"a head is a (layer, head) pair of whole numbers, got {item!r}"
+    if isinstance(item, (str, bytes)):
+        raise ConfigError(form)
+    if isinstance(item, Sequence) or (hasattr(item, "shape") and getattr(item, "ndim", 0) == 1):
+        parts = list(item)  # a tensor or array of two gives its two 0-d elements
+    else:
+        raise ConfigError(form)
     if len(parts) != 2:
-        raise ConfigError(f"a head is a (layer, head) pair of whole numbers, got {item!r}")
+        raise ConfigError(form)
     try:
         layer, head = (whole_number(x, "layer") for x in parts)
     except ConfigError:
-        raise ConfigError(f"a head is a (layer, head) pair of whole numbers, got {item!r}") from None
+        raise ConfigError(form) from None
     if layer < 0 or head < 0:
         raise ConfigError(f"head ({layer}, {head}): layers and heads count from 0")
     if grid is not None:
@@ -262,3 +266,69 @@ def own_file(path: str | os.PathLike, what: str = "file") -> Path:
         raise ConfigError(f"{path} is {_kind(st.st_mode)}, not a {what} rhlens wrote: remove "
                           "it or choose another output directory")
     return path
+
+
+# ---- records read back -------------------------------------------------------------------------
+def _is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def detect_record_problem(rec: Any, grid: Sequence[int] | None = None) -> str | None:
+    """What is wrong with one record of a detection log (``probes.jsonl``), or ``None``."""
+    if not isinstance(rec, dict):
+        return "not a JSON object"
+    for name, ok, what in (("key", lambda v: isinstance(v, str) and v, "a non-empty string"),
+                           ("success", lambda v: isinstance(v, bool), "true or false"),
+                           ("rouge_recall", _is_number, "a finite number"),
+                           ("response", lambda v: isinstance(v, str), "a string"),
+                           ("scores", lambda v: isinstance(v, list) and v, "a [layer][head] list")):
+        if name not in rec:
+            return f"field {name!r} is missing"
+        if not ok(rec[name]):
+            return f"field {name!r} must be {what}, got {_cut(rec[name])}"
+    rows = rec["scores"]
+    n_layers = len(rows) if grid is None else int(grid[0])
+    if len(rows) != n_layers:
+        return f"'scores' has {len(rows)} layers, the model {n_layers}"
+    width = int(grid[1]) if grid is not None else (len(rows[0]) if isinstance(rows[0], list) else 0)
+    for layer, row in enumerate(rows):
+        if not isinstance(row, list):
+            return f"'scores' row {layer} is {_cut(row)}, not a list of per-head scores"
+        if len(row) != width or not width:
+            return f"'scores' row {layer} has {len(row)} heads, expected {width or 'at least 1'}"
+        for head, v in enumerate(row):
+            if not _is_number(v):
+                return f"'scores' of head ({layer}, {head}) is {_cut(v)}, not a finite number"
+    return None
+
+
+def _cut(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_log_records(path: str | os.PathLike, problem, what: str = "record") -> int:
+    """Check every record of the JSONL log ``path`` as a whole before it is used: the first
+    malformed one is named with its line and what is wrong (a last line cut by a crash is
+    skipped, as the log's reader skips it). Returns the number of records."""
+    import json
+
+    path = input_file(path, "log")
+    lines = path.read_bytes().split(b"\n")
+    while lines and not lines[-1].strip():
+        lines.pop()
+    count = 0
+    for i, line in enumerate(lines, start=1):
+        try:
+            rec = json.loads(line.decode("utf-8"))
+        except ValueError as exc:
+            if i == len(lines):
+                continue  # a torn tail: the run resumes from the record before it
+            raise ConfigError(f"{path}, line {i} is damaged ({exc}); the run cannot be resumed: "
+                              "delete that line or choose another output directory") from None
+        wrong = problem(rec)
+        if wrong:
+            raise ConfigError(f"{path}, line {i}: {what} is malformed ({wrong}); the run cannot "
+                              "be resumed: delete that line or choose another output directory")
+        count += 1
+    return count
