@@ -391,3 +391,17 @@ def test_a_killed_builds_temporary_folder_is_removed(tmp_path):
     keep.mkdir()
     assert remove_stale_builds(tmp_path) == [dead]
     assert mine.exists() and alive.exists() and keep.exists()
+
+
+@pytest.mark.parametrize("bad", ["outside", "negative", "float", "bool"])
+def test_prompt_ids_outside_the_vocabulary_are_one_line(bad, toy_model):
+    import torch
+
+    from rhlens.engine import GenerationConfig, generate
+
+    model, tok = toy_model
+    vocab = model.cfg.d_vocab
+    prompt = {"outside": [1, 2, vocab], "negative": [1, -1], "float": torch.tensor([1.0, 2.0]),
+              "bool": torch.tensor([True, False])}[bad]
+    with pytest.raises(RhlensError, match="token ids"):
+        generate(model, tok, prompt, config=GenerationConfig(max_new_tokens=2))
