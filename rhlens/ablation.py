@@ -29,6 +29,7 @@ from rhlens.deprecation import moved_names
 from rhlens.engine import EngineHook, HeadEditSpec, HookPair, hf_model, native_attention, phase
 from rhlens.errors import ConfigError
 from rhlens.masks import Mask, Mode, PhaseName
+from rhlens.validate import check_head
 
 __all__ = ["ablate_heads", "ablation_hooks", "head_means", "mean_reference_prompts"]
 
@@ -56,13 +57,7 @@ def _check_heads(model, heads: Sequence[Sequence[int]]) -> dict[int, list[int]]:
     n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
     by_layer: dict[int, list[int]] = {}
     for item in heads:
-        try:
-            layer, head = (int(x) for x in item)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"heads are (layer, head) pairs, got {item!r}") from exc
-        if not (0 <= layer < n_layers and 0 <= head < n_heads):
-            raise ConfigError(f"head ({layer}, {head}) is outside this model's "
-                              f"{n_layers} layers x {n_heads} heads")
+        layer, head = check_head(item, (n_layers, n_heads))
         by_layer.setdefault(layer, []).append(head)
     return by_layer
 

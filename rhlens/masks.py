@@ -25,6 +25,7 @@ from typing import Any, Literal
 from rhlens.errors import ConfigError
 from rhlens.retrieval.scores import RetrievalScores
 from rhlens.stats import Head, heads_above, random_heads, top_k_heads
+from rhlens.validate import check_finite, check_heads, parse_heads, whole_number
 
 __all__ = [
     "MASK_SPECS",
@@ -50,13 +51,14 @@ PhaseName = Literal["decode", "all"]
 class Mask:
     """A set of heads to knock out, and how. ``Mask.none()`` is the unmasked baseline."""
 
-    heads: tuple[Head, ...] = ()
+    heads: Sequence[Any] = ()  # (layer, head) pairs, checked; kept as a sorted tuple of ints
     mode: Mode = "uniform"
     phase: PhaseName = "decode"
     label: str = ""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "heads", tuple(sorted({(int(a), int(b)) for a, b in self.heads})))
+        # Exact types (a string, float or bool is refused, never coerced with int()).
+        object.__setattr__(self, "heads", tuple(sorted(set(check_heads(self.heads)))))
         if self.mode not in ("uniform", "zero", "mean"):
             raise ConfigError(f"mode must be uniform, zero or mean, got {self.mode!r}")
         if self.phase not in ("decode", "all"):
@@ -93,8 +95,10 @@ def _check_k(k: int, n_cells: int, what: str) -> None:
 def top_k_mask(scores, k: int, *, mode: Mode = "uniform", phase: PhaseName = "decode") -> Mask:
     """The ``k`` best retrieval heads (:func:`rhlens.stats.top_k_heads`: ties by layer, head),
     labelled ``top-k``."""
+    k = whole_number(k, "K")
     _check_k(k, scores.n_layers * scores.n_heads, f"top-{k}")
-    return Mask(tuple(top_k_heads(scores.mean, k)), mode, phase, label=f"top-{k}")
+    mean = check_finite(scores.mean, "the retrieval scores")  # NaN would rank as the lowest head
+    return Mask(tuple(top_k_heads(mean, k)), mode, phase, label=f"top-{k}")
 
 
 def random_k_heads(scores, k: int, *, seed: int = 0, grid: tuple[int, int] | None = None,
@@ -136,28 +140,22 @@ def parse_mask(spec: str, *, grid: tuple[int, int] | None = None, scores=None,
     random heads drawn from it). ``top:K`` needs ``scores``; ``random:K`` uses them, when
     given, to leave retrieval heads out.
     """
+    if not isinstance(spec, str):
+        raise ConfigError(f"a mask spec is a string ({MASK_SPECS}), got {spec!r}")
     kind, _, rest = spec.strip().partition(":")
     if kind == "none" and not rest:
         return Mask((), mode, phase, label="none")
     if kind == "heads":
-        heads = []
-        for item in rest.split(","):
-            parts = item.strip().split(".")
-            if len(parts) != 2 or not all(x.strip().isdigit() for x in parts):
-                raise ConfigError(f"mask {spec!r}: heads are written layer.head (e.g. heads:3.1,"
-                                  f"10.4), got {item.strip()!r}")
-            heads.append((int(parts[0]), int(parts[1])))
-        if grid is not None:
-            for la, h in heads:
-                if not (0 <= la < grid[0] and 0 <= h < grid[1]):
-                    raise ConfigError(f"mask {spec!r}: head {la}.{h} is outside the model's "
-                                      f"{grid[0]} layers x {grid[1]} heads")
+        try:
+            heads = parse_heads(rest, grid)
+        except ConfigError as exc:
+            raise ConfigError(f"mask {spec.strip()!r}: {exc}") from None
         return Mask(tuple(heads), mode, phase, label=spec.strip())
     if kind not in ("top", "random"):
         raise ConfigError(f"a mask is {MASK_SPECS}; got {spec!r}")
     parts = rest.split(":")
     if (not rest or len(parts) > (2 if kind == "random" else 1) or
-            not all(x.strip().lstrip("-").isdigit() for x in parts)):
+            not all(x.strip().lstrip("-").isdecimal() and x.isascii() for x in parts)):
         form = "top:K" if kind == "top" else "random:K or random:K:SEED"
         raise ConfigError(f"mask {spec!r}: expected {form} with whole numbers")
     k, seed = int(parts[0]), int(parts[1]) if len(parts) > 1 else 0

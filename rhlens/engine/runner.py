@@ -30,6 +30,7 @@ from rhlens.engine.native import DEFAULT_PREFILL_CHUNK, default_prefill_chunk, p
 from rhlens.engine.policy import KernelPolicy
 from rhlens.errors import ConfigError
 from rhlens.store.results import Config
+from rhlens.validate import check_token_ids
 
 __all__ = ["Generation", "GenerationConfig", "Runner", "as_ids", "chat_prompt", "check_count", "decode_step",
            "generate", "generate_many", "model_tokenizer"]
@@ -394,8 +395,11 @@ def generate_many(model, tokenizer, prompts: Iterable[Sequence[int] | Tensor], *
 def _generate_all(runner, run, prompts, config, item_hooks, prefill_keys) -> Iterator[Generation]:
     batch: list[tuple[int, tuple[int, ...], Hashable]] = []
     limit = 1
+    vocab = getattr(getattr(runner.model, "cfg", None), "d_vocab", None)
+    vocab = vocab if isinstance(vocab, int) and vocab > 0 else None
     for i, prompt in enumerate(prompts):
-        ids = as_ids(prompt)
+        # Whole numbers inside the vocabulary, checked here: not 27 frames deep in torch.
+        ids = as_ids(check_token_ids(prompt, vocab, what=f"prompt {i}'s token ids"))
         key = prefill_keys[i] if prefill_keys is not None else None
         if item_hooks is not None:
             yield from run([(i, ids, key)], list(item_hooks(i)))

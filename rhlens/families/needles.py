@@ -22,6 +22,7 @@ from pathlib import Path
 from rhlens.errors import ConfigError
 from rhlens.probes import BUILTIN_NEEDLES, Needle
 from rhlens.stats import rouge_tokens
+from rhlens.store.files import atomic_write_text
 
 __all__ = [
     "NEEDLE_SETS",
@@ -94,9 +95,7 @@ def shared_content_words(needle: Needle) -> set[str]:
 
 def write_needles(path: str | Path, needles: Sequence[Needle]) -> Path:
     """``needles`` as the JSONL file ``--needles`` and :func:`rhlens.probes.load_needles` read."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({"id": n.id, "needle": n.needle, "question": n.question,
-                                        "real_needle": n.real_needle}) + "\n" for n in needles),
-                    encoding="utf-8")
-    return path
+    return atomic_write_text(path, "".join(json.dumps({"id": n.id, "needle": n.needle,
+                                                      "question": n.question,
+                                                      "real_needle": n.real_needle}) + "\n"
+                                          for n in needles))  # never through a planted link

@@ -22,7 +22,7 @@ from rhlens.properties import detection_properties
 from rhlens.retrieval.config import DetectConfig
 from rhlens.retrieval.detect import scores_from_records
 from rhlens.retrieval.scores import RetrievalScores
-from rhlens.store.files import read_jsonl, write_json
+from rhlens.store.files import atomic_write, read_jsonl, write_json
 from rhlens.store.layout import COMPRESS_LOG, LEGACY_RESULT_FILE, NIAH_LOG, PROPERTY_NAMES, RunDir  # noqa: F401  (rhlens.runs' names)
 from rhlens.store.results import Result
 from rhlens.store.runs import RunContents, load_saved, load_single_file, read_run  # noqa: F401
@@ -40,11 +40,7 @@ def find_scores(source: str | Path) -> RetrievalScores:
 def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
     """Write a matplotlib figure atomically (a crash leaves the old file or the new)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=dpi)
-    tmp.replace(path)
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=path.suffix[1:] or "png"))
 
 
 def _remove(path: Path) -> None:

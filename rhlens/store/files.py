@@ -5,34 +5,48 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rhlens.errors import ConfigError, ResultError
+from rhlens.validate import input_file
 
-__all__ = ["atomic_write_text", "read_json", "read_jsonl", "write_json"]
+__all__ = ["atomic_write", "atomic_write_text", "read_json", "read_jsonl", "write_json"]
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write a file so that a crash leaves either the old content or the new, never half."""
+def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:
+    """Write a file so that a crash leaves either the old content or the new, never half.
+
+    ``write(tmp)`` fills a fresh temporary file (created exclusively in the same folder, so no
+    link planted there is followed); it is made readable as any other file (``0o666`` less
+    the umask) and renamed over ``path`` (a link at ``path`` is replaced, not followed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
+        os.close(fd)
+        write(tmp)
+        with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         # mkstemp makes owner-only files; results are meant to be shared like any other file.
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not exc.filename:  # a full disk: say which file
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
     return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write a text file atomically (:func:`atomic_write`)."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
@@ -59,6 +73,8 @@ def read_jsonl(path: str | Path, *, strict: bool = False) -> list[dict[str, Any]
     ``strict``: a damaged line before the last (which no crash can make) raises ConfigError.
     """
     out = []
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        input_file(path, "log", hint="remove it or choose another output directory")
     lines = Path(path).read_bytes().split(b"\n")
     while lines and not lines[-1].strip():
         lines.pop()

@@ -28,7 +28,6 @@ import contextlib
 import dataclasses
 import importlib
 import math
-import os
 import sys
 import types
 import typing
@@ -38,7 +37,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 
 from rhlens.errors import ConfigError, ResultError, RhlensError
-from rhlens.store.files import atomic_write_text, read_json, write_json
+from rhlens.store.files import atomic_write, atomic_write_text, read_json, write_json
 from rhlens.store.layout import LEGACY_RESULT_FILE, RESULT_FILE, TENSOR_FILE
 from rhlens.store.registry import home_of
 from rhlens.version import __version__
@@ -47,6 +46,7 @@ __all__ = [
     "Config",
     "Result",
     "ResultError",
+    "atomic_write",
     "atomic_write_text",
     "load_result",
     "read_json",
@@ -134,9 +134,7 @@ class Result:
             else:
                 fields[f.name] = _plain(value, f"{type(self).__name__}.{f.name}")
         if tensors:
-            tmp = directory / f".{TENSOR_FILE}.tmp"
-            save_file(tensors, str(tmp))
-            os.replace(tmp, directory / TENSOR_FILE)
+            atomic_write(directory / TENSOR_FILE, lambda tmp: save_file(tensors, tmp))
         doc = {"kind": self.kind, "schema_version": self.schema_version,
                "rhlens_version": __version__, "fields": fields}
         write_json(directory / RESULT_FILE, doc)
