@@ -97,10 +97,10 @@ def test_head_view_in_chromium(browser, toy_model, tmp_path):
 
 
 def test_report_in_chromium(browser, tmp_path):
+    from test_report import _detection_run, _niah
+
     from rhlens.report import build_report
     from rhlens.runs import save_niah_run
-
-    from test_report import _detection_run, _niah
 
     run = _detection_run(tmp_path / "run")
     save_niah_run(run, _niah({"none": [], "top-2": [[2, 1], [3, 0]]}), figures=False)

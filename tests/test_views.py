@@ -101,3 +101,62 @@ def test_parse_heads_and_refusals(toy_model):
     model, tok = toy_model
     with pytest.raises(ConfigError, match="outside the model"):
         trace_heads(model, _toy_probe(tok), [(2, 0)], tokenizer=tok)
+
+
+# ---- results that display themselves ------------------------------------------------------
+def _inline_png(page: str) -> bytes:
+    import base64
+
+    m = re.search(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
+    assert m, "no inline figure"
+    return base64.b64decode(m.group(1))
+
+
+def test_results_display_themselves():
+    import pandas as pd
+    from matplotlib.figure import Figure
+    from test_report import _niah, _scores, _sweep
+
+    from rhlens.views.results import compact_table
+
+    scores, sweep = _scores(), _sweep()
+    niah = _niah({"none": [], "top-2": [[2, 1], [3, 0]]})
+    for result in (scores, niah, sweep):
+        page = result._repr_html_()
+        assert _inline_png(page).startswith(b"\x89PNG")
+        assert "<table" in page
+        assert isinstance(result.plot(), Figure)
+        assert isinstance(result.to_dataframe(), pd.DataFrame)
+    # The scores' table ranks the planted head first; NIAH's counts the hallucinations.
+    top = compact_table(scores)
+    assert tuple(top.iloc[0][["layer", "head"]]) == (2, 1) and len(top) == 10
+    assert top.to_html(index=False, border=0, classes="rhlens-table") in scores._repr_html_()
+    rows = compact_table(niah).set_index("mask")
+    assert rows.loc["top-2", "hallucination"] == 2 and rows.loc["none", "NIAH score"] == 100.0
+    curve = sweep.to_dataframe()
+    assert list(curve.columns) == ["k", "top_k", "random_k_mean", "random_k_std"]
+    assert curve["top_k"].tolist() == sweep.curve()["top"]
+
+
+def test_patching_and_cot_display_themselves():
+    from rhlens.cot.experiment import CoTResult
+    from rhlens.patching import HeadPatchingResult
+
+    effects = torch.zeros(2, 4, 3)
+    effects[:, 2, 1] = 0.7
+    patch = HeadPatchingResult(effects=effects, patched=effects.clone(), clean=torch.tensor([3.0, 2.5]),
+                               corrupted=torch.tensor([-1.0, -0.5]), model_name="toy-model",
+                               config={"mode": "exact", "direction": "denoise", "positions": "answer",
+                                       "metric": "logit_diff"},
+                               pairs=[{"key": "p0"}, {"key": "p1"}], seconds=[1.0, 1.0])
+    records = [{"key": f"{mask}|{mode}|{i}", "task": "arithmetic", "mask": mask, "group": mask,
+                "mode": mode, "id": i, "gold": "4", "output": "4", "extracted": "4",
+                "correct": not (mask != "none" and mode == "cot")}
+               for mode in ("cot", "direct") for mask in ("none", "top-2") for i in range(3)]
+    cot = CoTResult(task="arithmetic", task_kind="number", model_name="toy-model", records=records,
+                    masks={"none": {}, "top-2": {}}, config={"n_boot": 200, "level": 0.9, "seed": 0})
+    for result in (patch, cot):
+        page = result._repr_html_()
+        assert _inline_png(page).startswith(b"\x89PNG") and "<table" in page
+    assert "0.7" in patch._repr_html_()
+    assert len(cot.to_dataframe()) == 4

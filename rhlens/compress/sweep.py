@@ -37,7 +37,7 @@ from rhlens.compress.policy import (
     random_policy,
     streaming_policy,
 )
-from rhlens.engine import GenerationConfig, KernelPolicy, generate_many
+from rhlens.engine import GenerationConfig, KernelPolicy, StepState, generate_many
 from rhlens.errors import ConfigError
 from rhlens.identity import run_header
 from rhlens.io import ProbeLog, Records
@@ -186,7 +186,7 @@ def compress_sweep(model, probes: Sequence[Probe], rankings: Mapping[str, Any], 
                    streaming: bool = True, config: CompressConfig | None = None,
                    niah: NIAHConfig | None = None, batch_size: int | None = None,
                    kernel_policy: KernelPolicy | None = None, tokenizer=None,
-                   out: str | Path | None = None, progress: bool = False) -> CompressSweepResult:
+                   out: str | Path | None = None, progress: bool = True) -> CompressSweepResult:
     """NIAH score of ``probes`` against the KV budget for every policy (see the module).
 
     Args:
@@ -256,8 +256,11 @@ def compress_sweep(model, probes: Sequence[Probe], rankings: Mapping[str, Any], 
                    initial=sum(1 for key in done if key.split("|", 1)[0] in described))
     mask = PolicyMask(model, distinct, layout)
     mask.items = {j: i for j, (_, i) in enumerate(work)}
+    state = StepState()  # the bar moves at every decode step: each row's share of its answers
+    per_row = total / max(1, len(work)) / gen_config.max_new_tokens
+    state.on_step = lambda: sink.advance(state.rows * per_row)
     gens = generate_many(model, tokenizer, [p.prompt_ids for p, _ in work], config=gen_config,
-                         hooks=mask.hooks(), on_start=mask.on_start)
+                         hooks=mask.hooks(), on_start=mask.on_start, state=state)
     try:
         for (probe, i), gen in zip(work, gens):
             for label in labels_of[i]:

@@ -278,7 +278,7 @@ def cot_ablation(model, task: Task | str | Path | Iterable[Any], *, masks: Any =
                  k: int | None = None, seeds: int | Sequence[int] = 0, mask_mode: str = "uniform",
                  grade: Callable[[str, str], bool] | None = None, config: CoTConfig | None = None,
                  tokenizer=None, means=None, out: str | Path | None = None,
-                 progress: bool = False) -> CoTResult:
+                 progress: bool = True) -> CoTResult:
     """Accuracy of CoT and direct answers under each mask (the paper's Figure 10).
 
     Args:

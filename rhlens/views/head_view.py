@@ -56,7 +56,8 @@ _JS = r"""
  if(!root||root.dataset.ready)return; root.dataset.ready="1";
  var d=JSON.parse(root.querySelector("script.rhv-data").textContent);
  var S=d.answer.length, step=0;
- function esc(t){return String(t).replace(/[&<>"]/g,function(c){return {"&":"&amp;","<":"&lt;",">":"&gt;",'"':"&quot;"}[c];});}
+ var ESC={"&":"&amp;","<":"&lt;",">":"&gt;",'"':"&quot;"};
+ function esc(t){return String(t).replace(/[&<>"]/g,function(c){return ESC[c];});}
  function vis(t){return t.replace(/\n/g,"\u21b5\n");}
  function shade(w){var a=Math.min(1,Math.sqrt(w));return "rgba(31,95,191,"+(0.75*a).toFixed(3)+")";}
  var slider=root.querySelector(".rhv-step"), label=root.querySelector(".rhv-steplabel");
