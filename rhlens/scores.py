@@ -101,11 +101,14 @@ class RetrievalScores(Result):
     # ---- queries (every ranking through rhlens.stats) ------------------------------------
     def top(self, k: int = 10) -> list[tuple[int, int, float]]:
         """The ``k`` highest-scoring heads (all of them when there are fewer) as ``(layer,
-        head, score)``, best first; equal scores in (layer, head) order (:mod:`rhlens.stats`)."""
+        head, score)``, best first; equal scores in (layer, head) order (:mod:`rhlens.stats`).
+        Scores are rounded to 6 decimals (the precision of the per-probe records), so a float32
+        mean prints as 0.8 rather than 0.800000011920929."""
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise ConfigError(f"k must be a whole number >= 0, got {k!r}")
         mean = self.mean
-        return [(la, h, float(mean[la, h])) for la, h in top_k_heads(mean, min(k, mean.numel()))]
+        return [(la, h, round(float(mean[la, h]), 6))
+                for la, h in top_k_heads(mean, min(k, mean.numel()))]
 
     def top_heads(self, k: int) -> list[Head]:
         """The ``k`` best heads, best first: the heads a top-K mask knocks out (``k`` more

@@ -160,3 +160,11 @@ def test_patching_and_cot_display_themselves():
         assert _inline_png(page).startswith(b"\x89PNG") and "<table" in page
     assert "0.7" in patch._repr_html_()
     assert len(cot.to_dataframe()) == 4
+
+
+def test_top_prints_no_float32_noise():
+    from test_report import _scores
+
+    scores = _scores()
+    assert float(scores.mean[2, 1]) != 0.8  # float32's 0.800000011920929
+    assert scores.top(1) == [(2, 1, 0.8)]
