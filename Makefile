@@ -26,8 +26,9 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/rhlens detect --lengths 500,1000 --depths 0,50,100 --n-needles 2 \
 		--max-new-tokens 32 --out $(OUT)
+	$(BIN)/rhlens show $(OUT) --heads top:2,bottom:1
 	$(BIN)/rhlens report $(OUT) --out $(OUT)/report.html
-	@echo "Results are in $(OUT)/: report.html (open it in a browser), report.md, summary.json, head_scores.json, *.png"
+	@echo "Results are in $(OUT)/: report.html and heads-*.html (open them in a browser), report.md, summary.json, head_scores.json, *.png"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -17,7 +17,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from rhlens.cli.args import Parser, error_line, one_line, say
+from rhlens.cli.args import Parser, error_line, one_line, say, state_defaults
 from rhlens.errors import RhlensError
 
 __all__ = ["build_parser", "main"]
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 parser_class=Parser)
     for module in (detect, niah, scores, compress, cot, patch, report, show, official):
         module.add_parsers(sub)
+    state_defaults(parser)
     return parser
 
 

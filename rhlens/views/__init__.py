@@ -5,6 +5,6 @@
 a result's compact table and figure, what ``Result._repr_html_`` shows in Jupyter.
 """
 
-from rhlens.views.head_view import HeadView, head_view
+from rhlens.views.heads import HeadView, head_view
 
 __all__ = ["HeadView", "head_view"]
