@@ -52,8 +52,14 @@ _CSS = """
 # Renders every panel from the JSON beside it; the step control re-renders in place.
 _JS = r"""
 (function(){
- var root=document.getElementById("%(id)s");
- if(!root||root.dataset.ready)return; root.dataset.ready="1";
+ // The root: this script's own .rhv (as Jupyter runs it) or the element of that id; a front
+ // end that runs scripts before attaching the output gets a few more tries.
+ var me=document.currentScript;
+ function find(){return (me&&me.closest?me.closest(".rhv"):null)||document.getElementById("%(id)s");}
+ function start(tries){var root=find();
+   if(!root){if(tries<50)setTimeout(function(){start(tries+1);},100);return;}
+   if(!root.dataset.ready){root.dataset.ready="1";init(root);}}
+ function init(root){
  var d=JSON.parse(root.querySelector("script.rhv-data").textContent);
  var S=d.answer.length, step=0;
  var ESC={"&":"&amp;","<":"&lt;",">":"&gt;",'"':"&quot;"};
@@ -115,6 +121,8 @@ _JS = r"""
  root.querySelectorAll(".rhv-atok").forEach(function(e){
    e.addEventListener("click",function(){show(+e.dataset.step);});});
  show(0);
+ }
+ start(0);
 })();
 """
 
