@@ -31,6 +31,7 @@ from rhlens.retrieval import check_probes
 from rhlens.runs import NIAH_LOG, RunDir, load_single_file
 from rhlens.scores import RetrievalScores
 from rhlens.stats import rouge1_recall, rouge_tokens
+from rhlens.views.results import Displayed
 
 __all__ = [
     "AnswerClass",
@@ -104,7 +105,7 @@ class NIAHConfig(Config):
 
 
 @dataclass
-class NIAHResult(Result):
+class NIAHResult(Displayed, Result):
     """Answers of every probe under every mask.
 
     ``records`` has one dict per (mask, probe): ``mask``, ``key``, ``length``, ``depth``,
@@ -327,7 +328,7 @@ def sweep_masks(scores: RetrievalScores, ks: Sequence[int], seeds: int | Sequenc
 
 
 @dataclass
-class MaskSweepResult(Result):
+class MaskSweepResult(Displayed, Result):
     """Mean NIAH score against K for top-K and random-K masks (the paper's Figure 7)."""
 
     ks: list[int]

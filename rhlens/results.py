@@ -150,25 +150,6 @@ class Result:
             cls.kind = cls.__name__
         Result._results[cls.kind] = cls
 
-    # -- looking at it (rhlens.views.results) --
-    def _repr_html_(self) -> str:
-        """Jupyter's display: a one-line summary, a compact table and the figure, inline."""
-        from rhlens.views.results import result_html
-
-        return result_html(self)
-
-    def plot(self, **kwargs: Any):
-        """The result's figure (a matplotlib ``Figure``; never shown, save or display it)."""
-        from rhlens.views.results import figure
-
-        return figure(self, **kwargs)
-
-    def to_dataframe(self):
-        """The result's table as a ``pandas.DataFrame`` (classes with their own override it)."""
-        from rhlens.views.results import dataframe
-
-        return dataframe(self)
-
     # -- writing --
     def save(self, directory: str | Path) -> Path:
         """Write this result into ``directory`` (created; files replaced atomically)."""

@@ -21,12 +21,13 @@ from torch import Tensor
 from rhlens.errors import ConfigError
 from rhlens.results import Config, Result, ResultError, atomic_write_text
 from rhlens.stats import Head, bootstrap_means, heads_above, rank_heads, top_k_heads
+from rhlens.views.results import Displayed
 
 __all__ = ["Head", "RetrievalScores"]
 
 
 @dataclass
-class RetrievalScores(Result):
+class RetrievalScores(Displayed, Result):
     """Retrieval scores of every (layer, query head) on every probe.
 
     Attributes:

@@ -46,6 +46,7 @@ from rhlens.probe import Probe
 from rhlens.results import Config, Result
 from rhlens.retrieval import check_probes
 from rhlens.runs import COMPRESS_LOG
+from rhlens.views.results import Displayed
 
 __all__ = ["CompressSweepResult", "compress_sweep", "needle_attention_mass", "sweep_policies"]
 
@@ -56,7 +57,7 @@ RESERVED = ("full", "streaming", "random")
 # The result
 # ---------------------------------------------------------------------------------------
 @dataclass
-class CompressSweepResult(Result):
+class CompressSweepResult(Displayed, Result):
     """NIAH answers of every probe under every cache policy of a budget sweep.
 
     Attributes:

@@ -37,6 +37,7 @@ from rhlens.identity import run_header
 from rhlens.results import RESULT_FILE, Config, Result, ResultError, read_json
 from rhlens.scores import RetrievalScores
 from rhlens.stats import bootstrap_means, percentile_interval
+from rhlens.views.results import Displayed
 
 __all__ = ["CoTConfig", "CoTResult", "as_masks", "cot_ablation"]
 
@@ -84,7 +85,7 @@ def _group(label: str) -> str:
 
 
 @dataclass
-class CoTResult(Result):
+class CoTResult(Displayed, Result):
     """Every answer of a CoT run, with accuracies, intervals and drops.
 
     ``records``: one dict per (mask, mode, item) with ``task``, ``mask``, ``group`` (random

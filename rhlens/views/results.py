@@ -12,7 +12,7 @@ import html
 import io
 from typing import Any
 
-__all__ = ["compact_table", "dataframe", "figure", "result_html"]
+__all__ = ["Displayed", "compact_table", "dataframe", "figure", "result_html"]
 
 _ROWS = 10  # rows of a compact table
 
@@ -142,3 +142,21 @@ def result_html(result: Any, *, dpi: int = 80) -> str:
     parts.append("<div style='display:flex;gap:16px;flex-wrap:wrap;align-items:flex-start'>"
                  + "".join(body) + "</div></div>")
     return "".join(parts)
+
+
+class Displayed:
+    """Mixin of the analyses' results: Jupyter's display, ``.plot()`` and a generic
+    ``.to_dataframe()`` (a class with its own overrides it). The store's ``Result`` imports no
+    view; each analysis' result class lists this mixin before ``Result``."""
+
+    def _repr_html_(self) -> str:
+        """Jupyter's display: a one-line summary, a compact table and the figure, inline."""
+        return result_html(self)
+
+    def plot(self, **kwargs: Any):
+        """The result's figure (a matplotlib ``Figure``; never shown: save or display it)."""
+        return figure(self, **kwargs)
+
+    def to_dataframe(self):
+        """The result's table as a ``pandas.DataFrame``."""
+        return dataframe(self)
