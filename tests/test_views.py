@@ -168,3 +168,26 @@ def test_top_prints_no_float32_noise():
     scores = _scores()
     assert float(scores.mean[2, 1]) != 0.8  # float32's 0.800000011920929
     assert scores.top(1) == [(2, 1, 0.8)]
+
+
+def test_show_command_writes_the_view_of_a_detection_run(toy_model, tmp_path, capsys):
+    from rhlens.cli import main
+    from rhlens.retrieval import DetectConfig, detect_retrieval_heads
+
+    from toy import TOY_MODEL_DIR
+
+    model, tok = toy_model
+    probes = [_toy_probe(tok, n, seed) for n, seed in ((30, 1), (50, 2))]
+    run = tmp_path / "run"
+    detect_retrieval_heads(model, probes, config=DetectConfig(max_new_tokens=12), tokenizer=tok,
+                           out=run, progress=False)
+    out = tmp_path / "view.html"
+    assert main(["show", str(run), "--model", str(TOY_MODEL_DIR), "--heads", "1.2,0.0",
+                 "--probe", probes[1].key, "--context", "4", "--out", str(out)]) == 0
+    page = out.read_text()
+    data = json.loads(re.search(r'class="rhv-data">(.*?)</script>', page, re.S).group(1))
+    assert data["heads"] == [[1, 2], [0, 0]] and data["needle"] == list(probes[1].needle_span)
+    assert data["probe_scores"][0] == 1.0 and data["recall"] == 1.0
+    assert "L1H2 " in capsys.readouterr().out
+    assert main(["show", str(run), "--model", str(TOY_MODEL_DIR), "--heads", "top:1"]) == 2
+    assert "rhlens: error" in capsys.readouterr().err

@@ -83,6 +83,11 @@ def cmd_show(args: argparse.Namespace) -> int:
                               f"{shape.n_heads} heads")
     out = Path(args.out) if args.out else Path(args.run) / f"heads-{probe.key}.html"
     model, tok = prepare.load(args)
+    if not probe.real_needle:  # a needle of its own file: the expected answer is the span's text
+        from dataclasses import replace
+
+        start, end = probe.needle_span
+        probe = replace(probe, real_needle=tok.decode(list(probe.prompt_ids)[start:end]))
     trace = trace_heads(model, probe, heads, answer_ids=answer, tokenizer=tok, scores=scores,
                         context=args.context)
     head_view(trace).save(out)
