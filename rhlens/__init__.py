@@ -15,7 +15,7 @@ from rhlens.errors import ModelLoadError as ModelLoadError
 from rhlens.errors import ProbeError as ProbeError
 from rhlens.errors import ResultError as ResultError
 from rhlens.errors import RhlensError as RhlensError
-from rhlens.store.registry import register_homes
+from rhlens.store.registry import register_homes, register_view
 from rhlens.version import __version__ as __version__
 
 # The face a notebook needs, ``import rhlens as rh``: name -> (module, attribute there).
@@ -69,6 +69,10 @@ _LAZY: dict[str, tuple[str, str]] = {
     "budget_policy": ("rhlens.compress", "budget_policy"),
     "policy_hooks": ("rhlens.compress", "policy_hooks"),
     "score_families": ("rhlens.families", "score_families"),
+    # looking at heads
+    "trace_heads": ("rhlens.trace", "trace_heads"),
+    "HeadTrace": ("rhlens.trace", "HeadTrace"),
+    "head_view": ("rhlens.views", "head_view"),
     "FamilyScores": ("rhlens.families", "FamilyScores"),
     # results
     "load_result": ("rhlens.store.results", "load_result"),
@@ -91,6 +95,7 @@ register_homes({
     "DamageResult": "rhlens.families",
     "CompressSweepResult": "rhlens.compress",
 })
+register_view("rhlens.views.results")  # results display themselves through the views
 deprecation.install()  # old module paths (rhlens.results, rhlens.scores, ...) keep working
 
 

@@ -20,11 +20,11 @@ ROOT = Path(rhlens.__file__).resolve().parent
 
 # docs/ARCHITECTURE.md's layers: a module may import its own layer's (without a loop) and lower ones.
 LAYERS = {
-    "errors": 0, "stats": 0, "version": 0, "deprecation": 0,
+    "errors": 0, "stats": 0, "version": 0, "deprecation": 0, "validate": 0,
     "store": 1, "engine": 1,
     "models": 2, "probes": 2, "distributed": 2,
     "retrieval": 3, "masks": 3, "ablation": 3,
-    "niah": 4, "cot": 4, "patching": 4, "properties": 4, "families": 4, "compress": 4,
+    "niah": 4, "cot": 4, "patching": 4, "properties": 4, "families": 4, "compress": 4, "trace": 4,
     "plotting": 5, "views": 5, "report": 5, "cli": 5,
     "__main__": 6, "": 6,  # rhlens/__init__.py, the face
 }

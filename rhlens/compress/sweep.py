@@ -37,13 +37,14 @@ from rhlens.compress.policy import (
     random_policy,
     streaming_policy,
 )
-from rhlens.engine import GenerationConfig, KernelPolicy, generate_many, model_tokenizer
+from rhlens.engine import GenerationConfig, KernelPolicy, StepState, generate_many, model_tokenizer
 from rhlens.errors import ConfigError
 from rhlens.families import needle_mass_scores
 from rhlens.masks import seed_list
 from rhlens.niah import NIAHConfig, NIAHResult, answer_record, finished_records
 from rhlens.probes.probe import Probe
 from rhlens.retrieval import DetectConfig, check_probes
+from rhlens.store.display import Displayed
 from rhlens.store.identity import run_header
 from rhlens.store.layout import COMPRESS_LOG
 from rhlens.store.logs import ProbeLog, Records
@@ -58,7 +59,7 @@ RESERVED = ("full", "streaming", "random")
 # The result
 # ---------------------------------------------------------------------------------------
 @dataclass
-class CompressSweepResult(Result):
+class CompressSweepResult(Displayed, Result):
     """NIAH answers of every probe under every cache policy of a budget sweep.
 
     Attributes:
@@ -188,7 +189,7 @@ def compress_sweep(model, probes: Sequence[Probe], rankings: Mapping[str, Any], 
                    streaming: bool = True, config: CompressConfig | None = None,
                    niah: NIAHConfig | None = None, batch_size: int | None = None,
                    kernel_policy: KernelPolicy | None = None, tokenizer=None,
-                   out: str | Path | None = None, progress: bool = False) -> CompressSweepResult:
+                   out: str | Path | None = None, progress: bool = True) -> CompressSweepResult:
     """NIAH score of ``probes`` against the KV budget for every policy (see the module).
 
     Args:
@@ -256,8 +257,11 @@ def compress_sweep(model, probes: Sequence[Probe], rankings: Mapping[str, Any], 
                    initial=sum(1 for key in done if key.split("|", 1)[0] in described))
     mask = PolicyMask(model, distinct, layout)
     mask.items = {j: i for j, (_, i) in enumerate(work)}
+    state = StepState()  # the bar moves at every decode step: each row's share of its answers
+    per_row = total / max(1, len(work)) / gen_config.max_new_tokens
+    state.on_step = lambda: sink.advance(state.rows * per_row)
     gens = generate_many(model, tokenizer, [p.prompt_ids for p, _ in work], config=gen_config,
-                         hooks=mask.hooks(), on_start=mask.on_start)
+                         hooks=mask.hooks(), on_start=mask.on_start, state=state)
     try:
         for (probe, i), gen in zip(work, gens):
             for label in labels_of[i]:

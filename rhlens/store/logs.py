@@ -391,6 +391,7 @@ class Records:
         self.weights = dict(weights) if weights is not None else None
         self.total, self.unit = total, unit
         self.elsewhere = 0  # items finished by other processes (see tick)
+        self.ahead = 0.0  # advanced before its items finished (see advance)
         self.bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -414,13 +415,23 @@ class Records:
         if self.log:
             self.log.append(record)
         if self.bar:
-            self.bar.update(1 if self.weights is None else self.weights.get(record["key"], 0))
+            cost = 1 if self.weights is None else self.weights.get(record["key"], 0)
+            credit = min(self.ahead, cost)  # the part already shown by advance()
+            self.ahead -= credit
+            self.bar.update(cost - credit)
             extra = postfix() if postfix is not None else {}
             if self.weights is not None:
                 self.bar.set_postfix_str(", ".join([self._count(), *(f"{k}={v}" for k, v in
                                                                      extra.items())]))
             elif extra:
                 self.bar.set_postfix(**extra)
+
+    def advance(self, amount: float) -> None:
+        """Move the bar by ``amount`` of the cost of items still running (a decode step's
+        share), so it moves while a batch runs; finished items are then counted net of it."""
+        if self.bar and amount > 0:
+            self.ahead += amount
+            self.bar.update(amount)
 
     def tick(self, items: int, weight: float = 0) -> None:
         """Count ``items`` finished elsewhere (other ranks of a launch), of summed cost

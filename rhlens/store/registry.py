@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-__all__ = ["home_of", "register_home", "register_homes"]
+__all__ = ["home_of", "register_home", "register_homes", "register_view", "view_home"]
 
 _HOMES: dict[str, str] = {}
+_VIEW: list[str] = []  # the module that displays results (rhlens.store.display)
 
 
 def register_home(kind: str, module: str) -> None:
@@ -33,3 +34,15 @@ def register_homes(homes: Mapping[str, str]) -> None:
 def home_of(kind: str) -> str | None:
     """The module registered for ``kind``, or ``None``."""
     return _HOMES.get(kind)
+
+
+def register_view(module: str) -> None:
+    """Results display through ``module`` (its ``result_html``, ``figure`` and ``dataframe``)."""
+    if not isinstance(module, str) or not module:
+        raise TypeError("register_view takes a module name, a non-empty string")
+    _VIEW[:] = [module]
+
+
+def view_home() -> str | None:
+    """The module registered to display results, or ``None``."""
+    return _VIEW[0] if _VIEW else None
