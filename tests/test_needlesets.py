@@ -232,3 +232,39 @@ def test_heldout_compress_runs_on_the_toy_model(toy_model, tmp_path):
                             niah=NIAHConfig(max_new_tokens=6), tokenizer=tok)
     assert row["report"]["retrieval"] == direct.score("retrieval@0.4")
     assert row["report"]["full"] == direct.score("full")
+
+
+# ---- the CLI -----------------------------------------------------------------------------------
+def test_cli_compress_chooses_the_window_on_one_split_and_reports_on_the_other(default_model, tmp_path,
+                                                                                 monkeypatch):
+    from rhlens.cli import main
+    from rhlens.scores import RetrievalScores
+
+    per = torch.zeros(2, 30, 9)
+    per[:, 18, 6] = per[:, 17, 4] = 0.8
+    RetrievalScores(per, torch.ones(2, dtype=torch.bool), "smollm2", n_kv_heads=3).save(tmp_path / "scores")
+    import rhlens.models
+
+    monkeypatch.setattr(rhlens.models, "load_model", lambda *a, **k: default_model)
+    argv = ["compress", "--scores", str(tmp_path / "scores"), "--budgets", "0.5", "--seeds", "1",
+            "--lengths", "400", "--depths", "50", "--n-needles", "1", "--max-new-tokens", "6",
+            "--choose-windows", "30,60", "--out", str(tmp_path / "run"), "--quiet"]
+    assert main(argv) == 0
+    doc = json.loads((tmp_path / "run" / "heldout.json").read_text())
+    assert doc["windows"] == [30, 60] and doc["rows"][0]["window"] in (30, 60)
+    choose = json.loads((tmp_path / "run" / "choose" / "split.json").read_text())
+    report = json.loads((tmp_path / "run" / "report" / "split.json").read_text())
+    assert choose["split"] == "choose" and report["split"] == "report"
+    assert choose["needles"] == [packaged_needles("choose")[0].id]
+    assert report["needles"] == [packaged_needles("report")[0].id]
+    assert report["haystack"] != choose["haystack"]
+    run = json.loads((tmp_path / "run" / "report" / "compress.run.json").read_text())
+    assert run["heldout"]["split"] == "report"
+    assert main([*argv[:-3], "--split", "report", "--out", str(tmp_path / "r2")]) == 2  # not both
+
+
+def test_cli_scores_refuses_a_judge_split_without_judging(capsys):
+    from rhlens.cli import main
+
+    assert main(["scores", "--split", "choose", "--judge-split", "report", "--out", "/tmp/x-never"]) == 2
+    assert "--judge" in capsys.readouterr().err
