@@ -3,7 +3,7 @@
 On the default model (SmolLM2-135M-Instruct, CPU): the copy (the paper's), mass and query score
 families are computed on the choosing split (the packaged ``choose`` needles, the stdlib
 haystack; one probe per needle at length ``--length``, depths cycled), and each family's top-K
-heads are masked (K = 1, 2, 5, 10, 20; random-K with 2 seeds) on the choosing probes themselves
+heads are masked (K = 1, 2, 5, 10, 20; random-K with ``--seeds`` seeds) on the choosing probes themselves
 (in-sample, as ``scripts/families.py`` does) and on the report split (the ``report`` needles in
 a rotated haystack): K to halve NIAH and the area under the curve, with bootstrap intervals over
 probes (:meth:`rhlens.families.DamageResult.summary`). Resumable; writes ``--out`` and, with
@@ -47,6 +47,7 @@ def main(argv=None) -> int:
     ap.add_argument("--results", default=None)
     ap.add_argument("--length", type=int, default=1000)
     ap.add_argument("--n", type=int, default=12, help="needles (= probes) per split")
+    ap.add_argument("--seeds", type=int, default=SEEDS, help="random-K masks per K")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
             res = DamageResult.load(d / "result")
         else:
             t = time.perf_counter()
-            res = damage_sweep(model, built[split][0], rankings, ks=KS, seeds=SEEDS, tokenizer=tok,
+            res = damage_sweep(model, built[split][0], rankings, ks=KS, seeds=args.seeds, tokenizer=tok,
                                needle_set=split, out=d,
                                config=NIAHConfig(max_new_tokens=NIAH_BUDGET, prefill_chunk=CHUNK))
             res.save(d / "result")
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
         say(f"{r['split']:>7} {r['family']:>8} {r['unmasked']:5.1f} {k:>6} "
             f"[{r['k_half_ci'][0]:.1f}, {r['k_half_ci'][1]:.1f}] {r['auc']:8.2f} "
             f"[{r['auc_ci'][0]:.2f}, {r['auc_ci'][1]:.2f}]")
-    doc = {"length": args.length, "depths": list(DEPTHS), "ks": list(KS), "seeds": SEEDS,
+    doc = {"length": args.length, "depths": list(DEPTHS), "ks": list(KS), "seeds": args.seeds,
            "families": list(rankings), "splits": {s: built[s][1] for s in built},
            "top5": {f: [list(h) for h in fs[f].top_heads(5)] for f in rankings}, "rows": table,
            "command": "python scripts/heldout_families.py "
