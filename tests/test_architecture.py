@@ -22,7 +22,7 @@ ROOT = Path(rhlens.__file__).resolve().parent
 LAYERS = {
     "errors": 0, "stats": 0, "version": 0, "deprecation": 0, "validate": 0,
     "store": 1, "engine": 1,
-    "models": 2, "probes": 2, "distributed": 2,
+    "models": 2, "probes": 2, "needlesets": 2, "distributed": 2, "data": 2,
     "retrieval": 3, "masks": 3, "ablation": 3,
     "niah": 4, "cot": 4, "patching": 4, "properties": 4, "families": 4, "compress": 4, "trace": 4,
     "plotting": 5, "views": 5, "report": 5, "cli": 5,

@@ -16,8 +16,15 @@ from rhlens.errors import ConfigError
 from rhlens.store.identity import sha256_text
 from rhlens.validate import input_dir, input_file
 
-__all__ = ["DirectoryHaystack", "Haystack", "StdlibHaystack", "SyntheticHaystack", "make_haystack",
-           "sha256_text"]
+__all__ = [
+    "DirectoryHaystack",
+    "Haystack",
+    "StdlibHaystack",
+    "SyntheticHaystack",
+    "make_haystack",
+    "sha256_text",
+    "stdlib_text",
+]
 
 
 class Haystack:
@@ -94,7 +101,8 @@ _STDLIB_MODULES = (
 
 
 @lru_cache(maxsize=1)
-def _stdlib_text() -> str:
+def stdlib_text() -> str:
+    """The docstrings of the standard-library modules the stdlib haystack reads, joined."""
     paragraphs: list[str] = []
     for mod_name in _STDLIB_MODULES:
         try:
@@ -131,7 +139,7 @@ class StdlibHaystack(Haystack):
     name = "stdlib-docs"
 
     def text(self, min_chars: int) -> str:
-        text = _stdlib_text()
+        text = stdlib_text()
         if not text:
             raise ConfigError("no standard-library docstrings found (python -OO strips them); "
                               "use --haystack DIR or the synthetic haystack")
@@ -139,7 +147,7 @@ class StdlibHaystack(Haystack):
         return " ".join([text] * max(1, reps))
 
     def source_text(self) -> str:
-        return _stdlib_text()
+        return stdlib_text()
 
 
 _SUBJECTS = ("the river", "a merchant", "the old clock", "our neighbour", "the committee",
