@@ -17,13 +17,15 @@ import distributed_worker as worker
 import numpy as np
 import pytest
 
-from rhlens.distributed import DECODE_STEP_TOKENS, engine_plan, plan_units, prefix_order
+from rhlens.distributed import DECODE_STEP_TOKENS, engine_plan, plan_units, prefix_order, schedule
 from rhlens.engine.kv import reusable
 from rhlens.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(worker.__file__)
-TIMING = ("seconds",)
+# What a probe cost, not what it found: its seconds, and the prefix it reused (a unit cut for
+# balance prefills a probe whole that one process reuses a prefix for; the numbers are the same).
+COST = ("seconds", "reused_prefix")
 N_PROBES = 30  # worker.haystack_probes
 
 
@@ -38,7 +40,7 @@ def torchrun(n: int, *args: str, timeout: int = 900) -> subprocess.CompletedProc
 
 
 def records(path: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
+    return [{k: v for k, v in json.loads(line).items() if k not in COST}
             for line in path.read_text().splitlines()]
 
 
@@ -116,6 +118,47 @@ def test_a_plan_never_links_two_groups():
         engine_plan([a, b], max_new_tokens=4, groups=[1])
 
 
+def _prefill(prompts, links, chunk: int) -> int:
+    """Tokens the engine prefills running each unit of ``links`` apart."""
+    total = 0
+    for i, p in enumerate(prompts):
+        reused = reusable(_common(prompts[i - 1][:-1], p[:-1]), chunk) if i and links[i] else 0
+        total += len(p) - 1 - reused
+    return total
+
+
+def _span(costs, links, world: int) -> float:
+    units = plan_units(costs, links)
+    return max(sum(units[u].cost for u in r) for r in schedule(units, world))
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_a_plan_for_several_ranks_cuts_units_where_it_costs_least(world):
+    """Two lengths (the shorter a third of the work) x 2 needles x 5 depths, 16 a batch: one
+    unit per length is too coarse for 2-4 ranks. The plan for ``world`` ranks cuts only where
+    the units were linked, evens the schedule out, and prefills at most 2.5% more tokens than
+    the plan of one process (which cuts nothing)."""
+    rng = np.random.default_rng(world)
+    prompts, groups = [], []
+    for n in (60, 180):
+        grid = _niah(n, (0, 25, 50, 75, 100), [[900, 901, 902], [950, 951, 952]], rng)
+        order = prefix_order(grid)
+        prompts += [grid[i] for i in order]
+        groups += [n] * len(grid)
+    plan = {"max_new_tokens": 8, "batch_size": 16, "chunk": 4, "groups": groups, "step_tokens": 27}
+    costs1, links1 = engine_plan(prompts, **plan)
+    assert engine_plan(prompts, **plan, world=1) == (costs1, links1)
+    assert len(plan_units(costs1, links1)) == 2
+    costs, links = engine_plan(prompts, **plan, world=world)
+    assert all(a or not b for a, b in zip(links1, links))  # cuts only, where linked
+    assert len(plan_units(costs, links)) > 2
+    assert _span(costs, links, world) < _span(costs1, links1, world)
+    alone = _prefill(prompts, links1, 4)
+    assert alone <= _prefill(prompts, links, 4) <= 1.025 * alone
+    with pytest.raises(ConfigError, match="world must be"):
+        engine_plan(prompts, **plan, world=0)
+
+
 def test_the_engine_counts_what_the_plan_predicts(toy_model):
     """Generation.info["prefill_tokens"]: the tokens the prefill computed, the prompt minus
     its last token and the reused prefix; summed over a unit, the plan's predicted prefill."""
@@ -151,35 +194,41 @@ def _same_as_one(one: Path, out: Path) -> None:
     assert not (out / "shards").exists()
 
 
-def _check_counts(one: Path, out: Path, world: int) -> None:
-    """Each rank's prefill in run.json, their sums under ``total``, equal to one process's."""
+def check_counts(one: Path, out: Path, world: int, items: int) -> dict:
+    """Each rank's prefill in run.json and their sums under ``total``; the sum over the ranks
+    within 3% of one process's (never less); returns the launch's entry."""
     single, = launches(one)
     launch = launches(out)[-1]
     assert single["world"] == 1 and launch["world"] == world
     assert [r["rank"] for r in launch["ranks"]] == list(range(world))
     for key in ("items", "prefill_tokens", "reused_tokens", "decode_tokens"):
         assert launch["total"][key] == sum(r[key] for r in launch["ranks"]), key
-        assert launch["total"][key] == single["total"][key], key  # exact, not within 3%
-    assert single["total"]["items"] == N_PROBES and single["total"]["reused_tokens"] > 0
+    for key in ("items", "decode_tokens"):
+        assert launch["total"][key] == single["total"][key], key
+    assert single["total"]["items"] == items and single["total"]["reused_tokens"] > 0
+    ranks, alone = launch["total"]["prefill_tokens"], single["total"]["prefill_tokens"]
+    assert alone <= ranks <= 1.03 * alone, (ranks, alone)
+    # every prompt token is either prefilled or reused, in both
+    assert ranks + launch["total"]["reused_tokens"] == alone + single["total"]["reused_tokens"]
     assert all(r["items"] > 0 and r["prefill_tokens"] > 0 for r in launch["ranks"])
-    # and the probes' own records say the same (what each probe reused)
-    recs = records(out / "probes.jsonl")
+    # and the probes' own records say the same
+    recs = [json.loads(line) for line in (out / "probes.jsonl").read_text().splitlines()]
     assert sum(r["reused_prefix"] for r in recs) == launch["total"]["reused_tokens"]
-    assert sum(r["n_tokens"] - 1 - r["reused_prefix"] for r in recs) == \
-        launch["total"]["prefill_tokens"]
+    assert sum(r["n_tokens"] - 1 - r["reused_prefix"] for r in recs) == ranks
+    return launch
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_ranks_prefill_what_one_process_prefills_on_the_toy_model(one_process, world, tmp_path):
     """2 and 3 ranks (gloo) on 3 lengths x 5 depths x 2 needles of one haystack: the prefill
-    tokens computed and reused, summed over the ranks, are one process's exactly; the same
-    records and head_scores.json byte for byte."""
+    tokens computed, summed over the ranks, within 3% of one process's; the same records
+    (answers, scores) and head_scores.json byte for byte."""
     one, result = one_process
     out = tmp_path / "reuse"
     run = torchrun(world, str(WORKER), "reuse", str(out))
     assert run.returncode == 0, run.stderr[-3000:]
     _same_as_one(one, out)
-    _check_counts(one, out, world)
+    check_counts(one, out, world, N_PROBES)
     assert json.loads((out / "reuse_result.json").read_text()) == json.loads(json.dumps(result))
 
 
@@ -234,14 +283,14 @@ def test_two_nodes_through_the_c10d_rendezvous(one_process, tmp_path):
     for node, (_, err) in zip(nodes, done):
         assert node.returncode == 0, err[-3000:]
     _same_as_one(one, out)
-    _check_counts(one, out, 2)
+    check_counts(one, out, 2, N_PROBES)
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_ranks_prefill_what_one_process_prefills_on_the_default_model(world, tmp_path):
     """``torchrun -m rhlens detect`` on the default model, 400 tokens x 3 depths x 2 needles
     with 32-token prefill chunks (so that the haystack is reused on this CPU): per rank and in
-    total in run.json; the sum over 2 or 3 ranks is one process's; the same results."""
+    total in run.json; the sum over 2 or 3 ranks within 3% of one process's; the same results."""
     from rhlens.cli import main
 
     args = ["detect", "--lengths", "400", "--depths", "0,50,100", "--n-needles", "2",
@@ -252,8 +301,4 @@ def test_ranks_prefill_what_one_process_prefills_on_the_default_model(world, tmp
     run = torchrun(world, "-m", "rhlens", *args, "--out", str(out))
     assert run.returncode == 0, run.stderr[-3000:]
     _same_as_one(one, out)
-    single, = launches(one)
-    launch = launches(out)[-1]
-    assert launch["world"] == world and single["total"]["reused_tokens"] > 0
-    for key in ("items", "prefill_tokens", "reused_tokens", "decode_tokens"):
-        assert launch["total"][key] == sum(r[key] for r in launch["ranks"]) == single["total"][key]
+    check_counts(one, out, world, 6)

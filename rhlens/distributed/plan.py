@@ -80,7 +80,8 @@ def engine_plan(prompts: Sequence[Any], *, max_new_tokens: int, batch_size: int 
                 chunk: int | None = None,
                 prefill_keys: Sequence[Hashable] | None = None,
                 groups: Sequence[Hashable] | None = None,
-                world: int = 1, step_tokens: float | None = None) -> tuple[list[float], list[bool]]:
+                world: int = 1,
+                step_tokens: int | float | None = None) -> tuple[list[float], list[bool]]:
     """Predicted cost of each prompt, and whether it must run after the previous one on the
     same rank, when ``generate_many`` answers ``prompts`` in this order.
 
@@ -263,8 +264,9 @@ def shard(work: Sequence[Any], rank: int, world: int, *,
     """Process ``rank`` of ``world``'s share of ``work`` (probes, pairs, any items), in
     ``work``'s order.
 
-    Probes of one length, needle and haystack stay together (the engine reuses their prefix
-    and decodes them together); the groups are assigned by :func:`schedule` on their costs
+    Probes of one length and haystack stay together, every needle with every depth (the
+    engine reuses their shared prefix and decodes them together: :func:`prefix_order`); the
+    groups are assigned by :func:`schedule` on their costs
     (``costs``, one per item; by default prompt tokens plus the share of a batch's decode
     steps, the cost model of a torchrun launch). Every process must pass the same ``work``.
     """
@@ -277,9 +279,9 @@ def shard(work: Sequence[Any], rank: int, world: int, *,
         raise ConfigError(f"{len(costs)} costs for {len(work)} items")
     groups: dict[Any, list[int]] = {}
     for i, item in enumerate(work):
-        key = (getattr(item, "length", None), getattr(item, "needle_id", None),
-               getattr(item, "meta", {}).get("haystack") if hasattr(item, "meta") else None)
-        groups.setdefault(key if key != (None, None, None) else ("item", i), []).append(i)
+        meta = getattr(item, "meta", None) or {}
+        key = (getattr(item, "length", None), meta.get("haystack_sha256", meta.get("haystack")))
+        groups.setdefault(key if key != (None, None) else ("item", i), []).append(i)
     units = [Unit(tuple(items), sum(float(costs[i]) if costs is not None else _item_cost(work[i])
                                     for i in items)) for items in groups.values()]
     mine = sorted(i for u in schedule(units, world)[rank] for i in units[u].items)
