@@ -189,14 +189,18 @@ def one_process(toy_model, tmp_path_factory):
 
 
 def _same_as_one(one: Path, out: Path) -> None:
+    assert (one / "head_scores.json").exists()  # some probe answered: scores to compare
     assert (out / "head_scores.json").read_bytes() == (one / "head_scores.json").read_bytes()
+    for name in ("result.json", "tensors.safetensors"):
+        assert (out / "scores" / name).read_bytes() == (one / "scores" / name).read_bytes()
     assert records(out / "probes.jsonl") == records(one / "probes.jsonl")
     assert not (out / "shards").exists()
 
 
-def check_counts(one: Path, out: Path, world: int, items: int) -> dict:
+def check_counts(one: Path, out: Path, world: int, items: int, working: int | None = None) -> dict:
     """Each rank's prefill in run.json and their sums under ``total``; the sum over the ranks
-    within 3% of one process's (never less); returns the launch's entry."""
+    within 3% of one process's (never less); at least ``working`` ranks (default: all) had
+    work. Returns the launch's entry."""
     single, = launches(one)
     launch = launches(out)[-1]
     assert single["world"] == 1 and launch["world"] == world
@@ -210,7 +214,8 @@ def check_counts(one: Path, out: Path, world: int, items: int) -> dict:
     assert alone <= ranks <= 1.03 * alone, (ranks, alone)
     # every prompt token is either prefilled or reused, in both
     assert ranks + launch["total"]["reused_tokens"] == alone + single["total"]["reused_tokens"]
-    assert all(r["items"] > 0 and r["prefill_tokens"] > 0 for r in launch["ranks"])
+    working = world if working is None else working
+    assert sum(r["items"] > 0 and r["prefill_tokens"] > 0 for r in launch["ranks"]) >= working
     # and the probes' own records say the same
     recs = [json.loads(line) for line in (out / "probes.jsonl").read_text().splitlines()]
     assert sum(r["reused_prefix"] for r in recs) == launch["total"]["reused_tokens"]
@@ -288,17 +293,18 @@ def test_two_nodes_through_the_c10d_rendezvous(one_process, tmp_path):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_ranks_prefill_what_one_process_prefills_on_the_default_model(world, tmp_path):
-    """``torchrun -m rhlens detect`` on the default model, 400 tokens x 3 depths x 2 needles
-    with 32-token prefill chunks (so that the haystack is reused on this CPU): per rank and in
-    total in run.json; the sum over 2 or 3 ranks within 3% of one process's; the same results."""
+    """``torchrun -m rhlens detect`` on the default model, 400 and 500 tokens x 2 depths x 2
+    needles with 32-token prefill chunks (so that the haystack is reused on this CPU): per rank
+    and in total in run.json; the sum over 2 or 3 ranks within 3% of one process's (a third
+    rank may find no unit worth cutting for it); the same results."""
     from rhlens.cli import main
 
-    args = ["detect", "--lengths", "400", "--depths", "0,50,100", "--n-needles", "2",
-            "--max-new-tokens", "8", "--prefill-chunk", "32", "--quiet"]
+    args = ["detect", "--lengths", "400,500", "--depths", "0,100", "--n-needles", "2",
+            "--max-new-tokens", "16", "--prefill-chunk", "32", "--quiet"]
     one = tmp_path / "one"
     assert main([*args, "--out", str(one)]) == 0
     out = tmp_path / "ranks"
     run = torchrun(world, "-m", "rhlens", *args, "--out", str(out))
     assert run.returncode == 0, run.stderr[-3000:]
     _same_as_one(one, out)
-    check_counts(one, out, world, 6)
+    check_counts(one, out, world, 8, working=2)

@@ -72,8 +72,11 @@ def prefix_order(prompts: Sequence[Sequence[int]],
     keys = list(groups) if groups is not None else [0] * len(prompts)
     if len(keys) != len(prompts):
         raise ConfigError(f"{len(keys)} groups for {len(prompts)} prompts")
-    return sorted(range(len(prompts)),
-                  key=lambda i: (keys[i], len(prompts[i]), tuple(int(t) for t in prompts[i])))
+
+    def tokens(p) -> tuple[int, ...]:  # a probe's ids are a tuple already: no copy
+        return p if isinstance(p, tuple) else tuple(int(t) for t in p)
+
+    return sorted(range(len(prompts)), key=lambda i: (keys[i], len(prompts[i]), tokens(prompts[i])))
 
 
 def engine_plan(prompts: Sequence[Any], *, max_new_tokens: int, batch_size: int = 1,
