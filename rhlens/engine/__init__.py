@@ -53,7 +53,6 @@ from rhlens.engine.hooks import (
 )
 from rhlens.engine.kv import KVPool as _KVPool  # noqa: F401
 from rhlens.engine.kv import plain_cache_layers as _plain_cache_layers  # noqa: F401
-from rhlens.engine.kv import release_buffers
 from rhlens.engine.lean import LeanDecoder as _LeanDecoder  # noqa: F401
 from rhlens.engine.lean import lean_ok as _lean_ok  # noqa: F401
 from rhlens.engine.native import (  # noqa: F401
@@ -73,6 +72,7 @@ from rhlens.engine.runner import (
     generate,
     generate_many,
     model_tokenizer,
+    release_buffers,
 )
 from rhlens.engine.runner import Runner as _Runner  # noqa: F401
 from rhlens.engine.runner import decode_step as _decode_step  # noqa: F401

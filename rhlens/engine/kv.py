@@ -16,13 +16,19 @@ from collections.abc import Hashable, Sequence
 import torch
 from torch import Tensor
 
-from rhlens.engine.bridge import attention_shape, hf_model, layer_devices, new_cache, text_config
-from rhlens.engine.captured import _DECODERS
+from rhlens.engine.bridge import attention_shape, layer_devices, new_cache, text_config
 from rhlens.engine.native import prefill
 from rhlens.errors import ConfigError, ProbeError
 
-__all__ = ["KVPool", "buffer_cache", "done_with", "kept_pool", "plain_cache_layers", "release_buffers",
-           "reusable"]
+__all__ = [
+    "KVPool",
+    "buffer_cache",
+    "done_with",
+    "forget_pool",
+    "kept_pool",
+    "plain_cache_layers",
+    "reusable",
+]
 
 
 @functools.cache
@@ -335,11 +341,6 @@ def done_with(hf: torch.nn.Module, pool: KVPool) -> None:
         del _KEPT[hf]
 
 
-def release_buffers(model) -> None:
-    """Free what the engine keeps on a model's GPU between runs (``model``: a bridge): its KV
-    pool and the captured decode step's graphs (the next run allocates and captures anew)."""
-    hf = hf_model(model)
+def forget_pool(hf: torch.nn.Module) -> None:
+    """Drop the KV pool kept for the HF model ``hf`` (:func:`rhlens.engine.release_buffers`)."""
     _KEPT.pop(hf, None)
-    _DECODERS.pop(hf, None)
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

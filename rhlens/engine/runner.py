@@ -22,9 +22,9 @@ from jaxtyping import Int
 from torch import Tensor
 
 from rhlens.engine.bridge import hf_model, input_device, new_cache
-from rhlens.engine.captured import SYNC_EVERY, captured_decoder, decode_path
+from rhlens.engine.captured import SYNC_EVERY, captured_decoder, decode_path, forget_decoders
 from rhlens.engine.hooks import HookPair, StepState, phase
-from rhlens.engine.kv import done_with, kept_pool, plain_cache_layers
+from rhlens.engine.kv import done_with, forget_pool, kept_pool, plain_cache_layers
 from rhlens.engine.lean import DecodeStep, LeanDecoder, lean_ok
 from rhlens.engine.native import DEFAULT_PREFILL_CHUNK, default_prefill_chunk, prefill
 from rhlens.engine.policy import KernelPolicy
@@ -33,7 +33,7 @@ from rhlens.store.results import Config
 from rhlens.validate import check_token_ids
 
 __all__ = ["Generation", "GenerationConfig", "Runner", "as_ids", "chat_prompt", "check_count", "decode_step",
-           "generate", "generate_many", "model_tokenizer"]
+           "generate", "generate_many", "model_tokenizer", "release_buffers"]
 
 
 def check_count(name: str, value: Any, low: int) -> None:
@@ -459,6 +459,16 @@ def decode_step(model, lean: bool, policy: KernelPolicy | None = None) -> Decode
         return hf(input_ids=input_ids, past_key_values=cache, use_cache=True).logits
 
     return step
+
+
+def release_buffers(model) -> None:
+    """Free what the engine keeps on a model's GPU between runs (``model``: a bridge): its KV
+    pool and the captured decode step's graphs (the next run allocates and captures anew)."""
+    hf = hf_model(model)
+    forget_pool(hf)
+    forget_decoders(hf)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 _Runner = Runner  # the older private name (benchmarks/bench_speed.py patches its methods)
