@@ -40,6 +40,7 @@ __all__ = [
     "detect_record_problem",
     "input_dir",
     "input_file",
+    "niah_record_problem",
     "own_file",
     "parse_head",
     "parse_heads",
@@ -299,6 +300,23 @@ def detect_record_problem(rec: Any, grid: Sequence[int] | None = None) -> str | 
         for head, v in enumerate(row):
             if not _is_number(v):
                 return f"'scores' of head ({layer}, {head}) is {_cut(v)}, not a finite number"
+    return None
+
+
+def niah_record_problem(rec: Any) -> str | None:
+    """What is wrong with one record of a NIAH log (``niah.jsonl``), or ``None``."""
+    if not isinstance(rec, dict):
+        return "not a JSON object"
+    for name, ok, what in (("key", lambda v: isinstance(v, str) and v, "a non-empty string"),
+                           ("mask", lambda v: isinstance(v, str) and v, "a non-empty string"),
+                           ("response", lambda v: isinstance(v, str), "a string"),
+                           ("rouge_recall", _is_number, "a finite number"),
+                           ("score", _is_number, "a finite number"),
+                           ("answer_class", lambda v: isinstance(v, str) and v, "a non-empty string")):
+        if name not in rec:
+            return f"field {name!r} is missing"
+        if not ok(rec[name]):
+            return f"field {name!r} must be {what}, got {_cut(rec[name])}"
     return None
 
 

@@ -274,6 +274,21 @@ def test_a_malformed_probes_jsonl_record_is_named_before_the_model_loads(record,
     assert "probes.jsonl, line 2: detection record is malformed" in line and message in line
 
 
+def test_a_malformed_niah_record_is_named_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    import rhlens.io
+
+    monkeypatch.setattr(rhlens.io, "check_resume", lambda *a, **k: None)  # the header is fine
+    out = tmp_path / "o"
+    out.mkdir()
+    good = {"key": "none|p", "mask": "none", "response": "x", "rouge_recall": 1.0, "score": 100.0,
+            "answer_class": "correct"}
+    (out / "niah.jsonl").write_text(json.dumps(good) + "\n" + json.dumps({**good, "score": None})
+                                    + "\n" + json.dumps(good) + "\n")
+    line = _refused(["niah", "--lengths", "500", "--depths", "50", "--n-needles", "1",
+                     "--out", str(out)], capsys)
+    assert "niah.jsonl, line 2: NIAH record is malformed (field 'score' must be a finite number" in line
+
+
 def test_heads_written_3_1_2_are_one_line(tmp_path, capsys):
     assert "heads are written layer.head" in _refused(
         ["niah", "--mask", "heads:3.1.2", "--out", str(tmp_path / "o")], capsys)

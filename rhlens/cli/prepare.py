@@ -129,6 +129,10 @@ def check_resume(args: argparse.Namespace, out: Path, log_name: str, probe_set=N
         grid = model_shape_grid(args)
         check_log_records(out / log_name, lambda rec: detect_record_problem(rec, grid),
                           "detection record")
+    if log_name == "niah.jsonl" and (out / log_name).exists():
+        from rhlens.validate import check_log_records, niah_record_problem
+
+        check_log_records(out / log_name, niah_record_problem, "NIAH record")
 
 
 def model_shape_grid(args: argparse.Namespace) -> tuple[int, int]:
