@@ -48,6 +48,7 @@ def main(argv=None) -> int:
     ap.add_argument("--length", type=int, default=1000)
     ap.add_argument("--n", type=int, default=12, help="needles (= probes) per split")
     ap.add_argument("--seeds", type=int, default=SEEDS, help="random-K masks per K")
+    ap.add_argument("--splits", default="choose,report", help="judge on these splits (in order)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -69,7 +70,7 @@ def main(argv=None) -> int:
     record_split(out / "scores", {**built["choose"][1], "used_for": "scoring the heads (every family)"})
     rankings = {f: fs[f] for f in fs.defined()}
     table = []
-    for split in ("choose", "report"):
+    for split in args.splits.split(","):
         d = out / f"damage-{split}"
         if (d / "result").exists():
             res = DamageResult.load(d / "result")
