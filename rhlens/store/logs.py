@@ -397,8 +397,11 @@ class Records:
             from tqdm.auto import tqdm
 
             if self.weights is None:
+                # whole items shown whole, though advance() moves the bar by parts of one
                 self.bar = tqdm(total=total, initial=len(self.done) if initial is None else initial,
-                                desc=desc, unit=unit, smoothing=0)
+                                desc=desc, unit=unit, smoothing=0,
+                                bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, "
+                                           "{rate_fmt}{postfix}]")
             else:
                 done = sum(self.weights.get(k, 0) for k in self.done)
                 self.bar = tqdm(total=sum(self.weights.values()), initial=done, desc=desc,
