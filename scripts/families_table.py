@@ -70,7 +70,7 @@ def main() -> None:
             cpu, gpu = paths(family, Path(tmp) / family, tok)
             arch = type(tiny_config(family, 64)).__name__.replace("Config", "")
             rows.append(f"| {family} | {arch} | `{cpu}` | `{gpu}` | {DIFFERENCES[family]} | "
-                        f"`test_family_equals_hf_eager_loop[*-{family}]` |")
+                        f"`test_family_equals_hf_eager_loop[{family}]` |")
             print(rows[-1], flush=True)
     text = "\n".join([
         "# Model families: which decode step each takes",
@@ -81,8 +81,7 @@ def main() -> None:
         "Every row is exact against a plain Hugging Face eager loop (fp32, tiny random-weight "
         "models, 2 layers): the greedy tokens and every head's top-1 key at every decode step, "
         "unmasked and under the paper's uniform mask, alone and batched, on both steps below "
-        "(`tests/test_engine_families.py::test_family_equals_hf_eager_loop[POLICY-FAMILY]`, "
-        "POLICY `cpu` or `captured`).",
+        "(`tests/test_engine_families.py::test_family_equals_hf_eager_loop[FAMILY]`).",
         "",
         "* **CPU step**: `Generation.info[\"decode\"]` under the CPU's default `KernelPolicy()`.",
         "* **GPU step**: under `KernelPolicy(decode=\"captured\")`, a GPU's default (the captured "
