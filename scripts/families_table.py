@@ -92,7 +92,8 @@ def main() -> None:
         "on it (`rhlens/engine/lean.py`, `attention.py`, `captured.py`): Qwen3's per-head q/k "
         "norms (lean and captured); Gemma-2/3's sandwich norms, per-layer-type rotary tables, "
         "softcaps and q/k norms (lean); Mixtral's and Qwen3-MoE's expert blocks (lean: HF's own router "
-        "and experts, called one row at a time so that batched rows equal alone). Gemma's sliding-window layers keep only their window in "
+        "and experts, called one row at a time so that batched rows equal alone). "
+        "Gemma's sliding-window layers keep only their window in "
         "HF's cache, which the engine's pooled KV buffers (and so the captured step and batching) "
         "do not model yet: Gemma decodes on the lean step, one prompt at a time.",
         "* The prefill of every family runs through HF's attention modules with SDPA, except "
