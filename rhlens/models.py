@@ -287,8 +287,19 @@ class ModelShape:
         return self.n_layers, self.n_heads
 
 
+# The families the engine is checked on against HF (docs/FAMILIES.md, tests/test_engine_families.py).
+SERVED_FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3", "Qwen3-MoE", "Gemma-2", "Gemma-3", "Phi-3",
+                   "Mixtral", "OLMo-2", "Granite", "GPT-NeoX")
+
+
 def _shape_from_config(cfg: Any) -> ModelShape:
     cfg = getattr(cfg, "text_config", None) or cfg
+    if getattr(cfg, "num_attention_heads", None) is None:
+        family = getattr(cfg, "model_type", None) or type(cfg).__name__
+        raise ModelLoadError(
+            f"the model family {family!r} has no attention heads (a state-space or recurrent "
+            f"model?): rhlens scores attention heads; it serves decoder transformers such as "
+            f"{', '.join(SERVED_FAMILIES)} (docs/FAMILIES.md)")
     n_kv = getattr(cfg, "num_key_value_heads", None)
     n_ctx = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
     return ModelShape(int(cfg.num_hidden_layers), int(cfg.num_attention_heads),
@@ -331,6 +342,8 @@ def model_shape(name: str | None = None, *, offline: bool | None = None) -> Mode
 
         cfg = AutoConfig.from_pretrained(str(location), local_files_only=is_offline(offline))
         return _shape_from_config(cfg)
+    except ModelLoadError:
+        raise
     except Exception as exc:
         if not _unreadable(exc):
             raise
@@ -454,9 +467,11 @@ def load_hf(name: str | None = None, *, attn_implementation: str = "sdpa", dtype
         except ValueError as exc:
             if "scaled_dot_product_attention" not in str(exc):
                 raise
-            # No SDPA kernel for this architecture: prefill falls back to eager attention,
-            # which is quadratic in the prompt; fine for short prompts, slow for long ones.
-            warnings.warn(f"{display}: no SDPA attention, prefill uses eager attention",
+            # HF refuses SDPA for this architecture (Gemma-2: its attention-logit softcap). The
+            # engine's prefill still runs through its own attention function, which computes a
+            # softcap itself in blocks of queries (rhlens.engine.native.softcap_attention).
+            warnings.warn(f"{display}: HF's SDPA does not serve this model (loaded with eager "
+                          "attention); rhlens prefills it with its own blocked attention",
                           RuntimeWarning, stacklevel=2)
             model = AutoModelForCausalLM.from_pretrained(
                 str(source), attn_implementation="eager", dtype=dtype, local_files_only=local)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from rhlens.engine.bridge import linear_weights
+from rhlens.engine.bridge import linear_weights, native
 from rhlens.engine.hooks import EngineHook, engine_hooks
 from rhlens.engine.policy import KernelPolicy
 
@@ -125,6 +125,11 @@ def direct_hooks(point: torch.nn.Module | None, n_heads: int, d_head: int, flat_
 # ---------------------------------------------------------------------------------------
 # The attention
 # ---------------------------------------------------------------------------------------
+def _norm_forward(module: torch.nn.Module) -> Callable:
+    norm = native(module)
+    return getattr(norm, "_old_forward", None) or norm.forward
+
+
 class LeanAttention:
     """The bridge's decode-step attention, computed on the HF module's weights.
 
@@ -154,7 +159,14 @@ class LeanAttention:
         self.wk, self.bk = linear_weights(module.k_proj)
         self.wv, self.bv = linear_weights(module.v_proj)
         self.wo, self.bo = linear_weights(module.o_proj)
-        self.sdpa_ok = True  # this step's own: set False when SDPA has no kernel for a call
+        # Qwen3's adapter: an RMSNorm of each head's query and key before the rotary embedding
+        # (lean.head_norms_ok admits only those); None for Llama-family models.
+        q_norm, k_norm = getattr(module, "q_norm", None), getattr(module, "k_norm", None)
+        self.q_norm = _norm_forward(q_norm) if q_norm is not None else None
+        self.k_norm = _norm_forward(k_norm) if k_norm is not None else None
+        # Gemma-2's adapter: the attention-logit softcap, tanh(s / cap) * cap after the scaling
+        self.softcap = getattr(module, "attn_logit_softcapping", None)
+        self.sdpa_ok = self.softcap is None  # this step's own: set False when SDPA has no kernel for a call
 
         n_heads = int(module.config.num_attention_heads)
         n_kv = n_heads // self.groups
@@ -246,6 +258,8 @@ class LeanAttention:
         q = q.view(b, 1, -1, self.head_dim).transpose(1, 2)  # [b, h, 1, d]
         k = k.view(b, 1, -1, self.head_dim).transpose(1, 2)  # [b, kv, 1, d]
         v = v.view(b, 1, -1, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:  # over each head's d, as HF's [b, 1, h, d] before its transpose
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.cos:
             cos = self.cos(cos)
         if self.sin:
@@ -277,6 +291,8 @@ class LeanAttention:
             scores = scores.reshape(b, h, 1, n) * self.scaling
         else:
             scores = mm(q, k.transpose(-2, -1)) * self.scaling  # [b, h, 1, n]
+        if self.softcap is not None:  # as HF's eager attention: / cap, tanh, * cap
+            scores = torch.tanh(scores / self.softcap) * self.softcap
         changed = False
         if self.scores:
             version = scores._version

@@ -89,7 +89,10 @@ def captured_ok(model) -> bool:
         return False
     n_heads, _, head_dim = attention_shape(hf)
     for block in model.blocks:
-        if type(native(native(block.original_component.mlp).act_fn)).__name__ not in _ACTIVATIONS:
+        mlp = native(block.original_component.mlp)
+        if not hasattr(mlp, "gate_proj"):  # a mixture of experts: the lean step's adapter
+            return False
+        if type(native(mlp.act_fn)).__name__ not in _ACTIVATIONS:
             return False
         pattern, q, z = _points(block)
         for point, kind in ((pattern, TopKeySpec), (q, HeadEditSpec), (z, HeadEditSpec)):
@@ -135,10 +138,12 @@ def _rotate_half(x: Tensor) -> Tensor:
 
 
 def pre_attention(h: Tensor, ln: Tensor, eps: float, wq: Tensor, bq: Tensor | None, wk: Tensor,
-                  bk: Tensor | None, wv: Tensor, bv: Tensor | None, cos: Tensor, sin: Tensor,
+                  bk: Tensor | None, wv: Tensor, bv: Tensor | None, qn: Tensor | None, kn: Tensor | None,
+                  qk_eps: float, cos: Tensor, sin: Tensor,
                   q_keep: Tensor | None, q_fill: Tensor | None, n_heads: int,
                   head_dim: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``[rows, 1, d_model]`` -> rotated q ``[rows, h, 1, d]``, rotated k and v ``[rows, kv, 1, d]``."""
+    """``[rows, 1, d_model]`` -> rotated q ``[rows, h, 1, d]``, rotated k and v ``[rows, kv, 1, d]``.
+    ``qn``/``kn``: Qwen3's per-head q/k RMSNorm weights (``None``: none)."""
     x = rms_norm(h, ln, eps)
     q = F.linear(x, wq, bq)
     if q_keep is not None:  # ablate_heads' hook_q edit
@@ -149,6 +154,8 @@ def pre_attention(h: Tensor, ln: Tensor, eps: float, wq: Tensor, bq: Tensor | No
     q = q.view(rows, 1, -1, head_dim).transpose(1, 2)
     k = k.view(rows, 1, -1, head_dim).transpose(1, 2)
     v = v.view(rows, 1, -1, head_dim).transpose(1, 2)
+    if qn is not None:  # Qwen3: each head's query and key normalised before the rotation
+        q, k = rms_norm(q, qn, qk_eps), rms_norm(k, kn, qk_eps)
     qk = torch.cat((q, k), dim=1)  # HF's apply_rotary_pos_emb, element for element
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     qk = (qk * cos) + (_rotate_half(qk) * sin)
@@ -248,9 +255,13 @@ class CapturedDecoder:
             attn = block.attn.original_component
             mlp = native(layer.mlp)
             ln1, ln2 = native(layer.input_layernorm), native(layer.post_attention_layernorm)
+            qn, kn = (native(n) if n is not None else None
+                      for n in (getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)))
             self.layers.append((
                 (ln1.weight, float(ln1.variance_epsilon), *linear_weights(attn.q_proj),
-                 *linear_weights(attn.k_proj), *linear_weights(attn.v_proj)),
+                 *linear_weights(attn.k_proj), *linear_weights(attn.v_proj),
+                 qn.weight if qn is not None else None, kn.weight if kn is not None else None,
+                 float(qn.variance_epsilon) if qn is not None else 0.0),
                 (*linear_weights(attn.o_proj), ln2.weight, float(ln2.variance_epsilon),
                  *linear_weights(mlp.gate_proj), *linear_weights(mlp.up_proj),
                  *linear_weights(mlp.down_proj)),

@@ -19,6 +19,7 @@ would move it, and each layer's keys and values stay on that layer's device
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -34,11 +35,29 @@ __all__ = ["LeanDecoder", "decode_step", "lean_ok", "plain_forward", "resident_h
 
 DecodeStep = Callable[[Tensor, Any, int], Tensor]
 
-_LEAN_MODELS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-_LEAN_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
-_LEAN_ATTENTION = ("LlamaAttention", "MistralAttention", "Qwen2Attention")
-_LEAN_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP")
-_LEAN_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
+_LEAN_MODELS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                "MixtralForCausalLM", "Qwen3MoeForCausalLM")
+_LEAN_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer",
+                "MixtralDecoderLayer", "Qwen3MoeDecoderLayer")
+_LEAN_ATTENTION = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention",
+                   "MixtralAttention", "Qwen3MoeAttention")
+_LEAN_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Qwen3MoeMLP")
+# Mixture-of-experts blocks (Mixtral, Qwen3-MoE): the adapter calls the block's own forward
+# (HF's router: top-k experts per token, and its experts), one row at a time where rows must
+# round as alone (the experts' products batch the tokens routed to them).
+_MOE_BLOCKS = ("MixtralSparseMoeBlock", "Qwen3MoeSparseMoeBlock")
+_LEAN_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MixtralRMSNorm",
+               "Qwen3MoeRMSNorm")
+# Gemma-2 / Gemma-3 (text): the same step through the family's adapter: sandwich norms (each
+# sublayer's output normed before its residual add), per-layer-type rotary tables (Gemma-3),
+# attention-logit and final-logit softcaps (Gemma-2), per-head q/k norms (Gemma-3); the
+# scaled embedding, the (1 + w) RMSNorm and the GELU are the modules' own forwards.
+_GEMMA_MODELS = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
+_GEMMA_LAYERS = ("Gemma2DecoderLayer", "Gemma3DecoderLayer")
+_GEMMA_ATTENTION = ("Gemma2Attention", "Gemma3Attention")
+_GEMMA_MLPS = ("Gemma2MLP", "Gemma3MLP")
+_GEMMA_NORMS = ("Gemma2RMSNorm", "Gemma3RMSNorm")
+_HEAD_NORMS = ("Qwen3RMSNorm", "Qwen3MoeRMSNorm", "Gemma3RMSNorm")
 _LEAN_BLOCKING_FLAGS = ("use_attn_result", "use_split_qkv_input", "use_attn_in", "gated_q_proj",
                         "rotary_adjacent_pairs", "rotary_interleaved_cos_sin", "qk_norm_after_rope",
                         "use_hook_mlp_in")
@@ -62,24 +81,50 @@ class LeanDecoder:
         self.rotary = native(inner.rotary_emb)
         self.norm = native(inner.norm)
         self.lm_w, self.lm_b = linear_weights(hf.lm_head)
-        self.layers = []
+        self.gemma = type(hf).__name__ in _GEMMA_MODELS  # the family's adapter (see above)
+        self.final_softcap = getattr(hf.config, "final_logit_softcapping", None)
+        self.layers, self.sandwich, self.layer_types = [], [], []
         for block in model.blocks:
             layer = block.original_component
             mlp = native(layer.mlp)
-            self.layers.append((plain_forward(native(layer.input_layernorm)),
-                                attention(block.attn, policy),
-                                plain_forward(native(layer.post_attention_layernorm)),
+            ln1 = plain_forward(native(layer.input_layernorm))
+            ln2 = plain_forward(native(layer.pre_feedforward_layernorm if self.gemma
+                                       else layer.post_attention_layernorm))
+            if type(mlp).__name__ in _MOE_BLOCKS:  # the MoE adapter: (None, None, None, the block)
+                self.layers.append((ln1, attention(block.attn, policy), ln2, None, None, None,
+                                    plain_forward(mlp)))
+                continue
+            self.layers.append((ln1, attention(block.attn, policy), ln2,
                                 linear_weights(mlp.gate_proj), linear_weights(mlp.up_proj),
                                 linear_weights(mlp.down_proj), plain_forward(native(mlp.act_fn))))
+            if self.gemma:  # the norms of the attention's and the MLP's outputs
+                self.sandwich.append((plain_forward(native(layer.post_attention_layernorm)),
+                                      plain_forward(native(layer.post_feedforward_layernorm))))
+                self.layer_types.append(getattr(native(layer.self_attn), "layer_type", None))
+        # Gemma-3: one rotary table per layer type (local and global bases)
+        self.typed_rotary = self.gemma and "layer_type" in inspect.signature(self.rotary.forward).parameters
         # A model split over devices: where each layer runs (None: all on one device).
         self.devices = layer_devices(hf, len(self.layers))
+
+    @staticmethod
+    def _moe(block: Callable, x: Tensor, rows: int, mode: str) -> Tensor:
+        """An MoE block on ``x [padded, 1, d]`` (``rows`` real): row by row in the exact modes
+        (the tokens routed to one expert share its products), zeros for padding rows."""
+        if mode == "batch" or x.shape[0] == 1:
+            return block(x)
+        out = torch.cat([block(x[r:r + 1]) for r in range(rows)])
+        return pad_rows(out, x.shape[0])
 
     @staticmethod
     def eligible(model) -> bool:
         """Whether ``model``'s architecture is one this step reproduces."""
         hf = hf_model(model)
         inner = getattr(hf, "model", None)
-        if type(hf).__name__ not in _LEAN_MODELS or inner is None:
+        if inner is None:
+            return False
+        if type(hf).__name__ in _GEMMA_MODELS:
+            return LeanDecoder._gemma_eligible(model, hf)
+        if type(hf).__name__ not in _LEAN_MODELS:
             return False
         if getattr(hf.config, "final_logit_softcapping", None) or type(native(inner.embed_tokens)) \
                 is not torch.nn.Embedding:
@@ -89,9 +134,25 @@ class LeanDecoder:
         for block in model.blocks:
             layer = block.original_component
             if (type(layer).__name__ not in _LEAN_LAYERS
-                    or type(native(layer.mlp)).__name__ not in _LEAN_MLPS
+                    or type(native(layer.mlp)).__name__ not in (*_LEAN_MLPS, *_MOE_BLOCKS)
                     or type(native(layer.input_layernorm)).__name__ not in _LEAN_NORMS
                     or type(native(layer.post_attention_layernorm)).__name__ not in _LEAN_NORMS):
+                return False
+        return len(model.blocks) == int(hf.config.num_hidden_layers)
+
+    @staticmethod
+    def _gemma_eligible(model, hf) -> bool:
+        inner = hf.model
+        if type(native(inner.norm)).__name__ not in _GEMMA_NORMS or layer_devices(hf, len(model.blocks)):
+            return False
+        norms = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                 "post_feedforward_layernorm")
+        for block in model.blocks:
+            layer = block.original_component
+            if (type(layer).__name__ not in _GEMMA_LAYERS
+                    or type(native(layer.mlp)).__name__ not in _GEMMA_MLPS
+                    or any(type(native(getattr(layer, n, None) or layer)).__name__ not in _GEMMA_NORMS
+                           for n in norms)):
                 return False
         return len(model.blocks) == int(hf.config.num_hidden_layers)
 
@@ -100,7 +161,11 @@ class LeanDecoder:
         mode = self.policy.batch_mode(B)
         h = plain_forward(self.embed)(input_ids)  # [B, 1, d_model]
         pos = torch.full((1, 1), position, dtype=torch.long, device=input_ids.device)
-        cos, sin = self.rotary(h, pos)
+        if self.typed_rotary:  # Gemma-3: each layer type's table
+            tables = {t: self.rotary(h, pos, t) for t in dict.fromkeys(self.layer_types)}
+            cos, sin = tables[self.layer_types[0]]
+        else:
+            cos, sin = self.rotary(h, pos)
         rows = None
         if mode == "slab":  # the residual stream padded to whole slabs; zero rows stay finite
             slab = self.policy.slab
@@ -113,7 +178,7 @@ class LeanDecoder:
         else:
             lin = row_linear if mode == "row" else torch.nn.functional.linear
         rope = {cos.device: (cos, sin)}  # a split model: the rotary tables on each layer's device
-        for i, (ln1, attn, ln2, (gw, gb), (uw, ub), (dw, db), act) in enumerate(self.layers):
+        for i, (ln1, attn, ln2, gate, up, down, act) in enumerate(self.layers):
             c, s = cos, sin
             if self.devices is not None:
                 if h.device != self.devices[i]:  # the next device
@@ -121,12 +186,28 @@ class LeanDecoder:
                 if h.device not in rope:  # the rotary embedding may sit on another device
                     rope[h.device] = (cos.to(h.device), sin.to(h.device))
                 c, s = rope[h.device]
+            if self.gemma:  # sandwich norms around both sublayers (no device map here)
+                (gw, gb), (uw, ub), (dw, db) = gate, up, down
+                if self.typed_rotary:
+                    c, s = tables[self.layer_types[i]]
+                post_attn, post_ff = self.sandwich[i]
+                h = h + post_attn(attn.forward(ln1(h), c, s, cache, rows=rows))
+                x = ln2(h)
+                h = h + post_ff(lin(act(lin(x, gw, gb)) * lin(x, uw, ub), dw, db))
+                continue
             h = h + attn.forward(ln1(h), c, s, cache, rows=rows)
             x = ln2(h)
+            if gate is None:  # mixture of experts: the block itself (act), exact per row
+                h = h + self._moe(act, x, B, mode)
+                continue
+            (gw, gb), (uw, ub), (dw, db) = gate, up, down
             h = h + lin(act(lin(x, gw, gb)) * lin(x, uw, ub), dw, db)
         if h.device != self.lm_w.device:
             h = h.to(self.lm_w.device)
-        return lin(plain_forward(self.norm)(h), self.lm_w, self.lm_b)[:B]
+        logits = lin(plain_forward(self.norm)(h), self.lm_w, self.lm_b)[:B]
+        if self.final_softcap:  # Gemma-2, as HF: / cap, tanh, * cap
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits
 
 
 def plain_forward(module: torch.nn.Module) -> Callable:
@@ -164,6 +245,11 @@ def lean_ok(model) -> bool:
         return False
     if not LeanDecoder.eligible(model):
         return False
+    from rhlens.engine.kv import plain_cache_layers
+
+    # A sliding-window layer's decode attends over what its HF cache layer keeps (the window);
+    # the engine's plain KV buffers keep everything, so such a model must not be pooled.
+    pooled = plain_cache_layers(hf_model(model)) is not None
     fired: set[int] = set()
     # BlockBridge's own pre-hooks on ln1/ln2 keep the pre-LN residual for the split-qkv inputs
     # and fire hook_mlp_in, both off here (flags above; hooked points are checked below).
@@ -173,10 +259,9 @@ def lean_ok(model) -> bool:
         module = b.original_component
         if (type(b) is not PositionEmbeddingsAttentionBridge or b.training
                 or getattr(b, "compatibility_mode", False)
-                or type(module).__name__ not in _LEAN_ATTENTION
-                or any(s in b.submodules for s in ("q_norm", "k_norm", "gate"))
-                or getattr(module, "sliding_window", None) is not None
-                or getattr(module, "attn_logit_softcapping", None) is not None
+                or type(module).__name__ not in (*_LEAN_ATTENTION, *_GEMMA_ATTENTION)
+                or "gate" in b.submodules or not head_norms_ok(module)
+                or (getattr(module, "sliding_window", None) is not None and pooled)
                 or getattr(module, "sinks", None) is not None
                 or getattr(module, "key_multiplier", None) is not None):
             return False
@@ -193,6 +278,18 @@ def lean_ok(model) -> bool:
         elif has_torch_hooks(module, internal) or not resident_hooks(module):
             return False
     return True
+
+
+def head_norms_ok(module: torch.nn.Module) -> bool:
+    """Whether an attention module's q/k norms (if any) are ones the lean and captured steps
+    apply: Qwen3's, an RMSNorm of each head's query and key before the rotary embedding (the
+    adapter of :meth:`LeanAttention.forward`). OLMo-2's norm over all heads at once is not."""
+    q_norm, k_norm = getattr(module, "q_norm", None), getattr(module, "k_norm", None)
+    if q_norm is None and k_norm is None:
+        return True
+    head_dim = int(module.head_dim)
+    return all(n is not None and type(native(n)).__name__ in _HEAD_NORMS
+               and tuple(native(n).weight.shape) == (head_dim,) for n in (q_norm, k_norm))
 
 
 def decode_step(model, lean: bool, policy: KernelPolicy | None = None) -> DecodeStep:

@@ -150,11 +150,52 @@ def _chunk_attention(query: Tensor, key: Tensor, value: Tensor, scale: float | N
         scale=scale)
 
 
+# Queries per block of the softcapped attention below: its scores are [b, h, block, keys].
+_SOFTCAP_BLOCK = 512
+
+
+def softcap_attention(query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                      scaling: float | None, softcap: float,
+                      sliding_window: int | None = None) -> Tensor:
+    """Attention with Gemma-2's logit softcap (``tanh(s / cap) * cap`` before the mask), which
+    no fused SDPA kernel computes: ``[b, h, q, d]``, in blocks of queries so that nothing
+    quadratic in the prompt is held. ``attention_mask``: HF's SDPA mask (bool, True where a
+    key is seen, or additive floats); ``None``: causal, aligned to the lower right (query
+    ``i`` sees keys ``<= kv_len - q_len + i``; within ``sliding_window`` keys when given)."""
+    heads, q_len, kv_len = query.shape[1], query.shape[2], key.shape[2]
+    key, value = _expand(key, heads), _expand(value, heads)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    offset = kv_len - q_len
+    keys = torch.arange(kv_len, device=query.device)
+    outs = []
+    for s in range(0, q_len, _SOFTCAP_BLOCK):
+        q = query[:, :, s:s + _SOFTCAP_BLOCK]
+        scores = torch.matmul(q, key.transpose(2, 3)) * scale
+        scores = torch.tanh(scores / softcap) * softcap
+        if attention_mask is not None:
+            mask = attention_mask[..., s:s + q.shape[2], :]
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        else:
+            rows = torch.arange(s, s + q.shape[2], device=query.device).unsqueeze(1) + offset
+            hide = keys > rows
+            if sliding_window is not None:
+                hide |= keys <= rows - sliding_window
+            scores = scores.masked_fill(hide, float("-inf"))
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        outs.append(torch.matmul(weights, value))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
 def _rhlens_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                  is_causal=None, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     q_len, kv_len = query.shape[2], key.shape[2]
+    softcap = kwargs.get("softcap")
+    if softcap is not None:  # Gemma-2: no SDPA kernel takes a softcap
+        out = softcap_attention(query, key, value, attention_mask, scaling, float(softcap),
+                                kwargs.get("sliding_window"))
+        return out.transpose(1, 2).contiguous(), None
     if (attention_mask is not None or q_len == 1 or q_len == kv_len or kv_len < q_len
             or (dropout and module.training)):
         # The cases HF's SDPA handles without a dense causal mask: no cached keys (is_causal),
