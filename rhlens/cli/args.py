@@ -227,6 +227,11 @@ def add_probe_args(p: argparse.ArgumentParser, *, lengths: str = "500,1000,1500,
                         "built-in needles)")
     g.add_argument("--n-needles", type=positive_int, default=None, metavar="N",
                    help="use only the first N needles (built-in or from --needles)")
+    g.add_argument("--split", choices=("choose", "report"), default=None,
+                   help="held-out probes: the packaged needles of this split (rhlens/data/"
+                        "needles.jsonl; or --needles' with a 'split' field) in the split's own "
+                        "haystack; recorded in run.json. Choose settings on 'choose', report on "
+                        "'report'")
     add_prompt_args(g)
     g.add_argument("--answer-buffer", type=nonnegative_int, default=answer_buffer, metavar="N",
                    help=f"tokens of each length kept free for the answer (default {answer_buffer})")
@@ -283,7 +288,12 @@ def probe_config(args: argparse.Namespace):
 def needles(args: argparse.Namespace) -> list:
     from rhlens.probes import BUILTIN_NEEDLES, load_needles
 
-    found = load_needles(args.needles) if args.needles else list(BUILTIN_NEEDLES)
+    if getattr(args, "split", None):
+        from rhlens.needlesets import NEEDLES_FILE, packaged_needles
+
+        found = packaged_needles(args.split, path=args.needles or NEEDLES_FILE)
+    else:
+        found = load_needles(args.needles) if args.needles else list(BUILTIN_NEEDLES)
     if args.n_needles and args.n_needles > len(found):
         raise _config_error(f"--n-needles {args.n_needles}: only {len(found)} needles are "
                             f"available{' in ' + args.needles if args.needles else ''}")

@@ -35,6 +35,15 @@ def _budgets(text: str) -> tuple[float, ...]:
     return values
 
 
+def _windows(text: str) -> tuple[int, ...]:
+    values = [x.strip() for x in text.split(",") if x.strip()]
+    if not values or not all(v.isdigit() and int(v) > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"windows are positive whole numbers, comma-separated, got {text!r}")
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"given twice: {repeated([int(v) for v in values])}")
+    return tuple(int(v) for v in values)
+
+
 def add_parsers(sub) -> None:
     p = sub.add_parser(
         "compress", help="NIAH against the KV budget: retrieval heads kept whole vs StreamingLLM "
@@ -65,6 +74,12 @@ def add_parsers(sub) -> None:
                    help="recent tokens a streaming head keeps (default 124)")
     g.add_argument("--pool", choices=("max", "mean"), default="max",
                    help="a KV head's score from its query heads' (default max)")
+    g.add_argument("--choose-windows", type=_windows, default=None, metavar="W,W,...",
+                   help="held out: run these windows on the 'choose' split of the packaged "
+                        "needles, choose per budget the one whose ranked policy scores best there, "
+                        "and report only it (with StreamingLLM, random heads, the full cache) on "
+                        "the 'report' split (out/choose, out/report, out/heldout.json; not with "
+                        "--split)")
     add_out_args(p)
     p.set_defaults(func=cmd_compress, interrupted=resume_note("answer"))
 
@@ -122,6 +137,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     config = CompressConfig(sink=args.sink, window=args.window, pool=args.pool)
     niah = niah_config(args)
+    if args.choose_windows:
+        return _heldout(args, config, niah)
     out = prepare.take_output(args)
     shape = prepare.model_facts(args)
     scores = prepare.scores(args.scores, shape)
@@ -146,6 +163,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
                             streaming=not args.no_streaming, config=config, niah=niah,
                             tokenizer=tok, out=out, progress=not args.quiet)
     written = save_compress_run(out, result)
+    prepare.record_split(args, out, probes, "the KV budget sweep")
     say(f"\nfull cache: NIAH {result.score('full'):.1f} ({time.perf_counter() - t:.0f} s this run)")
     _table(result)
     say("wrote: " + ", ".join(str(p) for p in written.values()))
@@ -166,3 +184,45 @@ def _table(result) -> None:
         if result.seeds:
             line += f" {r['random_mean']:6.1f} ± {r['random_std']:4.1f}"
         say(line)
+
+
+def _heldout(args: argparse.Namespace, config, niah) -> int:
+    """``--choose-windows``: choose the window per budget on one split, report on the other."""
+    from rhlens.compress.heldout import heldout_compress
+    from rhlens.compress.sweep import sweep_policies
+    from rhlens.errors import ConfigError
+
+    if args.split:
+        raise ConfigError("--choose-windows chooses on the 'choose' split and reports on the 'report' "
+                          "split: drop --split")
+    if args.needle_mass:
+        raise ConfigError("--choose-windows ranks by --scores only: drop --needle-mass")
+    out = prepare.take_output(args)
+    shape = prepare.model_facts(args)
+    scores = prepare.scores(args.scores, shape)
+    tok = prepare.tokenizer(args)
+    built = {s: prepare.probes(argparse.Namespace(**{**vars(args), "split": s}), tok, shape,
+                               max_new_tokens=niah.max_new_tokens) for s in ("choose", "report")}
+    layout = _layout(args)
+    for probes in built.values():
+        context = max(p.n_tokens for p in probes)
+        for w in args.choose_windows:  # every window fits every budget, before any compute
+            sweep_policies(layout, context, {"retrieval": scores}, args.budgets, args.seeds,
+                           config=dataclasses.replace(config, window=w))
+    model, tok = prepare.load(args)
+    say(f"choosing the window ({', '.join(map(str, args.choose_windows))}) per budget on "
+        f"{len(built['choose'])} probes, reporting on {len(built['report'])} -> {out}")
+    records = {s: {"needles": sorted({p.needle_id for p in b}), "haystack": b.haystack,
+                   "n_probes": len(b)} for s, b in built.items()}
+    doc = heldout_compress(model, built["choose"].probes, built["report"].probes, {"retrieval": scores},
+                           budgets=args.budgets, windows=args.choose_windows, seeds=args.seeds,
+                           config=config, out=out, splits=records, niah=niah, tokenizer=tok,
+                           progress=not args.quiet)
+    say(f"{'budget':>6} {'window':>6} {'choose: x full':>15} {'report: x full':>15} {'streaming':>9} "
+        f"{'random':>7}")
+    for r in doc["rows"]:
+        say(f"{r['budget']:6.2f} {r['window']:>6} {r['choose']['vs_full']:15.3f} "
+            f"{r['report']['vs_full']:15.3f} {r['report'].get('streaming', float('nan')):9.1f} "
+            f"{r['report'].get('random_mean', float('nan')):7.1f}")
+    say(f"wrote: {Path(out) / 'heldout.json'}")
+    return 0

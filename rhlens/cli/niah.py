@@ -87,6 +87,7 @@ def cmd_niah(args: argparse.Namespace) -> int:
     if not prepare.is_main():  # under torchrun, rank 0 writes the outputs
         return 0
     written = save_niah_run(out, result)
+    prepare.record_split(args, out, probes, "NIAH under the masks")
     for label, score in result.table().items():
         say(f"  {label:>20}: NIAH {score:5.1f}   {result.class_counts(label)}")
     say("wrote: " + ", ".join(str(p) for p in written.values()))
@@ -112,6 +113,7 @@ def cmd_mask_sweep(args: argparse.Namespace) -> int:
     if not prepare.is_main():
         return 0
     written = save_mask_sweep_run(out, sweep)
+    prepare.record_split(args, out, probes, "the K curve (top-K vs random-K masked)")
     kmax = max(sweep.ks)
     c = sweep.curve()
     say(f"{'K':>4} {'top-K':>7} {'random-K (mean ± std)':>24}")

@@ -17,8 +17,8 @@ from typing import Any
 from rhlens.cli.args import needles, probe_config, say
 from rhlens.errors import ConfigError, RhlensError
 
-__all__ = ["check_resume", "is_main", "load", "model_facts", "probes", "scores", "take_output",
-           "tokenizer"]
+__all__ = ["check_resume", "is_main", "load", "model_facts", "probes", "record_split", "scores",
+           "take_output", "tokenizer"]
 
 
 def take_output(args: argparse.Namespace) -> Path:
@@ -65,8 +65,13 @@ def probes(args: argparse.Namespace, tok, shape, *, max_new_tokens: int | None =
     from rhlens.probes import build_probes
     from rhlens.retrieval import check_probes
 
+    haystack = args.haystack
+    if getattr(args, "split", None) and haystack is None:
+        from rhlens.needlesets import split_haystack
+
+        haystack = split_haystack(args.split)
     built = build_probes(tok, config=probe_config(args), needles=needles(args),
-                         haystack=args.haystack, max_length=shape.n_ctx)
+                         haystack=haystack, max_length=shape.n_ctx)
     if max_new_tokens is not None:
         check_probes(built.probes, shape.n_ctx, max_new_tokens)
     return built
@@ -153,3 +158,17 @@ def _max_memory(value: Any) -> dict | None:
         raise ConfigError("--max-memory SIZE budgets every GPU, and none is visible: give "
                           "DEV=SIZE items (e.g. cpu=20GiB)")
     return {g: value for g in gpus}
+
+
+def record_split(args: argparse.Namespace, out: str | Path, probe_set, used_for: str) -> None:
+    """With ``--split``: say in the run's ``run.json`` (``"heldout"``) and ``split.json`` which
+    split its probes are, what they were used for, and their needles and haystack."""
+    split = getattr(args, "split", None)
+    if not split or probe_set is None:
+        return
+    from rhlens.needlesets import record_split as record
+
+    probes = list(getattr(probe_set, "probes", probe_set))
+    record(out, {"split": split, "used_for": used_for,
+                 "needles": sorted({p.needle_id for p in probes}),
+                 "haystack": getattr(probe_set, "haystack", None), "n_probes": len(probes)})

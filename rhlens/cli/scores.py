@@ -64,6 +64,10 @@ def add_parsers(sub) -> None:
                    help="random-K masks per K, seeds 0..N-1 (default 3)")
     g.add_argument("--mode", choices=("uniform", "zero"), default="uniform",
                    help="uniform: zero the head's query (the paper's mask); zero: zero its output")
+    g.add_argument("--judge-split", choices=("choose", "report"), default=None,
+                   help="held out: judge the masks on this split's probes (same lengths and "
+                        "depths) instead of the scored ones, e.g. --split choose --judge-split "
+                        "report: heads scored on one split, judged on the other")
     add_out_args(p)
     p.set_defaults(func=cmd_scores, interrupted=resume_note("probe"))
 
@@ -107,6 +111,12 @@ def cmd_scores(args: argparse.Namespace) -> int:
 
     if args.needle_set and args.needles:
         raise ConfigError("--needle-set and --needles: give one of them")
+    if args.split and args.needle_set:
+        raise ConfigError("--split and --needle-set: give one of them")
+    if args.judge_split and not args.judge:
+        raise ConfigError("--judge-split chooses the probes --judge masks on: add --judge")
+    if args.judge_split and args.needle_set:
+        raise ConfigError("--judge-split takes the packaged split needles: drop --needle-set")
     config = _config(args)  # unknown or repeated families fail here
     if args.judge and args.mode not in ("uniform", "zero"):
         raise ConfigError(f"--mode {args.mode!r}: uniform or zero")
@@ -126,6 +136,10 @@ def cmd_scores(args: argparse.Namespace) -> int:
     if probes is not None and "query" in config.families:
         for p in probes:
             question_span(p, tok)
+    judge_probes = probes
+    if args.judge_split:
+        judge_probes = prepare.probes(_argparse_ns(args, args.judge_split), tok, shape,
+                                      max_new_tokens=config.detect.max_new_tokens)
     if probes is not None:
         prepare.check_resume(args, out, FAMILIES_LOG, probes, config)
     model, tok = prepare.load(args)
@@ -153,8 +167,14 @@ def cmd_scores(args: argparse.Namespace) -> int:
         written["correlations"] = save_figure(plot_family_correlations(fs), Path(out) / "families.png")
     if fs.defined():
         written["tops"] = save_figure(plot_family_tops(fs), Path(out) / "family_tops.png")
+    prepare.record_split(args, out, probes, "scoring the heads" + (" and judging them" if args.judge
+                                                                   and not args.judge_split else ""))
     if args.judge:
-        written.update(_judge(args, model, tok, probes, fs, out))
+        written.update(_judge(args, model, tok, judge_probes, fs, out))
+        if args.judge_split:
+            prepare.record_split(_argparse_ns(args, args.judge_split), Path(out) / "damage", judge_probes,
+                                 "judging by masking the heads scored on "
+                                 + (f"the {args.split} split" if args.split else "the scored probes"))
     say("wrote: " + ", ".join(str(p) for p in written.values()))
     return 0
 
@@ -184,3 +204,7 @@ def _judge(args, model, tok, probes, fs, out) -> dict:
         k = s["k_half"]
         say(f"{name:>16} {('> max' if math.isinf(k) else f'{k:.1f}'):>10} {s['auc']:6.2f}")
     return written
+
+
+def _argparse_ns(args: argparse.Namespace, split: str) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(args), "split": split})

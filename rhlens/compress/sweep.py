@@ -19,7 +19,7 @@ log as it is made; a rerun with the same ``out`` resumes.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -156,10 +156,22 @@ def _budget_list(budgets: Sequence[float]) -> list[float]:
 
 def sweep_policies(layout: CacheLayout, context: int, rankings: Mapping[str, Any],
                    budgets: Sequence[float], seeds: int | Sequence[int] = 3, *,
-                   config: CompressConfig | None = None, streaming: bool = True) -> list[HeadPolicy]:
+                   config: CompressConfig | None = None, streaming: bool = True,
+                   windows: Mapping[float, int] | None = None,
+                   ranking_windows: Mapping[str, int] | None = None) -> list[HeadPolicy]:
     """Every policy of a sweep, full first; each checked (a budget below the floor, a ranking
-    that does not fit the model) before any compute."""
+    that does not fit the model) before any compute.
+
+    ``windows`` (budget -> window) gives a budget's ranked and random policies their own window
+    of the other KV heads; ``ranking_windows`` (ranking -> window) a ranking's policies (e.g.
+    one ranking under several names, one window each, all decoded on one prefill); otherwise
+    ``config.window``."""
     config = config or CompressConfig()
+    windows = {float(b): int(w) for b, w in (windows or {}).items()}
+    ranking_windows = dict(ranking_windows or {})
+    stray = sorted(set(ranking_windows) - set(rankings))
+    if stray:
+        raise ConfigError(f"ranking_windows names no ranking: {', '.join(stray)}")
     budget_list = _budget_list(budgets)
     seed_list = _seed_list(seeds) if not (isinstance(seeds, int) and seeds == 0) else []
     if not isinstance(rankings, Mapping):
@@ -170,11 +182,17 @@ def sweep_policies(layout: CacheLayout, context: int, rankings: Mapping[str, Any
     if not rankings and not seed_list:
         raise ConfigError("a sweep needs a ranking or random seeds")
     policies = [full_policy(layout, config.sink, config.window)]
+    stray = sorted(set(windows) - set(budget_list))
+    if stray:
+        raise ConfigError(f"windows names budgets not swept: {stray}")
     for b in budget_list:
-        policies += [budget_policy(r, layout, context, b, config, name=name) for name, r in rankings.items()]
+        cfg = replace(config, window=windows[b]) if b in windows else config
+        policies += [budget_policy(r, layout, context, b,
+                                   replace(cfg, window=ranking_windows[name]) if name in ranking_windows
+                                   else cfg, name=name) for name, r in rankings.items()]
         if streaming:
             policies.append(streaming_policy(layout, context, b, config.sink))
-        policies += [random_policy(layout, context, b, s, config) for s in seed_list]
+        policies += [random_policy(layout, context, b, s, cfg) for s in seed_list]
     return policies
 
 
@@ -186,7 +204,9 @@ def compress_sweep(model, probes: Sequence[Probe], rankings: Mapping[str, Any], 
                    streaming: bool = True, config: CompressConfig | None = None,
                    niah: NIAHConfig | None = None, batch_size: int | None = None,
                    kernel_policy: KernelPolicy | None = None, tokenizer=None,
-                   out: str | Path | None = None, progress: bool = False) -> CompressSweepResult:
+                   out: str | Path | None = None, progress: bool = False,
+                   windows: Mapping[float, int] | None = None,
+                   ranking_windows: Mapping[str, int] | None = None) -> CompressSweepResult:
     """NIAH score of ``probes`` against the KV budget for every policy (see the module).
 
     Args:
@@ -204,6 +224,7 @@ def compress_sweep(model, probes: Sequence[Probe], rankings: Mapping[str, Any], 
             shares one product per weight matrix between a batch's rows, faster on a CPU, and a
             row may then round as it would not alone).
         out: ``out/compress.jsonl`` gets every answer as it is made; a rerun resumes.
+        windows, ranking_windows: a window per budget or per ranking (:func:`sweep_policies`).
     """
     config = config or CompressConfig()
     niah = niah or NIAHConfig()
@@ -217,7 +238,7 @@ def compress_sweep(model, probes: Sequence[Probe], rankings: Mapping[str, Any], 
     layout = CacheLayout.of(model)
     context = max(p.n_tokens for p in probes)
     policies = sweep_policies(layout, context, rankings, budgets, seeds, config=config,
-                              streaming=streaming)
+                              streaming=streaming, windows=windows, ranking_windows=ranking_windows)
     seed_list = sorted({p.seed for p in policies if p.kind == "random"})
     # Policies that attend to the same keys answer alike: each distinct one runs once.
     specs: dict[tuple, int] = {}
