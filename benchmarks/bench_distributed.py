@@ -9,7 +9,10 @@ One command runs everything the visible GPUs allow and writes one JSON file:
   ``detect_retrieval_heads`` call in each (target: <= 1.02x);
 * **(b) scaling**: ``torchrun --nproc-per-node N`` for N = 1, 2, 4, 8 (as many as there are
   GPUs): wall time, speedup over N = 1, per-probe scores and answers identical to N = 1's
-  (and to the plain run's), each rank's busy time against the mean (target: within 10%);
+  (and to the plain run's), each rank's busy time against the mean (target: within 10%), the
+  prefill tokens all ranks computed and reused against N = 1's (issue 27: within 3%);
+  ``--base EARLIER.json`` takes N = 1 from an earlier output, so that each N can be its own
+  command (the paper-shaped grid, 1K-64K x 10 depths: ``--lengths-to 65536``);
 * **(c) split**: one probe of ``--split-length`` tokens (default 131,072) on a model spread
   over 2 GPUs by an accelerate device map (the layers balanced over ``cuda:0`` and ``cuda:1``)
   against the same weights on one GPU: the same generated tokens and per-head scores, time
@@ -127,6 +130,7 @@ def worker_grid(args) -> dict:
             busy = [r["busy_s"] for r in ranks]
             mean = statistics.mean(busy)
             out["ranks"] = ranks
+            out["total"] = launches[-1].get("total")
             out["busy_max_dev"] = round(max(abs(b - mean) for b in busy) / mean, 4) if mean else None
     if group is not None:
         distributed.shutdown()
@@ -276,6 +280,8 @@ def main(argv=None) -> int:
     ap.add_argument("--decode", choices=("captured", "lean", "bridge"), default=None,
                     help="the decode step (default: the device's; a split model takes the lean "
                          "step, so (c) compares like with like under --decode lean)")
+    ap.add_argument("--base", default=None, help="an earlier output whose torchrun-1 run is the "
+                    "baseline of (b) (run N = 1 and N = 2,4,8 as separate commands)")
     ap.add_argument("--work", default=None, help="folder for the runs (default: a temporary one)")
     ap.add_argument("--out", default="bench_distributed.json")
     ap.add_argument("--worker", choices=("grid", "split"), help=argparse.SUPPRESS)
@@ -315,6 +321,9 @@ def main(argv=None) -> int:
             save()
         res["runs"] = runs
         base = runs.get("torchrun-1", {})
+        if not base and args.base:
+            base = json.loads(Path(args.base).read_text())["runs"]["torchrun-1"]
+            res["base"] = args.base
         if "a" in parts and "wall_s" in base and "wall_s" in runs["plain"]:
             res["overhead"] = {"plain_s": runs["plain"]["wall_s"], "torchrun_1_s": base["wall_s"],
                                "ratio": round(base["wall_s"] / runs["plain"]["wall_s"], 4),
@@ -325,7 +334,12 @@ def main(argv=None) -> int:
                 "speedup": round(base["wall_s"] / r["wall_s"], 3),
                 "same_results_as_n1": r["digest"] == base["digest"],
                 "same_head_scores_as_n1": r.get("head_scores_sha256") == base.get("head_scores_sha256"),
-                "busy_max_dev": r.get("busy_max_dev")}
+                "busy_max_dev": r.get("busy_max_dev"),
+                # prefill tokens computed (and reused) by all ranks, against N = 1's
+                "prefill_tokens": (r.get("total") or {}).get("prefill_tokens"),
+                "reused_tokens": (r.get("total") or {}).get("reused_tokens"),
+                "prefill_vs_n1": (round(r["total"]["prefill_tokens"] / base["total"]["prefill_tokens"], 4)
+                                  if r.get("total") and base.get("total") else None)}
                 for tag, r in runs.items() if tag.startswith("torchrun-") and "wall_s" in r]
         save()
     if "c" in parts:

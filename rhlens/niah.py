@@ -225,7 +225,8 @@ def niah_sweep(model, probes: Sequence[Probe], *, masks: Sequence[Mask] = (Mask.
     work = [(p, m) for p in order for m in masks if f"{m.label}|{p.key}" not in sweep.done]
     keys = [m.label if (m.phase == "all" and m.heads) else None for _, m in work]
     costs, links = engine_plan([p.prompt_ids for p, _ in work], max_new_tokens=config.max_new_tokens,
-                               chunk=config.prefill_chunk, prefill_keys=keys)
+                               chunk=config.generation().chunk_for(next(model.parameters()).device),
+                               prefill_keys=keys)
     for unit in sweep.run([f"{m.label}|{p.key}" for p, m in work], costs, links):
         items = [work[i] for i in unit]
         gens = generate_many(model, tokenizer, [p.prompt_ids for p, _ in items],
@@ -233,7 +234,8 @@ def niah_sweep(model, probes: Sequence[Probe], *, masks: Sequence[Mask] = (Mask.
                              item_hooks=lambda i, items=items: hooks[items[i][1].label],
                              prefill_keys=[keys[i] for i in unit])
         for (probe, mask), gen in zip(items, gens):
-            sweep.add(answer_record(probe, gen.response, mask.label, config.success_threshold))
+            sweep.add(answer_record(probe, gen.response, mask.label, config.success_threshold),
+                      generation=gen)
     found = sweep.finish()
     return NIAHResult(records=finished_records(found, labels, probes),
                       masks={m.label: m.to_dict() for m in masks}, model_name=name, config=config)

@@ -469,7 +469,7 @@ def detect_retrieval_heads(model, probes: Sequence[Probe], *, config: DetectConf
     Returns:
         :class:`RetrievalScores`, probes in the order given.
     """
-    from rhlens.distributed import Sweep, engine_plan, shard_of
+    from rhlens.distributed import Sweep, decode_step_tokens, engine_plan, prefix_order, shard_of
 
     config = config or DetectConfig()
     tokenizer = tokenizer or getattr(model, "tokenizer", None)
@@ -491,13 +491,19 @@ def detect_retrieval_heads(model, probes: Sequence[Probe], *, config: DetectConf
     state = StepState()
     recorder = TopKeyRecorder(n_layers, n_heads, config.max_new_tokens, state, device,
                               max_batch=config.batch_size)
-    # Probes of one length and needle, deepest first: each shares the haystack before its
-    # needle with the previous one, so the engine prefills only what differs; probes of
-    # equal token count (one length and needle) are decoded together, batch_size at a time.
+    # One length's probes of one haystack (every needle, every depth) sorted by their tokens:
+    # each shares the longest prefix there is with the previous one, so the engine prefills
+    # only what differs; probes of equal token count are decoded together, batch_size at a
+    # time. A unit never spans two lengths or haystacks (rhlens.distributed.prefix_order).
     todo = [p for p in probes if p.key not in sweep.done]
-    todo.sort(key=lambda p: (p.length, p.needle_id, p.meta.get("haystack", ""), -p.depth))
+    groups = [(p.length, str(p.meta.get("haystack_sha256", p.meta.get("haystack", ""))))
+              for p in todo]
+    order = prefix_order([p.prompt_ids for p in todo], groups)
+    todo, groups = [todo[i] for i in order], [groups[i] for i in order]
     costs, links = engine_plan([p.prompt_ids for p in todo], max_new_tokens=config.max_new_tokens,
-                               batch_size=config.batch_size, chunk=config.prefill_chunk)
+                               batch_size=config.batch_size,
+                               chunk=config.generation().chunk_for(device), groups=groups,
+                               world=sweep.world, step_tokens=decode_step_tokens(device))
     records = sweep.sink.done
     for unit in sweep.run([p.key for p in todo], costs, links):
         batch = [todo[i] for i in unit]
@@ -513,7 +519,8 @@ def detect_retrieval_heads(model, probes: Sequence[Probe], *, config: DetectConf
                     per_probe = (now - t_last) / gen.info.get("batch_size", 1)
                 t_last = now
                 sweep.add(_probe_record(probe, gen, recorder, config, device, per_probe),
-                          postfix=lambda: {"ok": sum(r["success"] for r in records.values())})
+                          postfix=lambda: {"ok": sum(r["success"] for r in records.values())},
+                          generation=gen)
         finally:
             gens.close()  # end the engine's generator now, not whenever it is collected
     found = sweep.finish()

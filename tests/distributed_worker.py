@@ -3,7 +3,8 @@
 ``python -m torch.distributed.run --standalone --nproc-per-node N tests/distributed_worker.py
 WORKLOAD OUT [--die-after K]``: loads the toy model and runs WORKLOAD (``detect``: detection of
 the toy probes; ``sweeps``: a NIAH sweep, a CoT run and head patching; ``both``: the two, into
-OUT/detect and OUT/sweeps) with ``out=OUT``; rank 0 writes the outputs. ``--die-after K``:
+OUT/detect and OUT/sweeps; ``reuse``: detection of a NIAH grid whose probes share a haystack)
+with ``out=OUT``; rank 0 writes the outputs. ``--die-after K``:
 rank 1 kills itself (SIGKILL) after logging K records.
 """
 
@@ -33,6 +34,48 @@ def toy_probes(tok) -> list:
             out.append(Probe(prompt_ids=ids, needle_span=span, real_needle=answer, length=n,
                              depth=seed * 25, needle_id="toy"))
     return out
+
+
+REUSE_CONFIG = {"max_new_tokens": 8, "batch_size": 3, "prefill_chunk": 8}
+
+
+def haystack_probes(tok) -> list:
+    """A NIAH grid on the toy model: one filler haystack, 3 lengths x 5 depths x 2 needles of
+    5 value words (equal token counts per length), so probes of one length share the haystack
+    before their needles and the engine reuses it (in chunks of 8 tokens, REUSE_CONFIG)."""
+    import random
+
+    from rhlens.probe import Probe
+
+    from toy import BOS, END, FILLER_WORDS, KEY, VALUE_WORDS
+
+    rng = random.Random(27)
+    hay = [rng.choice(FILLER_WORDS) for _ in range(120)]
+    needles = {"n0": list(VALUE_WORDS[:5]), "n1": list(VALUE_WORDS[10:15])}
+    out = []
+    for n in (40, 80, 120):
+        for name, values in needles.items():
+            for depth in (0, 25, 50, 75, 100):
+                at = round(n * depth / 100)
+                words = [BOS, *hay[:at], KEY, *values, END, *hay[at:n], "ASK"]
+                ids = [int(i) for i in tok.convert_tokens_to_ids(words)]
+                out.append(Probe(prompt_ids=ids, needle_span=(at + 2, at + 7),
+                                 real_needle=" ".join(values), length=n, depth=depth,
+                                 needle_id=name, meta={"haystack": "toy-filler"}))
+    return out
+
+
+def reuse(model, tok, out) -> dict:
+    """Detection of :func:`haystack_probes` into OUT (prefix reuse on)."""
+    from rhlens import distributed
+    from rhlens.retrieval import DetectConfig, detect_retrieval_heads
+    from rhlens.runs import save_detection_run
+
+    scores = detect_retrieval_heads(model, haystack_probes(tok), config=DetectConfig(**REUSE_CONFIG),
+                                    out=out)
+    if distributed.is_main():
+        save_detection_run(out, scores, figures=False)
+    return {"per_probe": scores.per_probe.tolist(), "probes": scores.probes}
 
 
 def detect(model, tok, out) -> dict:
@@ -92,7 +135,7 @@ def both(model, tok, out) -> dict:
             "sweeps": sweeps(model, tok, Path(out, "sweeps")), "no_folder": no_folder(model, tok)}
 
 
-WORKLOADS = {"detect": detect, "sweeps": sweeps, "both": both}
+WORKLOADS = {"detect": detect, "sweeps": sweeps, "both": both, "reuse": reuse}
 
 
 def main(argv: list[str]) -> int:

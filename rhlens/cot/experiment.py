@@ -322,7 +322,8 @@ def cot_ablation(model, task: Task | str | Path | Iterable[Any], *, masks: Any =
                    for it, _ in work}
         generation = GenerationConfig(max_new_tokens=config.budget(mode), stop_at_newline=False)
         costs, links = engine_plan([prompts[it.id] for it, _ in work],
-                                   max_new_tokens=config.budget(mode))
+                                   max_new_tokens=config.budget(mode),
+                                   chunk=generation.chunk_for(next(model.parameters()).device))
         for unit in sweep.run([f"{m.label}|{mode}|{it.id}" for it, m in work], costs, links):
             items = [work[i] for i in unit]
             gens = generate_many(model, tokenizer, [prompts[it.id] for it, _ in items],
@@ -334,7 +335,7 @@ def cot_ablation(model, task: Task | str | Path | Iterable[Any], *, masks: Any =
                            "mask": mask.label, "group": _group(mask.label), "mode": mode,
                            "id": item.id, "gold": item.answer, "output": gen.response,
                            "extracted": extracted, "correct": bool(task.scorer(extracted, item)),
-                           "stop": gen.stop_reason})
+                           "stop": gen.stop_reason}, generation=gen)
     done = sweep.finish()
     records = [done[f"{m.label}|{mode}|{it.id}"] for mode in config.prompting for m in masks
                for it in task]

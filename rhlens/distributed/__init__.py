@@ -12,15 +12,19 @@ masks, CoT answers, patching pairs) runs them through a :class:`Sweep`:
   its word), folds in the shards of earlier launches that died, and checks the run's identity
   (``run.json``), so every rank resumes from the same records;
 * **the split**: items that share work in the engine (a haystack prefix it reuses, probes of
-  one length it decodes together) form one *unit*; each unit's cost is predicted (prompt
-  tokens prefilled, plus :data:`DECODE_STEP_TOKENS` per decode step of its batches) and the
-  units are taken longest first from a queue, the torch.distributed store's atomic counter:
+  one length it decodes together) form one *unit*, in the order that reuses the most
+  (:func:`prefix_order`: one length's probes of one haystack, needles and depths mixed,
+  sorted by their tokens); each unit's cost is predicted (prompt tokens prefilled after the
+  reuse, plus :data:`DECODE_STEP_TOKENS` per decode step of its batches) and the units are
+  taken longest first from a queue, the torch.distributed store's atomic counter:
   a rank that finishes early takes the next unit, so the ranks finish together even when
   the model of the cost is off (attention's share of long prompts, a slower GPU);
 * **the logs**: each rank appends its records to its own ``DIR/shards/<launch>/r<rank>/<log>``
   (:class:`~rhlens.io.ShardLog`); when every rank is done, rank 0 merges them into the log a
   one-process run writes, in the order it writes it, and records each rank's busy time,
-  items and tokens in the log's header (``launches``, beside the identity). A rerun with any
+  items, prompt tokens prefilled (``prefill_tokens``) and reused (``reused_tokens``) and
+  tokens generated in the log's header (``launches``, beside the identity, with their sums
+  under ``total``; a one-process run records itself as a launch of one). A rerun with any
   number of processes (one, without torchrun) reads the log and every shard, so nothing is
   lost or computed twice;
 * **progress**: one bar on rank 0, fed by every rank through the store.
@@ -46,8 +50,10 @@ from rhlens.distributed.plan import (
     DECODE_STEP_TOKENS,
     Shard,
     Unit,
+    decode_step_tokens,
     engine_plan,
     plan_units,
+    prefix_order,
     schedule,
     shard,
     shard_of,
@@ -61,11 +67,13 @@ __all__ = [
     "Sweep",
     "Unit",
     "current_group",
+    "decode_step_tokens",
     "engine_plan",
     "is_main",
     "lock_launch",
     "merge_shards",
     "plan_units",
+    "prefix_order",
     "rank_device",
     "rank_max_memory",
     "schedule",

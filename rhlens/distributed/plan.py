@@ -9,8 +9,8 @@ from typing import Any
 
 from rhlens.errors import ConfigError
 
-__all__ = ["DECODE_STEP_TOKENS", "Shard", "Unit", "engine_plan", "plan_units", "schedule", "shard",
-           "shard_of"]
+__all__ = ["DECODE_STEP_TOKENS", "Shard", "Unit", "decode_step_tokens", "engine_plan", "plan_units",
+           "prefix_order", "schedule", "shard", "shard_of"]
 
 # One decode step costs what prefilling this many prompt tokens costs. Measured on Llama-3-8B
 # (bf16, one H100, BENCHMARKS.md section A): a lean decode step with the retrieval recorder at
@@ -20,6 +20,13 @@ __all__ = ["DECODE_STEP_TOKENS", "Shard", "Unit", "engine_plan", "plan_units", "
 # less (~27 tokens for the default model): the work queue absorbs such errors
 # (rhlens.distributed.sweep).
 DECODE_STEP_TOKENS = 700
+CPU_DECODE_STEP_TOKENS = 27
+
+
+def decode_step_tokens(device: Any) -> float:
+    """What one decode step costs in prompt tokens prefilled, on ``device``'s kind."""
+    kind = getattr(device, "type", str(device).split(":")[0])
+    return float(CPU_DECODE_STEP_TOKENS if kind == "cpu" else DECODE_STEP_TOKENS)
 
 
 @dataclass(frozen=True)
@@ -48,9 +55,36 @@ def plan_units(costs: Sequence[int | float], links: Sequence[bool]) -> list[Unit
     return units
 
 
+def prefix_order(prompts: Sequence[Sequence[int]],
+                 groups: Sequence[Any] | None = None) -> list[int]:
+    """The order (indices into ``prompts``) in which the engine reuses the most KV: by group
+    (``groups``, one sortable value per prompt, e.g. ``(length, haystack)``; the groups in
+    their sorted order), then by token count (prompts of equal length stay together, so they
+    can be decoded in one batch), then by the tokens themselves.
+
+    The engine reuses what a prompt shares with the previous one (its common prefix, cut back
+    to whole prefill chunks), and sorted token sequences put the prompts with the longest
+    common prefixes side by side: NIAH probes of one haystack, needles and depths mixed, each
+    after the one whose needle lies nearest after its own. No order has a larger sum of
+    common prefixes between neighbours (the sorted order walks the prompts' prefix tree
+    depth first), chunks or not. Ties keep the given order.
+    """
+    keys = list(groups) if groups is not None else [0] * len(prompts)
+    if len(keys) != len(prompts):
+        raise ConfigError(f"{len(keys)} groups for {len(prompts)} prompts")
+
+    def tokens(p) -> tuple[int, ...]:  # a probe's ids are a tuple already: no copy
+        return p if isinstance(p, tuple) else tuple(int(t) for t in p)
+
+    return sorted(range(len(prompts)), key=lambda i: (keys[i], len(prompts[i]), tokens(prompts[i])))
+
+
 def engine_plan(prompts: Sequence[Any], *, max_new_tokens: int, batch_size: int = 1,
                 chunk: int | None = None,
-                prefill_keys: Sequence[Hashable] | None = None) -> tuple[list[float], list[bool]]:
+                prefill_keys: Sequence[Hashable] | None = None,
+                groups: Sequence[Hashable] | None = None,
+                world: int = 1,
+                step_tokens: int | float | None = None) -> tuple[list[float], list[bool]]:
     """Predicted cost of each prompt, and whether it must run after the previous one on the
     same rank, when ``generate_many`` answers ``prompts`` in this order.
 
@@ -59,7 +93,49 @@ def engine_plan(prompts: Sequence[Any], *, max_new_tokens: int, batch_size: int 
     least one whole prefill chunk, :func:`rhlens.engine.kv.reusable`). Cost: the tokens
     prefilled (the prompt minus its reused prefix) plus :data:`DECODE_STEP_TOKENS` per decode
     step, a batch's steps shared by its prompts.
+
+    ``chunk``: the prefill chunk the engine runs with (``GenerationConfig.chunk_for(device)``;
+    ``None``: the CPU's). ``groups``: one value per prompt; a prompt is never linked to one of
+    another group (a unit never spans two lengths of a grid, say, though the engine could
+    reuse the start of the haystack they share), and the plan counts no reuse there, since
+    units run apart (each its own ``generate_many``, whose KV starts empty).
+
+    ``world``: the ranks that will share the units. With more than one, units too large for
+    the ranks to finish together (a grid of few lengths, each one unit) are cut where cutting
+    costs least, each cut counted as the engine will then run (the prompt after it prefilled
+    whole, batches formed anew), until the longest-first schedule is within
+    :data:`BALANCE` of even or the cuts would recompute more than :data:`CUT_BUDGET` of the
+    prefill (so the ranks together prefill what one process does, within that share).
+    ``step_tokens``: a decode step's cost (default :data:`DECODE_STEP_TOKENS`, a GPU's;
+    :func:`decode_step_tokens` gives a device's).
     """
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise ConfigError(f"world must be a whole number >= 1, got {world!r}")
+    scan = _scan(prompts, chunk, prefill_keys, groups)
+    step = float(DECODE_STEP_TOKENS if step_tokens is None else step_tokens) * max_new_tokens
+    costs, links, _ = _cost(scan, set(), step, batch_size)
+    if world > 1 and len(prompts) > 1:
+        costs, links = _balance(scan, costs, links, world, step, batch_size)
+    return costs, links
+
+
+# The plan cuts units while the longest-first schedule's longest rank is more than this share
+# above the mean, and while the cuts recompute at most CUT_BUDGET of the prefill tokens.
+BALANCE = 0.05
+CUT_BUDGET = 0.025
+
+
+@dataclass(frozen=True)
+class _Scan:
+    """What the engine can share between each prompt and the previous one."""
+
+    lengths: list[int]  # prompt tokens
+    bodies: list[int]  # tokens prefilled without reuse (the prompt minus its last token)
+    same: list[bool]  # same prefill key and group as the previous prompt
+    reuse: list[int]  # tokens it would reuse after the previous one, in one generate_many
+
+
+def _scan(prompts, chunk, prefill_keys, groups) -> _Scan:
     import numpy as np
 
     from rhlens.engine.kv import reusable
@@ -68,15 +144,15 @@ def engine_plan(prompts: Sequence[Any], *, max_new_tokens: int, batch_size: int 
     chunk = chunk or DEFAULT_PREFILL_CHUNK
     n = len(prompts)
     keys = list(prefill_keys) if prefill_keys is not None else [None] * n
-    costs: list[float] = []
-    links: list[bool] = []
-    batch_of: list[int] = []  # each prompt's batch, numbered
+    part = list(groups) if groups is not None else [None] * n
+    if len(keys) != n or len(part) != n:
+        raise ConfigError(f"{n} prompts, {len(keys)} prefill keys, {len(part)} groups")
+    scan = _Scan([], [], [], [])
     prev = None
-    pos = 0
     for i, ids in enumerate(prompts):
         body = np.asarray(ids[:-1] if len(ids) else ids, dtype=np.int64)
         reused = 0
-        same = i > 0 and keys[i] == keys[i - 1]
+        same = i > 0 and keys[i] == keys[i - 1] and part[i] == part[i - 1]
         if same and prev is not None:
             m = min(len(prev), len(body))
             differ = np.flatnonzero(prev[:m] != body[:m])
@@ -84,17 +160,70 @@ def engine_plan(prompts: Sequence[Any], *, max_new_tokens: int, batch_size: int 
                 reused = len(body)  # the same body again: all of its KV is reused (KVPool._reusable)
             else:
                 reused = reusable(int(differ[0]) if differ.size else m, chunk)
-        pos = pos + 1 if same and len(ids) == len(prompts[i - 1]) else 0
+        scan.lengths.append(len(ids))
+        scan.bodies.append(len(body))
+        scan.same.append(same)
+        scan.reuse.append(reused)
+        prev = body
+    return scan
+
+
+def _cost(scan: _Scan, starts: set[int], step: float,
+          batch_size: int) -> tuple[list[float], list[bool], list[float]]:
+    """Costs, links and prefill tokens when the engine starts afresh at ``starts`` too."""
+    prefill: list[float] = []
+    links: list[bool] = []
+    batch_of: list[int] = []  # each prompt's batch, numbered
+    pos = 0
+    for i in range(len(scan.lengths)):
+        same = scan.same[i] and i not in starts
+        reused = scan.reuse[i] if same else 0
+        pos = pos + 1 if same and scan.lengths[i] == scan.lengths[i - 1] else 0
         batched = batch_size > 1 and pos % batch_size != 0
         links.append(i > 0 and (batched or reused > 0))
         batch_of.append(batch_of[-1] if batched else (batch_of[-1] + 1 if batch_of else 0))
-        costs.append(float(len(body) - reused))
-        prev = body
+        prefill.append(float(scan.bodies[i] - reused))
     sizes: dict[int, int] = {}
     for b in batch_of:
         sizes[b] = sizes.get(b, 0) + 1
-    step = DECODE_STEP_TOKENS * max_new_tokens
-    return [c + step / sizes[b] for c, b in zip(costs, batch_of)], links
+    return [c + step / sizes[b] for c, b in zip(prefill, batch_of)], links, prefill
+
+
+def _makespan(units: Sequence[Unit], world: int) -> float:
+    return max(sum(units[u].cost for u in rank) for rank in schedule(units, world))
+
+
+def _balance(scan: _Scan, costs: list[float], links: list[bool], world: int,
+             step: float, batch_size: int) -> tuple[list[float], list[bool]]:
+    """Cut the plan's units until ``world`` ranks finish together (see :func:`engine_plan`)."""
+    starts: set[int] = set()
+    budget = CUT_BUDGET * sum(_cost(scan, starts, step, batch_size)[2])
+    spent = 0.0
+    while True:
+        units = plan_units(costs, links)
+        total = sum(costs)
+        span = _makespan(units, world)
+        if span <= (1 + BALANCE) * total / world:
+            break
+        best = None  # (recomputed tokens, the larger piece, cut, costs, links)
+        for u in sorted(units, key=lambda u: -u.cost)[:world]:  # the largest units
+            for i in u.items[1:]:
+                lost = float(scan.reuse[i]) if scan.same[i] else 0.0
+                if spent + lost > budget:
+                    continue
+                new_costs, new_links, _ = _cost(scan, starts | {i}, step, batch_size)
+                new_span = _makespan(plan_units(new_costs, new_links), world)
+                if new_span >= span:
+                    continue
+                key = (new_span + lost, lost, i)
+                if best is None or key < best[0]:
+                    best = (key, lost, i, new_costs, new_links)
+        if best is None:
+            break
+        _, lost, i, costs, links = best
+        starts.add(i)
+        spent += lost
+    return costs, links
 
 
 def schedule(units: Sequence[Unit], world: int) -> list[list[int]]:
@@ -138,8 +267,9 @@ def shard(work: Sequence[Any], rank: int, world: int, *,
     """Process ``rank`` of ``world``'s share of ``work`` (probes, pairs, any items), in
     ``work``'s order.
 
-    Probes of one length, needle and haystack stay together (the engine reuses their prefix
-    and decodes them together); the groups are assigned by :func:`schedule` on their costs
+    Probes of one length and haystack stay together, every needle with every depth (the
+    engine reuses their shared prefix and decodes them together: :func:`prefix_order`); the
+    groups are assigned by :func:`schedule` on their costs
     (``costs``, one per item; by default prompt tokens plus the share of a batch's decode
     steps, the cost model of a torchrun launch). Every process must pass the same ``work``.
     """
@@ -152,9 +282,9 @@ def shard(work: Sequence[Any], rank: int, world: int, *,
         raise ConfigError(f"{len(costs)} costs for {len(work)} items")
     groups: dict[Any, list[int]] = {}
     for i, item in enumerate(work):
-        key = (getattr(item, "length", None), getattr(item, "needle_id", None),
-               getattr(item, "meta", {}).get("haystack") if hasattr(item, "meta") else None)
-        groups.setdefault(key if key != (None, None, None) else ("item", i), []).append(i)
+        meta = getattr(item, "meta", None) or {}
+        key = (getattr(item, "length", None), meta.get("haystack_sha256", meta.get("haystack")))
+        groups.setdefault(key if key != (None, None) else ("item", i), []).append(i)
     units = [Unit(tuple(items), sum(float(costs[i]) if costs is not None else _item_cost(work[i])
                                     for i in items)) for items in groups.values()]
     mine = sorted(i for u in schedule(units, world)[rank] for i in units[u].items)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 import time
@@ -74,6 +75,22 @@ class _Stats:
     tokens: float = 0.0
     busy_s: float = 0.0
     units: int = 0
+    prefill_tokens: int = 0  # prompt tokens the engine prefilled (computed)
+    reused_tokens: int = 0  # prompt tokens whose KV it copied from the previous prompt instead
+    decode_tokens: int = 0  # tokens generated (decode steps of each prompt)
+
+
+_TOTALS = ("items", "tokens", "busy_s", "units", "prefill_tokens", "reused_tokens", "decode_tokens")
+
+
+def _launch_entry(launch: str, world: int, stats: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """A launch's line in a log's header: each rank's stats, and their sums (``total``)."""
+    def rounded(v):
+        return round(v, 3) if isinstance(v, float) else v
+
+    return {"launch": launch, "world": world,
+            "ranks": [{k: rounded(v) for k, v in s.items()} for s in stats],
+            "total": {k: rounded(sum(s.get(k, 0) for s in stats)) for k in _TOTALS}}
 
 
 class Sweep:
@@ -144,6 +161,12 @@ class Sweep:
             self._bar = _SharedBar(self, total=total, desc=desc, unit=unit)
 
     @property
+    def world(self) -> int:
+        """How many processes share this sweep's units (1 in a plain process or a
+        :class:`~rhlens.distributed.Shard`, which runs every unit it is given)."""
+        return self.group.world if self.group is not None else 1
+
+    @property
     def _shared(self) -> bool:
         return self.group is not None and self.group.store is not None
 
@@ -188,9 +211,16 @@ class Sweep:
                 return
             yield units[order[claimed]]
 
-    def add(self, record: dict[str, Any], postfix=None) -> None:
-        """Keep a finished record (and log it)."""
+    def add(self, record: dict[str, Any], postfix=None, *, generation: Any = None) -> None:
+        """Keep a finished record (and log it). ``generation``: the engine's
+        :class:`~rhlens.engine.Generation` the record came from, whose prefill (tokens
+        computed, tokens reused) and decode steps this rank's stats count."""
         key = record["key"]
+        if generation is not None:
+            self.stats.reused_tokens += int(generation.reused_prefix)
+            self.stats.prefill_tokens += int(generation.info.get(
+                "prefill_tokens", len(generation.prompt_ids) - 1 - generation.reused_prefix))
+            self.stats.decode_tokens += int(generation.n_steps)
         if self.log is not None and not isinstance(self.log, ProbeLog):
             self.log.append(record)
         self.sink.add(record, postfix=postfix if self.sink.bar else None)
@@ -216,6 +246,14 @@ class Sweep:
         if self.shard is not None:
             unlock_output(shard_dir(self.out, self.shard.launch, self.shard.rank))
         if group is None:
+            if self.out is not None and self.shard is None and self.stats.items:
+                # one process: its work in the header too, as a launch of one
+                path = header_path(self.out, self.name)
+                doc = read_run_json(path)
+                doc.setdefault("launches", []).append(_launch_entry(
+                    f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}", 1,
+                    [self.stats.__dict__ | {"wall_s": time.perf_counter() - self._t0}]))
+                write_json(path, doc)
             return {**self.done, **self.new}
         stats = group.gather(self.stats.__dict__ | {"wall_s": time.perf_counter() - self._t0})
         if self._bar is not None:  # every rank has counted its last item
@@ -230,10 +268,7 @@ class Sweep:
             merge_logs(self.out, self.name, self.order)
             path = header_path(self.out, self.name)
             doc = read_run_json(path)
-            doc.setdefault("launches", []).append({
-                "launch": group.launch, "world": group.world,
-                "ranks": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in s.items()}
-                          for s in stats]})
+            doc.setdefault("launches", []).append(_launch_entry(group.launch, group.world, stats))
             write_json(path, doc)
 
         on_main(group, merge)

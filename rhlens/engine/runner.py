@@ -120,7 +120,9 @@ class Generation:
     ``response_ids`` holds every generated token, the stopping token included (its step was
     observed like the others); ``response`` is the text without the stopping token.
     ``info["batch_row"]`` is the prompt's row in the batch it was decoded with;
-    ``info["decode"]`` the decode step that ran (``"captured"``, ``"lean"`` or ``"bridge"``).
+    ``info["decode"]`` the decode step that ran (``"captured"``, ``"lean"`` or ``"bridge"``);
+    ``info["prefill_tokens"]`` the prompt tokens the prefill computed for it (the prompt minus
+    its last token, less the ``reused_prefix`` whose keys and values were copied instead).
     """
 
     prompt_ids: tuple[int, ...]
@@ -257,7 +259,8 @@ class _Runner:
             response = self.tokenizer.decode(text_ids, skip_special_tokens=True).strip()
             gens.append(Generation(prompt_ids=ids, response_ids=out, response=response,
                                    stop_reason=stop, reused_prefix=kept[r],
-                                   info={"batch_row": r, "batch_size": rows, "decode": path}))
+                                   info={"batch_row": r, "batch_size": rows, "decode": path,
+                                         "prefill_tokens": len(bodies[r]) - kept[r]}))
         return gens
 
     def _stops(self, rows: int) -> _Stops:
