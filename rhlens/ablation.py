@@ -24,7 +24,7 @@ import contextlib
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float
@@ -70,13 +70,16 @@ def random_heads(n_layers: int, n_heads: int, k: int, *, seed: int = 0,
 class Mask:
     """A set of heads to knock out, and how. ``Mask.none()`` is the unmasked baseline."""
 
-    heads: tuple[Head, ...] = ()
+    heads: Sequence[Any] = ()  # (layer, head) pairs, checked; kept as a sorted tuple of ints
     mode: Mode = "uniform"
     phase: PhaseName = "decode"
     label: str = ""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "heads", tuple(sorted({(int(a), int(b)) for a, b in self.heads})))
+        from rhlens.validate import check_heads
+
+        # Exact types (a string, float or bool is refused, never coerced with int()).
+        object.__setattr__(self, "heads", tuple(sorted(set(check_heads(self.heads)))))
         if self.mode not in ("uniform", "zero", "mean"):
             raise ConfigError(f"mode must be uniform, zero or mean, got {self.mode!r}")
         if self.phase not in ("decode", "all"):
@@ -114,9 +117,12 @@ def top_k_mask(scores, k: int, *, mode: Mode = "uniform", phase: PhaseName = "de
     """The ``k`` best retrieval heads (:func:`rhlens.stats.top_k_heads`: ties by layer, head),
     labelled ``top-k``."""
     from rhlens.stats import top_k_heads
+    from rhlens.validate import check_finite, whole_number
 
+    k = whole_number(k, "K")
     _check_k(k, scores.n_layers * scores.n_heads, f"top-{k}")
-    return Mask(tuple(top_k_heads(scores.mean, k)), mode, phase, label=f"top-{k}")
+    mean = check_finite(scores.mean, "the retrieval scores")  # NaN would rank as the lowest head
+    return Mask(tuple(top_k_heads(mean, k)), mode, phase, label=f"top-{k}")
 
 
 def random_k_heads(scores, k: int, *, seed: int = 0, grid: tuple[int, int] | None = None,
@@ -160,28 +166,24 @@ def parse_mask(spec: str, *, grid: tuple[int, int] | None = None, scores=None,
     random heads drawn from it). ``top:K`` needs ``scores``; ``random:K`` uses them, when
     given, to leave retrieval heads out.
     """
+    if not isinstance(spec, str):
+        raise ConfigError(f"a mask spec is a string ({MASK_SPECS}), got {spec!r}")
     kind, _, rest = spec.strip().partition(":")
     if kind == "none" and not rest:
         return Mask((), mode, phase, label="none")
     if kind == "heads":
-        heads = []
-        for item in rest.split(","):
-            parts = item.strip().split(".")
-            if len(parts) != 2 or not all(x.strip().isdigit() for x in parts):
-                raise ConfigError(f"mask {spec!r}: heads are written layer.head (e.g. heads:3.1,"
-                                  f"10.4), got {item.strip()!r}")
-            heads.append((int(parts[0]), int(parts[1])))
-        if grid is not None:
-            for la, h in heads:
-                if not (0 <= la < grid[0] and 0 <= h < grid[1]):
-                    raise ConfigError(f"mask {spec!r}: head {la}.{h} is outside the model's "
-                                      f"{grid[0]} layers x {grid[1]} heads")
+        from rhlens.validate import parse_heads
+
+        try:
+            heads = parse_heads(rest, grid)
+        except ConfigError as exc:
+            raise ConfigError(f"mask {spec.strip()!r}: {exc}") from None
         return Mask(tuple(heads), mode, phase, label=spec.strip())
     if kind not in ("top", "random"):
         raise ConfigError(f"a mask is {MASK_SPECS}; got {spec!r}")
     parts = rest.split(":")
     if not rest or len(parts) > (2 if kind == "random" else 1) or \
-            not all(x.strip().lstrip("-").isdigit() for x in parts):
+            not all(x.strip().lstrip("-").isdecimal() and x.isascii() for x in parts):
         form = "top:K" if kind == "top" else "random:K or random:K:SEED"
         raise ConfigError(f"mask {spec!r}: expected {form} with whole numbers")
     k, seed = int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
@@ -213,12 +215,11 @@ def mean_reference_prompts(probes: Sequence, n: int = 4) -> list[tuple[int, ...]
 def _check_heads(model, heads: Sequence[Sequence[int]]) -> dict[int, list[int]]:
     n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
     by_layer: dict[int, list[int]] = {}
+    from rhlens.validate import check_head
+
     for item in heads:
-        try:
-            layer, head = (int(x) for x in item)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"heads are (layer, head) pairs, got {item!r}") from exc
-        if not (0 <= layer < n_layers and 0 <= head < n_heads):
+        layer, head = check_head(item)  # exact types: never int() of a string or a float
+        if not (layer < n_layers and head < n_heads):
             raise ConfigError(f"head ({layer}, {head}) is outside this model's "
                               f"{n_layers} layers x {n_heads} heads")
         by_layer.setdefault(layer, []).append(head)

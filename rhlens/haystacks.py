@@ -59,12 +59,15 @@ class DirectoryHaystack(Haystack):
         return f"dir:{self.directory}"
 
     def _texts(self) -> list[tuple[str, str]]:
-        folder = Path(self.directory)
-        if not folder.is_dir():
-            raise ConfigError(f"haystack directory {folder} does not exist")
+        from rhlens.validate import input_dir, input_file
+
+        folder = input_dir(self.directory, "haystack directory",
+                           hint="--haystack takes a folder of .txt files, 'stdlib' or 'synthetic'")
         files = sorted(folder.glob("*.txt"))
         if not files:
             raise ConfigError(f"haystack directory {folder} holds no .txt files")
+        for f in files:  # before any is read: a FIFO or a device would block or never end
+            input_file(f, "haystack file", hint="a haystack folder holds ordinary .txt files")
         texts = [(f.name, _clean(f.read_text(encoding="utf-8", errors="replace"))) for f in files]
         texts = [(n, t) for n, t in texts if t]
         if not texts:

@@ -148,6 +148,23 @@ def _short(value: Any) -> str:
     return text if len(text) <= 48 else text[:45] + "..."
 
 
+def _shown(old: Any, new: Any) -> str:
+    """``old -> new``, each cut to where they differ (two long values sharing a prefix would
+    otherwise show the same text on both sides)."""
+    a, b = repr(old), repr(new)
+    if len(a) <= 48 and len(b) <= 48:
+        return f"{a} -> {b}"
+    same = 0
+    while same < min(len(a), len(b)) and a[same] == b[same]:
+        same += 1
+    start = max(0, same - 12)
+
+    def cut(text: str) -> str:
+        part = ("..." if start else "") + text[start:start + 45]
+        return part + ("..." if len(text) > start + 45 else "")
+    return f"{cut(a)} -> {cut(b)}"
+
+
 def diff_identity(old: Mapping[str, Any], new: Mapping[str, Any], *, limit: int = 4,
                   only: Sequence[str] | None = None, ignore: Sequence[str] = ()) -> list[str]:
     """The differences between two identities, as ``"key: old -> new"`` lines.
@@ -168,7 +185,7 @@ def diff_identity(old: Mapping[str, Any], new: Mapping[str, Any], *, limit: int 
             and not (k.startswith(KEYED_PARTS) and (k not in a or k not in b))]
     telling = [k for k in keys if not k.startswith("probes.prompts.")]
     keys = telling or keys
-    lines = [f"{k}: {_short(a.get(k))} -> {_short(b.get(k))}" for k in keys[:limit]]
+    lines = [f"{k}: {_shown(a.get(k), b.get(k))}" for k in keys[:limit]]
     if len(keys) > limit:
         lines.append(f"and {len(keys) - limit} more")
     return lines

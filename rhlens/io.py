@@ -46,7 +46,13 @@ def read_jsonl(path: str | Path, *, strict: bool = False) -> list[dict[str, Any]
 
     ``strict``: a damaged line before the last (which no crash can make) raises ConfigError.
     """
+    import stat
+
     out = []
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        from rhlens.validate import input_file
+
+        input_file(path, "log", hint="remove it or choose another output directory")
     lines = Path(path).read_bytes().split(b"\n")
     while lines and not lines[-1].strip():
         lines.pop()
@@ -68,9 +74,9 @@ def read_jsonl(path: str | Path, *, strict: bool = False) -> list[dict[str, Any]
 # ---- the output folder ---------------------------------------------------------------------
 def prepare_output(out: str | Path) -> Path:
     """Create ``out`` if needed and check that files can be written in it (one-line errors)."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output directory {out} is a file; choose a directory")
+    from rhlens.validate import check_output_dir
+
+    out = check_output_dir(out)  # not empty, not a file, not a link to nothing
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=out, prefix=".rhlens-write-test.")
@@ -99,7 +105,7 @@ def lock_output(out: str | Path) -> Path:
         import fcntl
     except ImportError:  # pragma: no cover - not on POSIX
         return out
-    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    fd = _open_lock(out / LOCK_FILE)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -107,10 +113,44 @@ def lock_output(out: str | Path) -> Path:
         os.close(fd)
         raise ConfigError(f"{out} is in use by another rhlens process (pid {holder}); wait "
                           "for it to finish or choose another output directory") from None
+    # Held, and checked to be rhlens' own lock file: only now is it rewritten.
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _HELD[key] = fd
     return out
+
+
+def _open_lock(path: Path) -> int:
+    """The lock file's descriptor, opened without following a symbolic link and refused
+    unless it is rhlens' own: a regular file with one name, holding at most a pid. A link,
+    a special file, a hard link or a file with other content is someone else's file, which
+    rhlens must never truncate: the command is refused and the file is left untouched."""
+    import stat
+
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) \
+        | getattr(os, "O_CLOEXEC", 0)
+    refuse = (f"{path} is not rhlens' lock file ({{}}); rhlens leaves it untouched: remove it "
+              "if it is yours to remove, or choose another output directory")
+    if os.path.islink(path):
+        raise ConfigError(refuse.format(f"a symbolic link to {os.readlink(path)!r}"))
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as exc:
+        if os.path.islink(path):  # made between the check and the open (O_NOFOLLOW refused it)
+            raise ConfigError(refuse.format("a symbolic link")) from None
+        raise ConfigError(f"cannot open the lock file {path}: {exc.strerror or exc}") from None
+    st = os.fstat(fd)
+    content = os.pread(fd, 64, 0) if stat.S_ISREG(st.st_mode) else b""
+    why = ("not a regular file" if not stat.S_ISREG(st.st_mode) else
+           f"a hard link: it has {st.st_nlink} names" if st.st_nlink > 1 else
+           "it holds something other than a pid" if st.st_size > 32 or
+           (content.strip() and not content.strip().isdigit()) else "")
+    if why:
+        os.close(fd)
+        raise ConfigError(refuse.format(why))
+    if hasattr(os, "O_NONBLOCK"):
+        os.set_blocking(fd, True)
+    return fd
 
 
 def holds_output(out: str | Path) -> bool:
@@ -223,10 +263,24 @@ def _rewrite(path: Path, records) -> None:
 
 
 def _append(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    # Never through a symbolic link: a log is appended to only where it is a file of its own.
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0),
+                     0o666)
+    except OSError as exc:
+        from rhlens.validate import own_file
+
+        own_file(path, "log")  # a link: say so in one line
+        raise exc
+    try:
+        with os.fdopen(fd, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        if exc.filename:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc  # a full disk
 
 
 class ShardLog:
@@ -239,6 +293,9 @@ class ShardLog:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.done: dict[str, dict[str, Any]] = {}
+        from rhlens.validate import own_file
+
+        own_file(self.path, "log")  # a link or a FIFO in its place is refused, never followed
         if self.path.exists():
             self.done = _records_by_key(self.path)
             # Rewrite without a torn tail so that appends start on a fresh line.

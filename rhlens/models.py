@@ -137,6 +137,7 @@ def _packaged_gguf(spec: PackagedModel) -> Path:
     # Chunked packages: assemble the file once into rhlens' cache (whole, or not at all).
     mod = importlib.import_module(spec.package)
     target = cache_dir() / "gguf" / mod.MODEL_NAME
+    remove_stale_builds(target.parent)
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
@@ -151,6 +152,34 @@ def _packaged_gguf(spec: PackagedModel) -> Path:
     return target
 
 
+def remove_stale_builds(folder: Path) -> list[Path]:
+    """Remove the temporary folders and files (``*.tmp<pid>``) that a killed build left in
+    ``folder`` of rhlens' cache: those whose process is gone. Returns what was removed."""
+    import re
+    import shutil
+
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for path in folder.iterdir():
+        m = re.fullmatch(r".+\.tmp(\d+)", path.name)
+        if not m or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue  # that build is still running
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError, OSError):
+            continue  # someone else's live process (or an id that cannot be one): leave it
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
 def _gguf_cache_folder(gguf: Path, key: str) -> tuple[Path, str]:
     sha = file_sha256(gguf)
     return cache_dir() / "models" / f"{key}-{sha[:16]}", sha
@@ -163,6 +192,7 @@ def _hf_folder_from_gguf(gguf: Path, key: str, architectures: tuple[str, ...] = 
     download, a broken copy) gets its own folder and never the weights cached for this one.
     """
     out, sha = _gguf_cache_folder(gguf, key)
+    remove_stale_builds(out.parent)  # a first build killed mid-way left its temporary folder
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
         return out
     read_gguf_header(gguf)  # one-line refusal of a broken file before transformers sees it

@@ -122,18 +122,16 @@ def load_needles(path: str | Path) -> list[Needle]:
 
     An optional ``"id"`` names the needle (default: ``<file stem>-<line>``).
     """
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"needles file {path} does not exist")
-    if path.is_dir():
-        raise ConfigError(f"needles file {path} is a directory; give a .jsonl file")
+    from rhlens.validate import input_file
+
+    path = input_file(path, "needles file", hint="give a .jsonl file")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is fine
     except UnicodeDecodeError as exc:
         line = path.read_bytes()[: exc.start].count(b"\n") + 1
         raise ConfigError(f"{path}, line {line}: not UTF-8 text ({exc.reason} at byte "
                           f"{exc.start}); save the file as UTF-8") from None
-    needles = []
+    needles, numbers = [], []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -147,12 +145,21 @@ def load_needles(path: str | Path) -> list[Needle]:
         if missing:
             raise ConfigError(f"{path}, line {lineno}: missing field(s) {', '.join(missing)}")
         try:
-            needles.append(Needle(obj["needle"], obj["question"], obj["real_needle"],
-                                  str(obj.get("id", f"{path.stem}-{lineno}"))))
+            nid = obj.get("id", f"{path.stem}-{lineno}")
+            if isinstance(nid, bool) or not isinstance(nid, (str, int)) or not str(nid).strip():
+                raise ProbeError(f"field 'id' must be a non-empty string, got {nid!r}")
+            needles.append(Needle(obj["needle"], obj["question"], obj["real_needle"], str(nid)))
+            numbers.append(lineno)
         except ProbeError as exc:
             raise ConfigError(f"{path}, line {lineno}: {exc}") from exc
     if not needles:
         raise ConfigError(f"needles file {path} holds no needles")
+    lines: dict[str, int] = {}
+    for lineno, n in zip(numbers, needles):
+        if n.id in lines:
+            raise ConfigError(f"{path}, line {lineno}: needle id {n.id!r} is already the id of "
+                              f"line {lines[n.id]}; give each needle its own id")
+        lines[n.id] = lineno
     return needles
 
 
@@ -228,6 +235,12 @@ class ProbeConfig(Config):
         count = int(count)
         if count < 1:
             raise ConfigError(f"count must be >= 1, got {count}")
+        # Bounded before anything is expanded: more values than distinct ones are repeats.
+        distinct = int(abs(hi - lo)) + 1 if integer else int(round(abs(hi - lo) * 1000)) + 1
+        if count > distinct:
+            raise ConfigError(f"count {count}: only {distinct} distinct "
+                              f"{'whole numbers' if integer else 'values (0.001 apart)'} lie "
+                              f"from {lo} to {hi}; use a count <= {distinct}")
         if count == 1:
             return (int(lo) if integer else float(lo),)
         vals = [lo + (hi - lo) * i / (count - 1) for i in range(count)]
@@ -500,13 +513,30 @@ def build_probes(tokenizer, *, config: ProbeConfig | None = None,
     needles = list(needles)
     if not needles:
         raise ConfigError("no needles given")
-    if len({n.id for n in needles}) != len(needles):
-        raise ConfigError("needle ids must be unique")
+    if not all(isinstance(n, Needle) for n in needles):
+        bad = next(n for n in needles if not isinstance(n, Needle))
+        raise ConfigError(f"needles must be Needle objects, got {type(bad).__name__}")
+    ids = [n.id for n in needles]
+    if len(set(ids)) != len(ids):
+        twice = sorted({i for i in ids if ids.count(i) > 1})
+        raise ConfigError(f"needle ids must be unique; given more than once: {', '.join(map(repr, twice))}")
     if max_length is not None and max(config.lengths) > max_length:
         raise ProbeError(
             f"length {max(config.lengths)} exceeds the model's maximum context of {max_length} "
             "tokens; choose shorter lengths"
         )
+    if max_length is not None:  # a needle too long for the model: say so, not "longer lengths"
+        for n in needles:
+            parts = _prompt_parts(tokenizer, config.template, n.question, config.chat_template)
+            fixed = len(parts.prefix) + len(parts.suffix) + len(_needle_tokens(tokenizer, n)[0])
+            need = fixed + config.answer_buffer + config.min_haystack_tokens
+            if need > max_length:
+                raise ProbeError(
+                    f"needle {n.id!r} cannot fit the model's maximum context of {max_length} "
+                    f"tokens: its prompt (template, question and needle) takes {fixed} tokens, and "
+                    f"{config.answer_buffer} are kept for the answer and at least "
+                    f"{config.min_haystack_tokens} for the haystack ({need} in all); shorten the "
+                    "needle or its question")
     hs = make_haystack(haystack, config.haystack_seed)
     hay_ids = _haystack_ids(tokenizer, hs, max(config.lengths))
     meta = {**hs.describe(), "haystack_sha256": hs.sha256()}

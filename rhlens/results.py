@@ -33,6 +33,7 @@ import sys
 import tempfile
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -44,6 +45,7 @@ __all__ = [
     "Config",
     "Result",
     "ResultError",
+    "atomic_write",
     "atomic_write_text",
     "load_result",
     "read_json",
@@ -62,25 +64,36 @@ class ResultError(RhlensError):
 
 
 # ---- files -----------------------------------------------------------------------------------
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write a file so that a crash leaves either the old content or the new, never half."""
+def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:
+    """Write a file so that a crash leaves either the old content or the new, never half.
+
+    ``write(tmp)`` fills a fresh temporary file (created exclusively in the same folder, so no
+    link planted there is followed); it is made readable as any other file (``0o666`` less
+    the umask) and renamed over ``path`` (a link at ``path`` is replaced, not followed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
+        os.close(fd)
+        write(tmp)
+        with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         # mkstemp makes owner-only files; results are meant to be shared like any other file.
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not exc.filename:  # a full disk: say which file
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
     return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write a text file atomically (:func:`atomic_write`)."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
@@ -178,9 +191,7 @@ class Result:
             else:
                 fields[f.name] = _plain(value, f"{type(self).__name__}.{f.name}")
         if tensors:
-            tmp = directory / f".{TENSOR_FILE}.tmp"
-            save_file(tensors, str(tmp))
-            os.replace(tmp, directory / TENSOR_FILE)
+            atomic_write(directory / TENSOR_FILE, lambda tmp: save_file(tensors, tmp))
         doc = {"kind": self.kind, "schema_version": self.schema_version,
                "rhlens_version": __version__, "fields": fields}
         write_json(directory / RESULT_FILE, doc)

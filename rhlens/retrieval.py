@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import re
 import time
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -281,10 +282,17 @@ def top_keys_from_cache(cache, n_tokens: int, *,
         if pattern.ndim != 4:
             raise ConfigError(f"{name} has shape {tuple(pattern.shape)}; expected [batch, head, query, key]")
         n_query, n_key = pattern.shape[-2:]
-        if n_query == steps:  # the answer's rows only; the last one is the last query
+        if n_query == steps and n_query not in (n_tokens - 1, n_tokens):
+            # the answer's rows only; the last one is the last query
             rows, last = pattern, first + steps - 1
-        elif n_query >= first + steps:  # the whole sequence, rows at absolute positions
+        elif n_query in (n_tokens - 1, n_tokens):  # the whole sequence (its last token or not)
+            if n_key != n_query:
+                raise ConfigError(f"{name} has {n_query} query rows and {n_key} keys: a cache of "
+                                  "the whole sequence has as many keys as queries")
             rows, last = pattern[:, :, first:first + steps], n_query - 1
+        elif n_query > n_tokens:
+            raise ConfigError(f"{name} covers {n_query} positions but tokens has {n_tokens}: pass "
+                              "the same tokens the cache was made from (prompt + answer)")
         else:
             raise ConfigError(f"{name} has {n_query} query rows: neither the {steps} answer rows "
                               f"nor the {n_tokens}-token sequence")
@@ -318,10 +326,21 @@ def retrieval_scores_from_cache(cache, tokens: Sequence[int] | Tensor, *,
     rows = _token_rows(tokens)
     batch, n_tokens = rows.shape
     steps = _check_answer(n_tokens, answer_start)
+    from rhlens.validate import check_span
+
+    if not isinstance(needle_span, Tensor):  # exact types: (True, 3) or (1.5, 3) is no span
+        if isinstance(needle_span, Sequence) and needle_span and \
+                all(isinstance(x, Sequence) or (isinstance(x, Tensor) and x.ndim) for x in needle_span):
+            needle_span = [check_span(x) for x in needle_span]
+        else:
+            needle_span = check_span(needle_span)
     try:
-        spans = torch.as_tensor(needle_span, dtype=torch.long)
-    except (TypeError, ValueError) as exc:
+        spans = torch.as_tensor(needle_span)
+    except (TypeError, ValueError, RuntimeError) as exc:
         raise ConfigError(f"needle_span must be (start, end) or one per row, got {needle_span!r}") from exc
+    if spans.dtype.is_floating_point or spans.dtype == torch.bool or spans.is_complex():
+        raise ConfigError(f"needle_span must hold whole numbers, got {needle_span!r}")
+    spans = spans.long()
     spans = spans.expand(batch, 2) if spans.shape == (2,) else spans
     if spans.ndim != 2 or spans.shape[1] != 2 or spans.shape[0] != batch:
         raise ConfigError(f"needle_span must be (start, end) or one per row of the {batch} token "
@@ -433,6 +452,10 @@ def check_probes(probes: Sequence[Probe], max_tokens: int | None, max_new_tokens
     """Refuse, before any compute, probes the model cannot take."""
     if not probes:
         raise ProbeError("no probes given")
+    if max_tokens is not None and max_new_tokens >= max_tokens:
+        raise ProbeError(f"max_new_tokens={max_new_tokens} does not fit the model's maximum "
+                         f"context of {max_tokens} tokens, which must also hold the prompt; "
+                         f"use max_new_tokens below {max_tokens} (the paper: 50)")
     for p in probes:
         if not isinstance(p, Probe):
             raise ProbeError(f"expected Probe objects, got {type(p).__name__}")
@@ -484,6 +507,11 @@ def detect_retrieval_heads(model, probes: Sequence[Probe], *, config: DetectConf
     # ran (which can round bf16 scores differently) are recorded as resolved.
     header = None if out is None else run_header(
         model, probes, config, kernel_policy=config.generation().describe(model)["kernel_policy"])
+    # Buffers are sized by the probes, never by the flag alone: a batch holds at most the
+    # probes of one token count (a batch_size of 10**12 must not allocate 10**12 rows).
+    most = max(Counter(len(p.prompt_ids) for p in probes).values())
+    if config.batch_size > most:
+        config = replace(config, batch_size=most)
     device = next(model.parameters()).device
     sweep = Sweep(out, header, "probes.jsonl", total=len(probes), desc="detect", unit="probe",
                   weights={p.key: p.n_tokens for p in probes}, progress=progress, shard=part,
@@ -553,6 +581,13 @@ def _probe_record(probe: Probe, gen, recorder: TopKeyRecorder, config: DetectCon
 def scores_from_records(records: Sequence[dict[str, Any]], model_name: str,
                         n_kv_heads: int | None, config: DetectConfig) -> RetrievalScores:
     """Assemble :class:`RetrievalScores` from per-probe records (as in ``probes.jsonl``)."""
+    from rhlens.validate import detect_record_problem
+
+    for i, r in enumerate(records):
+        wrong = detect_record_problem(r)
+        if wrong:
+            raise ConfigError(f"record {i} ({r.get('key') if isinstance(r, dict) else r!r}) is "
+                              f"malformed: {wrong}")
     per_probe = torch.tensor([r["scores"] for r in records], dtype=torch.float32)
     success = torch.tensor([bool(r["success"]) for r in records])
     meta_keys = ("key", "length", "depth", "needle_id", "n_tokens", "response", "response_ids",

@@ -115,12 +115,10 @@ class RunDir:
 # ---- writing ---------------------------------------------------------------------------------
 def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
     """Write a matplotlib figure atomically (a crash leaves the old file or the new)."""
+    from rhlens.results import atomic_write
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=dpi)
-    tmp.replace(path)
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=path.suffix[1:] or "png"))
 
 
 def _remove(path: Path) -> None:

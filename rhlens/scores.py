@@ -9,6 +9,7 @@ heads a mask knocks out are the heads every table lists.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -51,6 +52,9 @@ class RetrievalScores(Result):
     def __post_init__(self) -> None:
         if self.per_probe.ndim != 3:
             raise ConfigError(f"per_probe must be [probe, layer, head], got {tuple(self.per_probe.shape)}")
+        from rhlens.validate import check_finite
+
+        check_finite(self.per_probe, "per_probe")  # NaN or inf: refused on load, never ranked
         self.success = self.success.bool()
         if self.success.shape != self.per_probe.shape[:1]:
             raise ConfigError("success must have one flag per probe")
@@ -211,7 +215,7 @@ class RetrievalScores(Result):
         return path
 
     @classmethod
-    def from_paper_dict(cls, data: dict[str, list], model_name: str,
+    def from_paper_dict(cls, data: Any, model_name: str,
                         n_kv_heads: int | None = None) -> RetrievalScores:
         """Import the paper's per-head lists. Every list must have the same length."""
         if not isinstance(data, dict) or not data:
@@ -219,13 +223,19 @@ class RetrievalScores(Result):
         cells: dict[Head, list[float]] = {}
         for key, values in data.items():
             try:
-                layer, head = (int(x) for x in str(key).split("-"))
+                parts = str(key).split("-")
+                if len(parts) != 2 or not all(p.isdecimal() and p.isascii() for p in parts):
+                    raise ValueError(key)
+                layer, head = (int(x) for x in parts)
             except ValueError as exc:
                 raise ConfigError(f"key {key!r} is not '<layer>-<head>'") from exc
             if not isinstance(values, list):
                 raise ConfigError(f"value of {key!r} must be a list of per-probe scores")
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
                 raise ConfigError(f"the scores of {key!r} must all be numbers")
+            if not all(math.isfinite(v) for v in values):
+                raise ConfigError(f"the scores of {key!r} hold NaN or infinity; scores must be "
+                                  "finite numbers")
             cells[(layer, head)] = values
         if min(min(k) for k in cells) < 0:
             raise ConfigError("layer and head numbers must be >= 0")

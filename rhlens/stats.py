@@ -14,7 +14,8 @@ confidence interval means the same thing in every table:
   tokenizer that keeps every script: for ASCII text it gives exactly the tokens of
   ``rouge-score``'s default tokenizer; letters of other scripts are kept (the default drops
   everything outside a-z and 0-9, so a Chinese answer could never score), and Chinese and
-  Japanese characters count one token each, as they are written without spaces.
+  Japanese characters count one token each, as they are written without spaces; symbols
+  outside ASCII (emoji, arrows, math and currency signs) count one token each too.
 """
 
 from __future__ import annotations
@@ -176,7 +177,15 @@ def jaccard(a: Sequence[Head], b: Sequence[Head]) -> float:
 # ---- ROUGE -----------------------------------------------------------------------------------
 # Scripts written without spaces between words: one token per character.
 _UNSPACED = re.compile(r"([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f])")
-_WORD = re.compile(r"[^\W_]+")
+_WORD = re.compile(r"[^\W_]+|[^\w\s]")  # words, and single characters that are not words
+
+
+def _kept(tok: str) -> bool:
+    """A word, or a symbol outside ASCII (an emoji, an arrow, a currency sign): its own token.
+    ASCII punctuation is dropped, as rouge-score drops it."""
+    if len(tok) > 1 or tok.isalnum():
+        return True
+    return not tok.isascii() and unicodedata.category(tok).startswith("S")
 
 
 @cache
@@ -188,11 +197,15 @@ def _stemmer():
 
 def rouge_tokens(text: str) -> list[str]:
     """ROUGE tokens of ``text``: lower-cased words of any script, Porter-stemmed when they
-    are ASCII and longer than 3 letters (exactly rouge-score's tokens for ASCII text)."""
+    are ASCII and longer than 3 letters (exactly rouge-score's tokens for ASCII text), and
+    each symbol outside ASCII (emoji, arrows, math and currency signs) as a token of its own,
+    so that an answer made only of symbols can match."""
     text = unicodedata.normalize("NFKC", text).casefold()
     text = _UNSPACED.sub(r" \1 ", text)
     out = []
     for tok in _WORD.findall(text):
+        if not _kept(tok):
+            continue
         if tok.isascii() and len(tok) > 3:
             tok = _stemmer().stem(tok)
         out.append(tok)

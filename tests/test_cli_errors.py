@@ -43,6 +43,18 @@ def _files(tmp: Path) -> None:
     summary = tmp / "damaged_summary"
     summary.mkdir()
     (summary / "summary.json").write_text('{"probes": 2, ')
+    # issue 28: hostile files
+    _paper_json(tmp / "nan_grid.json", 30, 9, value=float("nan"))
+    row = {"id": "x", "needle": "The code is 4471.", "question": "What is the code?", "real_needle": "4471"}
+    (tmp / "dup_ids.jsonl").write_text(json.dumps(row) + "\n" + json.dumps(row) + "\n")
+    big = {**row, "needle": "The code is 4471. " + "word " * 9000}
+    (tmp / "big_needle.jsonl").write_text(json.dumps(big) + "\n")
+    (tmp / "notes.txt").write_text("my notes\n")
+    (tmp / "locked_out").mkdir()
+    (tmp / "locked_out" / ".rhlens.lock").symlink_to(tmp / "notes.txt")
+    (tmp / "loop").symlink_to(tmp / "loop")
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(tmp / "fifo.jsonl")
     det = tmp / "damaged_tensors"
     (det / "scores").mkdir(parents=True)
     (det / "scores" / "meta.json").write_text(json.dumps({"kind": "RetrievalScores",
@@ -156,6 +168,25 @@ CASES = [
     case("model: missing folder", ["detect", "--model", "./no/such/model_dir"], "does not exist"),
     case("model: unknown hub id, offline", ["detect", "--model", "no-such-org/no-such-model", "--offline"],
      "only uses models already in the local Hugging Face cache"),
+    # issue 28: hostile paths, huge numbers, damaged inputs (refused before the model loads)
+    case("lock is a symlink", ["detect", "--out", "{tmp}/locked_out"], "is not rhlens' lock file"),
+    case("out is a symlink loop", ["detect", "--out", "{tmp}/loop"], "symbolic link that cannot be followed"),
+    case("out is empty", ["detect", "--out", ""], "the output directory is empty"),
+    case("needles a FIFO", ["detect", "--needles", "{tmp}/fifo.jsonl"], "is a named pipe (FIFO)",
+         marks=pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")),
+    case("haystack a file", ["detect", "--haystack", "{tmp}/a_file"], "is a file, not a directory"),
+    case("length-range count too large", ["detect", "--length-range", "400", "8000", "100000"],
+         "only 7601 whole-number lengths lie from 400 to 8000"),
+    case("depth-count huge", ["detect", "--depth-count", "1000000000"], "use COUNT <= 2000"),
+    case("max-new-tokens beyond the context", ["detect", "--max-new-tokens", "1000000000"],
+         "does not fit the model's maximum context of 8192 tokens"),
+    case("needle longer than the context", ["detect", "--needles", "{tmp}/big_needle.jsonl"],
+         "needle 'x' cannot fit the model's maximum context of 8192"),
+    case("needles duplicate ids", ["detect", "--needles", "{tmp}/dup_ids.jsonl"],
+         "needle id 'x' is already the id of line 1"),
+    case("scores of NaN", ["niah", "--scores", "{tmp}/nan_grid.json", "--mask", "top:3"],
+         "hold NaN or infinity"),
+    case("mask heads:3.1.2", ["niah", "--mask", "heads:3.1.2"], "heads are written layer.head"),
     case("no subcommand", [], "the following arguments are required: COMMAND"),
     case("unknown flag", ["detect", "--lenghts", "500"], "unrecognized arguments: --lenghts"),
 ]

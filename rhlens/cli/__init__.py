@@ -68,7 +68,11 @@ def main(argv: list[str] | None = None) -> int:
             error_line(str(exc))
             return 2
         except OSError as exc:  # a path that is missing, a directory, not writable, a full disk
-            error_line(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
+            import errno
+
+            fix = {errno.ENOSPC: "; free some space or choose another --out",
+                   errno.EDQUOT: "; free some space or choose another --out"}.get(exc.errno, "")
+            error_line((f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc)) + fix)
             return 2
         except KeyboardInterrupt:
             note = getattr(args, "interrupted", None)

@@ -274,9 +274,16 @@ def probe_config(args: argparse.Namespace):
         lo, hi, n = args.length_range
         if lo > hi:
             raise _config_error(f"--length-range: MIN {lo} is above MAX {hi}")
+        if n > hi - lo + 1:
+            raise _config_error(f"--length-range {lo} {hi} {n}: only {hi - lo + 1} whole-number "
+                                f"lengths lie from {lo} to {hi}; use COUNT <= {hi - lo + 1}")
         lengths = ProbeConfig.linspace(lo, hi, n)
     else:
         lengths = args.lengths or parse(args.default_lengths, int)
+    if args.depth_count and args.depth_count > max(lengths):
+        raise _config_error(f"--depth-count {args.depth_count}: a probe of at most {max(lengths)} "
+                            f"tokens has fewer than {max(lengths)} positions for the needle, so "
+                            f"more depths would coincide; use COUNT <= {max(lengths)}")
     if args.depth_count:
         depths = ProbeConfig.linspace(0, 100, args.depth_count, integer=False)
     else:

@@ -124,7 +124,9 @@ def _needle_mass(model, tok, probes, niah, out: Path):
     depths = sorted({p.depth for p in probes})
     say(f"measuring needle attention mass on {len(lengths)} lengths x {len(depths)} depths ...")
     mass = needle_attention_mass(model, probes, niah=niah, tokenizer=tok)
-    save_file({"mass": mass.contiguous()}, path)
+    from rhlens.results import atomic_write
+
+    atomic_write(path, lambda tmp: save_file({"mass": mass.contiguous()}, tmp))
     return mass
 
 

@@ -80,7 +80,8 @@ def cmd_niah(args: argparse.Namespace) -> int:
         raise ConfigError(f"--mask given twice: {repeated(labels)}")
     probes = prepare.probes(args, prepare.tokenizer(args), shape,
                             max_new_tokens=config.max_new_tokens)
-    prepare.check_resume(args, out, "niah.jsonl", probes, config)
+    prepare.check_resume(args, out, "niah.jsonl", probes, config,
+                         masks=[m.to_dict() for m in masks])  # other masks: refused here
     model, tok = prepare.load(args)
     result = niah_sweep(model, probes, masks=masks, config=config, tokenizer=tok,
                         means=_means(args, model, tok, probes), out=out, progress=not args.quiet)

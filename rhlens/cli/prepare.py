@@ -123,6 +123,23 @@ def check_resume(args: argparse.Namespace, out: Path, log_name: str, probe_set=N
     only = ("model", *(("probes",) if probe_set is not None else ()),
             *(("config",) if config is not None else ()), *extra)
     check(out, run_header(model, probe_set, config, **extra), log_name, only=only, ignore=unknown)
+    if log_name == "probes.jsonl" and (out / log_name).exists():  # every record, before the weights
+        from rhlens.validate import check_log_records, detect_record_problem
+
+        grid = model_shape_grid(args)
+        check_log_records(out / log_name, lambda rec: detect_record_problem(rec, grid),
+                          "detection record")
+    if log_name == "niah.jsonl" and (out / log_name).exists():
+        from rhlens.validate import check_log_records, niah_record_problem
+
+        check_log_records(out / log_name, niah_record_problem, "NIAH record")
+
+
+def model_shape_grid(args: argparse.Namespace) -> tuple[int, int]:
+    """The model's (layers, heads), from its config (no weights)."""
+    from rhlens.models import model_shape
+
+    return model_shape(args.model, offline=args.offline).grid
 
 
 def load(args: argparse.Namespace) -> tuple[Any, Any]:

@@ -382,8 +382,13 @@ def generate_many(model, tokenizer, prompts: Iterable[Sequence[int] | Tensor], *
 def _generate_all(runner, run, prompts, config, item_hooks, prefill_keys) -> Iterator[Generation]:
     batch: list[tuple[int, tuple[int, ...], Hashable]] = []
     limit = 1
+    from rhlens.validate import check_token_ids
+
+    vocab = getattr(getattr(runner.model, "cfg", None), "d_vocab", None)
+    vocab = vocab if isinstance(vocab, int) and vocab > 0 else None
     for i, prompt in enumerate(prompts):
-        ids = _as_ids(prompt)
+        # Whole numbers inside the vocabulary, checked here: not 27 frames deep in torch.
+        ids = _as_ids(check_token_ids(prompt, vocab, what=f"prompt {i}'s token ids"))
         key = prefill_keys[i] if prefill_keys is not None else None
         if item_hooks is not None:
             yield from run([(i, ids, key)], list(item_hooks(i)))

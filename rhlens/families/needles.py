@@ -94,9 +94,9 @@ def shared_content_words(needle: Needle) -> set[str]:
 
 def write_needles(path: str | Path, needles: Sequence[Needle]) -> Path:
     """``needles`` as the JSONL file ``--needles`` and :func:`rhlens.probes.load_needles` read."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({"id": n.id, "needle": n.needle, "question": n.question,
-                                        "real_needle": n.real_needle}) + "\n" for n in needles),
-                    encoding="utf-8")
-    return path
+    from rhlens.results import atomic_write_text
+
+    return atomic_write_text(path, "".join(json.dumps({"id": n.id, "needle": n.needle,
+                                                      "question": n.question,
+                                                      "real_needle": n.real_needle}) + "\n"
+                                          for n in needles))  # never through a planted link

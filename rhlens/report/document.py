@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import quote
 
-from rhlens.results import atomic_write_text
+from rhlens.results import atomic_write, atomic_write_text
 
 __all__ = ["Block", "Image", "Report", "Section", "Table", "Text"]
 
@@ -152,7 +152,7 @@ class Report:
         names: dict[int, str] = {}
         for i, image in enumerate(self.images(), start=1):
             fname = f"{i:02d}-{_slug(image.name)}.png"
-            (folder / fname).write_bytes(image.png)
+            atomic_write(folder / fname, lambda tmp, png=image.png: Path(tmp).write_bytes(png))
             names[id(image)] = f"{quote(folder.name)}/{fname}"
 
         lines = [f"# {_md(self.title)}", "", f"_Written {self.created} by rhlens._", ""]
