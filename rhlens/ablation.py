@@ -57,7 +57,10 @@ def _check_heads(model, heads: Sequence[Sequence[int]]) -> dict[int, list[int]]:
     n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
     by_layer: dict[int, list[int]] = {}
     for item in heads:
-        layer, head = check_head(item, (n_layers, n_heads))
+        layer, head = check_head(item)  # exact types: never int() of a string or a float
+        if not (layer < n_layers and head < n_heads):
+            raise ConfigError(f"head ({layer}, {head}) is outside this model's "
+                              f"{n_layers} layers x {n_heads} heads")
         by_layer.setdefault(layer, []).append(head)
     return by_layer
 

@@ -142,7 +142,7 @@ def parse_heads(text: str, grid: Sequence[int] | None = None) -> tuple[tuple[int
 
 
 # ---- spans and tokens ------------------------------------------------------------------------
-def check_span(span: Any, limit: int | None = None, what: str = "needle span") -> tuple[int, int]:
+def check_span(span: Any, limit: int | None = None, what: str = "needle_span") -> tuple[int, int]:
     """``(start, end)``: two whole numbers, ``0 <= start < end`` (``<= limit`` when given)."""
     if hasattr(span, "tolist") and not isinstance(span, Sequence):
         span = span.tolist()

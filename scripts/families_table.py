@@ -70,7 +70,7 @@ def main() -> None:
             cpu, gpu = paths(family, Path(tmp) / family, tok)
             arch = type(tiny_config(family, 64)).__name__.replace("Config", "")
             rows.append(f"| {family} | {arch} | `{cpu}` | `{gpu}` | {DIFFERENCES[family]} | "
-                        f"`test_family_equals_hf_eager_loop[*-{family}]` |")
+                        f"`test_family_equals_hf_eager_loop[{family}]` |")
             print(rows[-1], flush=True)
     text = "\n".join([
         "# Model families: which decode step each takes",
@@ -81,8 +81,7 @@ def main() -> None:
         "Every row is exact against a plain Hugging Face eager loop (fp32, tiny random-weight "
         "models, 2 layers): the greedy tokens and every head's top-1 key at every decode step, "
         "unmasked and under the paper's uniform mask, alone and batched, on both steps below "
-        "(`tests/test_engine_families.py::test_family_equals_hf_eager_loop[POLICY-FAMILY]`, "
-        "POLICY `cpu` or `captured`).",
+        "(`tests/test_engine_families.py::test_family_equals_hf_eager_loop[FAMILY]`).",
         "",
         "* **CPU step**: `Generation.info[\"decode\"]` under the CPU's default `KernelPolicy()`.",
         "* **GPU step**: under `KernelPolicy(decode=\"captured\")`, a GPU's default (the captured "
@@ -93,7 +92,8 @@ def main() -> None:
         "on it (`rhlens/engine/lean.py`, `attention.py`, `captured.py`): Qwen3's per-head q/k "
         "norms (lean and captured); Gemma-2/3's sandwich norms, per-layer-type rotary tables, "
         "softcaps and q/k norms (lean); Mixtral's and Qwen3-MoE's expert blocks (lean: HF's own router "
-        "and experts, called one row at a time so that batched rows equal alone). Gemma's sliding-window layers keep only their window in "
+        "and experts, called one row at a time so that batched rows equal alone). "
+        "Gemma's sliding-window layers keep only their window in "
         "HF's cache, which the engine's pooled KV buffers (and so the captured step and batching) "
         "do not model yet: Gemma decodes on the lean step, one prompt at a time.",
         "* The prefill of every family runs through HF's attention modules with SDPA, except "

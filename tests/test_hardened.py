@@ -233,7 +233,7 @@ def test_malformed_spans_are_one_line(span):
 def test_check_span_takes_only_two_ordered_whole_numbers(span):
     from rhlens.validate import check_span
 
-    with pytest.raises(RhlensError, match="needle span"):
+    with pytest.raises(RhlensError, match="needle_span"):
         check_span(span, 10)
 
 
