@@ -65,3 +65,26 @@ def test_report_official_then_run_dir(tmp_path, capsys):
     assert main(["report", "--official", str(paper), str(paper2), str(run), "--out", str(out)]) == 0
     md = out.with_suffix(".md").read_text()
     assert "paper2" in md and "Detection" in md
+
+
+def test_a_bar_moves_before_its_items_finish():
+    """advance() moves the bar while a batch decodes; finished items count net of it, and the
+    bar never runs past its total."""
+    from rhlens.io import Records
+
+    rec = Records(None, progress=True, total=2, desc="t", weights={"a": 100, "b": 300})
+    rec.advance(40)
+    rec.advance(40)
+    assert rec.bar.n == 80
+    rec.add({"key": "a"})  # 100: 80 shown already, 20 more
+    assert rec.bar.n == 100
+    rec.advance(1000)  # clamped at the total
+    assert rec.bar.n == 400
+    rec.add({"key": "b"})
+    assert rec.bar.n == 400
+    rec.close()
+    items = Records(None, progress=True, total=3, desc="t")
+    items.advance(0.5)
+    items.add({"key": "x"})
+    assert items.bar.n == 1
+    items.close()

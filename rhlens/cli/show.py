@@ -34,12 +34,13 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=cmd_show)
 
 
-def run_probe(run_dir: str | Path, which: str | None):
-    """``(probe, answer_ids)`` of one probe of a detection run's ``probes.jsonl``."""
+def run_probe(run_dir: str | Path, which: str | None, tokenizer=None):
+    """``(probe, answer_ids)`` of one probe of a detection run's ``probes.jsonl``; a needle
+    that is not built in is expected as its span's text (``tokenizer`` decodes it)."""
     from rhlens.probes import BUILTIN_NEEDLES
     from rhlens.probes.probe import Probe
     from rhlens.store.layout import RunDir
-    from rhlens.store.logs import read_jsonl
+    from rhlens.store.files import read_jsonl
 
     log = RunDir(run_dir).probes
     if not log.exists():
@@ -60,8 +61,11 @@ def run_probe(run_dir: str | Path, which: str | None):
             raise ConfigError(f"--probe {which}: no such probe in {log} (e.g. {keys})")
         rec = found[0]
     needle = next((n for n in BUILTIN_NEEDLES if n.id == rec.get("needle_id")), None)
-    probe = Probe(rec["prompt_ids"], rec["needle_span"],
-                  rec.get("real_needle") or (needle.real_needle if needle else ""),
+    expected = rec.get("real_needle") or (needle.real_needle if needle else "")
+    if not expected and tokenizer is not None:
+        start, end = rec["needle_span"]
+        expected = tokenizer.decode(rec["prompt_ids"][start:end])
+    probe = Probe(rec["prompt_ids"], rec["needle_span"], expected or "?",
                   length=rec.get("length", 0), depth=rec.get("depth", 0.0),
                   needle_id=rec.get("needle_id", "custom"),
                   question=rec.get("question") or (needle.question if needle else ""))
@@ -72,8 +76,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     from rhlens.trace import parse_heads, trace_heads
     from rhlens.views import head_view
 
-    probe, answer = run_probe(args.run, args.probe)
     shape = prepare.model_facts(args)
+    probe, answer = run_probe(args.run, args.probe, prepare.tokenizer(args))
     scores = prepare.scores(args.run, shape) if ("top:" in args.heads or "bottom:" in args.heads
                                                  or (Path(args.run) / "scores").exists()) else None
     heads = parse_heads(args.heads, scores)
@@ -83,11 +87,6 @@ def cmd_show(args: argparse.Namespace) -> int:
                               f"{shape.n_heads} heads")
     out = Path(args.out) if args.out else Path(args.run) / f"heads-{probe.key}.html"
     model, tok = prepare.load(args)
-    if not probe.real_needle:  # a needle of its own file: the expected answer is the span's text
-        from dataclasses import replace
-
-        start, end = probe.needle_span
-        probe = replace(probe, real_needle=tok.decode(list(probe.prompt_ids)[start:end]))
     trace = trace_heads(model, probe, heads, answer_ids=answer, tokenizer=tok, scores=scores,
                         context=args.context)
     head_view(trace).save(out)

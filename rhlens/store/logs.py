@@ -429,9 +429,11 @@ class Records:
             elif extra:
                 self.bar.set_postfix(**extra)
 
-    def advance(self, amount: float) -> None:
+    def advance(self, amount: int | float) -> None:
         """Move the bar by ``amount`` of the cost of items still running (a decode step's
         share), so it moves while a batch runs; finished items are then counted net of it."""
+        if self.bar and self.bar.total is not None:  # never past the end: the records finish it
+            amount = min(amount, self.bar.total - self.bar.n)
         if self.bar and amount > 0:
             self.ahead += amount
             self.bar.update(amount)
