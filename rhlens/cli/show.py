@@ -39,8 +39,8 @@ def run_probe(run_dir: str | Path, which: str | None, tokenizer=None):
     that is not built in is expected as its span's text (``tokenizer`` decodes it)."""
     from rhlens.probes import BUILTIN_NEEDLES
     from rhlens.probes.probe import Probe
-    from rhlens.store.layout import RunDir
     from rhlens.store.files import read_jsonl
+    from rhlens.store.layout import RunDir
 
     log = RunDir(run_dir).probes
     if not log.exists():
