@@ -61,6 +61,10 @@ _LAZY: dict[str, tuple[str, str]] = {
     "compress_sweep": ("rhlens.compress.sweep", "compress_sweep"),
     "CompressSweepResult": ("rhlens.compress.sweep", "CompressSweepResult"),
     "score_families": ("rhlens.families", "score_families"),
+    # looking at heads
+    "trace_heads": ("rhlens.trace", "trace_heads"),
+    "HeadTrace": ("rhlens.trace", "HeadTrace"),
+    "head_view": ("rhlens.views", "head_view"),
     "FamilyScores": ("rhlens.families", "FamilyScores"),
     # results
     "load_result": ("rhlens.results", "load_result"),

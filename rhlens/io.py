@@ -436,13 +436,17 @@ class Records:
         self.weights = dict(weights) if weights is not None else None
         self.total, self.unit = total, unit
         self.elsewhere = 0  # items finished by other processes (see tick)
+        self.ahead = 0.0  # advanced before its items finished (see advance)
         self.bar = None
         if progress:
             from tqdm.auto import tqdm
 
             if self.weights is None:
+                # whole items shown whole, though advance() moves the bar by parts of one
                 self.bar = tqdm(total=total, initial=len(self.done) if initial is None else initial,
-                                desc=desc, unit=unit, smoothing=0)
+                                desc=desc, unit=unit, smoothing=0,
+                                bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, "
+                                           "{rate_fmt}{postfix}]")
             else:
                 done = sum(self.weights.get(k, 0) for k in self.done)
                 self.bar = tqdm(total=sum(self.weights.values()), initial=done, desc=desc,
@@ -459,13 +463,25 @@ class Records:
         if self.log:
             self.log.append(record)
         if self.bar:
-            self.bar.update(1 if self.weights is None else self.weights.get(record["key"], 0))
+            cost = 1 if self.weights is None else self.weights.get(record["key"], 0)
+            credit = min(self.ahead, cost)  # the part already shown by advance()
+            self.ahead -= credit
+            self.bar.update(cost - credit)
             extra = postfix() if postfix is not None else {}
             if self.weights is not None:
                 self.bar.set_postfix_str(", ".join([self._count(), *(f"{k}={v}" for k, v in
                                                                      extra.items())]))
             elif extra:
                 self.bar.set_postfix(**extra)
+
+    def advance(self, amount: int | float) -> None:
+        """Move the bar by ``amount`` of the cost of items still running (a decode step's
+        share), so it moves while a batch runs; finished items are then counted net of it."""
+        if self.bar and self.bar.total is not None:  # never past the end: the records finish it
+            amount = min(amount, self.bar.total - self.bar.n)
+        if self.bar and amount > 0:
+            self.ahead += amount
+            self.bar.update(amount)
 
     def tick(self, items: int, weight: float = 0) -> None:
         """Count ``items`` finished elsewhere (other ranks of a launch), of summed cost

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 
 from rhlens.ablation import Mask, ablation_hooks, random_heads
-from rhlens.engine import GenerationConfig, generate_many
+from rhlens.engine import GenerationConfig, StepState, generate_many
 from rhlens.errors import ConfigError
 from rhlens.identity import run_header
 from rhlens.probe import Probe
@@ -31,6 +31,7 @@ from rhlens.retrieval import check_probes
 from rhlens.runs import NIAH_LOG, RunDir, load_single_file
 from rhlens.scores import RetrievalScores
 from rhlens.stats import rouge1_recall, rouge_tokens
+from rhlens.views.results import Displayed
 
 __all__ = [
     "AnswerClass",
@@ -104,7 +105,7 @@ class NIAHConfig(Config):
 
 
 @dataclass
-class NIAHResult(Result):
+class NIAHResult(Displayed, Result):
     """Answers of every probe under every mask.
 
     ``records`` has one dict per (mask, probe): ``mask``, ``key``, ``length``, ``depth``,
@@ -186,7 +187,7 @@ class NIAHResult(Result):
 
 def niah_sweep(model, probes: Sequence[Probe], *, masks: Sequence[Mask] = (Mask.none(),),
                config: NIAHConfig | None = None, tokenizer=None, means=None,
-               out: str | Path | None = None, progress: bool = False) -> NIAHResult:
+               out: str | Path | None = None, progress: bool = True) -> NIAHResult:
     """Answer every probe under every mask; NIAH score = ROUGE-1 recall x 100.
 
     ``out``: each finished (mask, probe) is appended to ``out/niah.jsonl``; a rerun with the
@@ -229,8 +230,11 @@ def niah_sweep(model, probes: Sequence[Probe], *, masks: Sequence[Mask] = (Mask.
                                prefill_keys=keys)
     for unit in sweep.run([f"{m.label}|{p.key}" for p, m in work], costs, links):
         items = [work[i] for i in unit]
+        state = StepState()  # the bar moves at every decode step by the step's share of the unit
+        share = sum(p.n_tokens for p, _ in items) / config.max_new_tokens
+        state.on_step = lambda share=share: sweep.advance(share)
         gens = generate_many(model, tokenizer, [p.prompt_ids for p, _ in items],
-                             config=config.generation(),
+                             config=config.generation(), state=state,
                              item_hooks=lambda i, items=items: hooks[items[i][1].label],
                              prefill_keys=[keys[i] for i in unit])
         for (probe, mask), gen in zip(items, gens):
@@ -326,7 +330,7 @@ def sweep_masks(scores: RetrievalScores, ks: Sequence[int], seeds: int | Sequenc
 
 
 @dataclass
-class MaskSweepResult(Result):
+class MaskSweepResult(Displayed, Result):
     """Mean NIAH score against K for top-K and random-K masks (the paper's Figure 7)."""
 
     ks: list[int]
@@ -391,7 +395,7 @@ def mask_sweep(model, probes: Sequence[Probe], scores: RetrievalScores, *,
                ks: Sequence[int] = (0, 2, 5, 10, 20), seeds: int | Sequence[int] = 3,
                mode: str = "uniform", phase: str = "decode", config: NIAHConfig | None = None,
                tokenizer=None, means=None, out: str | Path | None = None,
-               progress: bool = False) -> MaskSweepResult:
+               progress: bool = True) -> MaskSweepResult:
     """NIAH score against K for the top-K retrieval heads and K random heads.
 
     Every argument is checked before any compute: the scores must fit the model, ``ks``

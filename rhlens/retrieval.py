@@ -471,7 +471,7 @@ def check_probes(probes: Sequence[Probe], max_tokens: int | None, max_new_tokens
 
 def detect_retrieval_heads(model, probes: Sequence[Probe], *, config: DetectConfig | None = None,
                            tokenizer=None, out: str | Path | None = None,
-                           progress: bool = False) -> RetrievalScores:
+                           progress: bool = True) -> RetrievalScores:
     """Score every head of ``model`` on ``probes`` (Wu et al., 2024).
 
     Args:
@@ -483,7 +483,7 @@ def detect_retrieval_heads(model, probes: Sequence[Probe], *, config: DetectConf
         tokenizer: defaults to ``model.tokenizer``.
         out: a directory; each finished probe is appended to ``out/probes.jsonl`` at once,
             and a rerun with the same ``out`` skips the probes found there.
-        progress: show a tqdm bar.
+        progress: show a tqdm bar (a notebook's bar in Jupyter); it moves at every decode step.
 
     Inside a ``torchrun`` launch (or any initialised ``torch.distributed`` group) the probes
     are split across the ranks (:class:`rhlens.distributed.Sweep`) and every rank returns the
@@ -535,6 +535,9 @@ def detect_retrieval_heads(model, probes: Sequence[Probe], *, config: DetectConf
     records = sweep.sink.done
     for unit in sweep.run([p.key for p in todo], costs, links):
         batch = [todo[i] for i in unit]
+        # The bar moves at every decode step by that step's share of the batch's cost.
+        share = sum(p.n_tokens for p in batch) / config.max_new_tokens
+        state.on_step = lambda share=share: sweep.advance(share)
         gens = generate_many(model, tokenizer, [p.prompt_ids for p in batch],
                              config=config.generation(), hooks=recorder.hooks(), state=state,
                              on_start=lambda i: recorder.reset())

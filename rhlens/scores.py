@@ -22,12 +22,13 @@ from torch import Tensor
 from rhlens.errors import ConfigError
 from rhlens.results import Config, Result, ResultError, atomic_write_text
 from rhlens.stats import Head, bootstrap_means, heads_above, rank_heads, top_k_heads
+from rhlens.views.results import Displayed
 
 __all__ = ["Head", "RetrievalScores"]
 
 
 @dataclass
-class RetrievalScores(Result):
+class RetrievalScores(Displayed, Result):
     """Retrieval scores of every (layer, query head) on every probe.
 
     Attributes:
@@ -105,11 +106,14 @@ class RetrievalScores(Result):
     # ---- queries (every ranking through rhlens.stats) ------------------------------------
     def top(self, k: int = 10) -> list[tuple[int, int, float]]:
         """The ``k`` highest-scoring heads (all of them when there are fewer) as ``(layer,
-        head, score)``, best first; equal scores in (layer, head) order (:mod:`rhlens.stats`)."""
+        head, score)``, best first; equal scores in (layer, head) order (:mod:`rhlens.stats`).
+        Scores are rounded to 6 decimals (the precision of the per-probe records), so a float32
+        mean prints as 0.8 rather than 0.800000011920929."""
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise ConfigError(f"k must be a whole number >= 0, got {k!r}")
         mean = self.mean
-        return [(la, h, float(mean[la, h])) for la, h in top_k_heads(mean, min(k, mean.numel()))]
+        return [(la, h, round(float(mean[la, h]), 6))
+                for la, h in top_k_heads(mean, min(k, mean.numel()))]
 
     def top_heads(self, k: int) -> list[Head]:
         """The ``k`` best heads, best first: the heads a top-K mask knocks out (``k`` more

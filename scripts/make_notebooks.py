@@ -56,7 +56,6 @@ import torch
 import rhlens
 from rhlens import EngineHook
 from rhlens.engine import GenerationConfig, generate
-from rhlens.plotting import plot_head_heatmap
 from rhlens.probes import BUILTIN_NEEDLES, ProbeConfig, build_probes
 from rhlens.retrieval import DetectConfig, detect_retrieval_heads
 from rhlens.stats import rouge1_recall
@@ -98,9 +97,21 @@ scores"""),
     ("code", """\
 scores.to_dataframe().head(TOP)"""),
     ("code", """\
-plot_head_heatmap(scores, top=TOP)"""),
+scores.plot(top=TOP)  # every result has .plot() (a matplotlib figure) and .to_dataframe()"""),
     ("md", """\
-## The best head at work
+## The heads at work, step by step
+
+`trace_heads` answers the probe and keeps, for each chosen head and each decode step, the key it
+attended to most, that key's weight, its attention on the needle and whether it copied;
+displaying the trace draws it. Move the step control (or click an answer token): the needle is
+underlined in yellow, the head's attention is blue, its top key is outlined. The two best heads
+copy the needle token by token; the lowest-ranked one does not. On the command line:
+`rhlens show RUN_DIR --heads top:2,bottom:1` writes the same view as an HTML file."""),
+    ("code", """\
+trace = rhlens.trace_heads(model, probe, "top:2,bottom:1", scores=scores)
+trace"""),
+    ("md", """\
+## The best head at work, by hand
 
 A TransformerLens hook on the head's `hook_pattern` records its attention at every decode
 step. Wrapped in `EngineHook(..., phase="decode", reads_only=True)` it tells the engine that it
@@ -205,7 +216,6 @@ from rhlens.plotting import (
     plot_dynamic,
     plot_head_heatmap,
     plot_intrinsic,
-    plot_k_curve,
     plot_mask_heatmaps,
     plot_sparsity,
     plot_stability,
@@ -265,8 +275,13 @@ if official:
     display(table.to_dataframe())
     display(plot_universal(table))
 else:
-    display("no official scores found (rhlens.official.fetch_official_scores(DIR) fetches "
-            "them): universal and intrinsic skipped")"""),
+    from IPython.display import Markdown
+
+    display(Markdown("**The paper's released score files are not in this checkout**, so the "
+                     "universal and intrinsic comparisons below have nothing to compare. Fetch "
+                     "them once, with network access: `rhlens official --fetch "
+                     "../shared/data/official_head_scores` (or set `$RHLENS_OFFICIAL_SCORES`), "
+                     "then rerun this notebook."))"""),
     ("code", """\
 PAIRS = [("Mistral-7B-v0.2-hf", "Mixtral-8x7B-v0.1"),   # base vs MoE variant
          ("Qwen1.5-14B", "Qwen1.5-14B-Chat"),           # base vs chat variant
@@ -277,7 +292,7 @@ for a, b in PAIRS:
         res = intrinsic(official[a], official[b], k=20)
         rows.append(res.summary())
         display(plot_intrinsic(res))
-pd.DataFrame(rows) if rows else "no pair of official files found: intrinsic skipped\""""),
+pd.DataFrame(rows) if rows else None  # nothing without the paper's files (see above)"""),
     ("code", """\
 if "llama-2-7b-80k" in official:  # the paper's main model: 12 heads active on every probe
     llama_dyn = dynamic(official["llama-2-7b-80k"])
@@ -292,16 +307,15 @@ model answers."""),
     ("code", """\
 sweep = mask_sweep(model, probes[:SWEEP_PROBES], scores, ks=KS, seeds=SEEDS,
                    config=NIAHConfig(max_new_tokens=MAX_NEW_TOKENS), tokenizer=tok)
-curve = sweep.curve()
-pd.DataFrame({"K": curve["k"], "top-K masked": curve["top"],
-              "random-K masked": curve["random_mean"]})"""),
-    ("code", """\
-plot_k_curve(sweep)"""),
+sweep  # a result displays itself: the K curve's table and figure"""),
     ("code", """\
 kmax = max(KS)
 display(plot_mask_heatmaps(sweep.niah, ["none", f"top-{kmax}", f"random-{kmax}-s0"]))
-pd.DataFrame(sweep.niah.examples(f"top-{kmax}", n=SWEEP_PROBES,
-                                 classes=("hallucination", "partial", "refusal", "degenerate")))"""),
+examples = pd.DataFrame(sweep.niah.examples(f"top-{kmax}", n=SWEEP_PROBES,
+                                            classes=("hallucination", "partial", "refusal",
+                                                     "degenerate")))
+# Whole answers, wrapped: the masked answers are what this table is for.
+examples.style.hide(axis="index").set_properties(**{"white-space": "pre-wrap", "text-align": "left"})"""),
     ("md", """\
 ## Everything in one file
 

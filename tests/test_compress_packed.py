@@ -35,24 +35,24 @@ def _packed(model, tok, prompt, policy, decode: KernelPolicy, **kw):
 
 
 def test_packed_cache_answers_as_the_mask_policy_in_float32(default_model, short_probes):
-    """On both packed steps (grouped-query attention: 9 query heads on 3 KV heads a layer)."""
+    """On both packed steps (grouped-query attention: 9 query heads on 3 KV heads a layer).
+
+    One ring on one probe, where the policy changes the answer (so the comparison is not
+    vacuous): the suite's slowest test ran 2 rings x 2 probes (16 answers) for the same check;
+    rings that wrap, and sink + window longer than the prompt, are the toy model's tests below."""
     model, tok = default_model
     layout = CacheLayout.of(model)
     assert layout.itemsize == 4  # float32
     assert layout.n_heads > layout.n_kv
     cfg = GenerationConfig(max_new_tokens=12)
-    changed = 0
-    for sink, window in ((4, 28), (2, 60)):
-        policy = _policy(layout, sink, window)
-        for probe in short_probes[:2]:
-            masked = generate(model, tok, probe.prompt_ids, config=cfg, hooks=policy_hooks(model, policy))
-            for step in (LEAN, CAPTURED):
-                packed = _packed(model, tok, probe.prompt_ids, policy, step, max_new_tokens=12)
-                assert packed.response_ids == masked.response_ids, (sink, window, probe.key, step.decode)
-            plain = generate(model, tok, probe.prompt_ids, config=cfg)
-            changed += plain.response_ids != masked.response_ids
-    # not vacuous: the policies change some answers (~300-token prompts, 32-64-token windows)
-    assert changed >= 1
+    policy = _policy(layout, 4, 28)
+    probe = short_probes[0]
+    masked = generate(model, tok, probe.prompt_ids, config=cfg, hooks=policy_hooks(model, policy))
+    for step in (LEAN, CAPTURED):
+        packed = _packed(model, tok, probe.prompt_ids, policy, step, max_new_tokens=12)
+        assert packed.response_ids == masked.response_ids, step.decode
+    # not vacuous: sink 4 + window 28 on a ~300-token prompt changes this answer
+    assert generate(model, tok, probe.prompt_ids, config=cfg).response_ids != masked.response_ids
 
 
 def test_packed_cache_keeping_every_head_answers_as_the_engine(default_model, short_probes):

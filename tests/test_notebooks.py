@@ -67,3 +67,10 @@ def test_notebook_runs(path, monkeypatch):
     assert not [o for o in outputs if o.get("output_type") == "error"]
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert images, f"{path.name} displayed no figure"
+    # tqdm's notebook bars have their widgets (no "IProgress not found" warning) ...
+    stderr = "".join(o.get("text", "") for o in outputs if o.get("name") == "stderr")
+    assert "IProgress" not in stderr
+    # ... and the quickstart draws the head view.
+    if path.name.startswith("01"):
+        html = "".join(o.get("data", {}).get("text/html", "") for o in outputs)
+        assert 'class="rhv"' in html and "rhv-needle" in html

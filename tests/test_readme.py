@@ -62,7 +62,7 @@ def test_makefile_demo_flags_parse():
 
     makefile = (ROOT / "Makefile").read_text(encoding="utf-8").replace("\\\n", " ")
     lines = re.findall(r"\$\(BIN\)/rhlens (.+)", makefile)
-    assert [line.split()[0] for line in lines] == ["detect", "report"]
+    assert [line.split()[0] for line in lines] == ["detect", "show", "report"]
     for line in lines:
         argv = shlex.split(line.replace("$(OUT)", "runs/demo"))
         args = build_parser().parse_args(argv)
@@ -81,6 +81,9 @@ def test_readme_python_runs(tmp_path, monkeypatch):
 
     scores, probe = ns["scores"], ns["probe"]
     assert scores.n_probes == 4
+    trace = ns["trace"]
+    assert trace.heads[:2] == [list(h) for h in scores.top_heads(2)]
+    assert (tmp_path / "heads.html").read_text().count('class="rhv"') == 1
     assert (tmp_path / "head_scores.json").is_file()
     assert (tmp_path / "runs" / "mine" / "probes.jsonl").is_file()
     # "[layer, head], as the engine scores": the same answer, the same per-probe scores
@@ -89,7 +92,10 @@ def test_readme_python_runs(tmp_path, monkeypatch):
     assert torch.allclose(ns["per_head"], scores.per_probe[0], atol=1e-6)
     layer, head = ns["layer"], ns["head"]
     effect = ns["moved"].effects[0, layer, head]
-    assert torch.isfinite(effect)
+    # The README says: 0 to 1, and on these probes between 0 and 0.5 (one head restores only
+    # part of the answer).
+    print(f"README: top head L{layer}H{head}, ov effect {float(effect):.3f}")
+    assert 0.0 < float(effect) < 0.5
     assert ns["moved"].to_transformer_lens().values.shape[:2] == (30, 9)
     table = ns["cot"].to_dataframe()
     assert set(table["mask"]) == {"none", "top-20"}

@@ -3,9 +3,10 @@
 Every subcommand is a thin composition of functions a notebook can call directly:
 ``detect``/``ask`` (:mod:`.detect`), ``niah``/``mask-sweep`` (:mod:`.niah`), ``scores``
 (score families, :mod:`.scores`), ``compress`` (head-selective KV caches against the KV
-budget, :mod:`.compress`), ``cot``, ``patch``, ``report`` and ``official``. Flags
-become configs in :mod:`.args` only; what must be checked before the model loads is checked
-in :mod:`.prepare`. A bad input ends with one line, ``rhlens: error: ...``, and exit code 2.
+budget, :mod:`.compress`), ``cot``, ``patch``, ``report``, ``show`` (heads at work on one
+probe, :mod:`.show`) and ``official``. Flags become configs in :mod:`.args` only; what
+must be checked before the model loads is checked in :mod:`.prepare`. A bad input ends with
+one line, ``rhlens: error: ...``, and exit code 2.
 Importing this package does not import torch, so ``rhlens --help`` is fast.
 """
 
@@ -16,7 +17,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from rhlens.cli.args import Parser, error_line, one_line, say
+from rhlens.cli.args import Parser, error_line, one_line, say, state_defaults
 from rhlens.errors import RhlensError
 
 __all__ = ["build_parser", "main"]
@@ -29,7 +30,7 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from rhlens.cli import compress, cot, detect, niah, official, patch, report, scores
+    from rhlens.cli import compress, cot, detect, niah, official, patch, report, scores, show
 
     parser = Parser(prog="rhlens",
                     description="Find, knock out and patch retrieval heads (Wu et al., 2024).")
@@ -37,8 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print rhlens' version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 parser_class=Parser)
-    for module in (detect, niah, scores, compress, cot, patch, report, official):
+    for module in (detect, niah, scores, compress, cot, patch, report, show, official):
         module.add_parsers(sub)
+    state_defaults(parser)
     return parser
 
 

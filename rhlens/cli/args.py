@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 
 __all__ = [
     "Parser",
+    "Renamed",
     "add_mask_args",
     "add_model_args",
     "add_out_args",
@@ -37,6 +38,7 @@ __all__ = [
     "repeated",
     "resume_note",
     "say",
+    "state_defaults",
 ]
 
 
@@ -60,6 +62,41 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         error_line(f"{message} (see '{self.prog} --help')")
         raise SystemExit(2)
+
+
+class Renamed(argparse.Action):
+    """A flag renamed for what it does; its ``old`` spelling still works and says so on stderr."""
+
+    def __init__(self, option_strings, dest, old: tuple[str, ...] = (), **kwargs) -> None:
+        self.old = tuple(old)
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if option_string in self.old:
+            new = next(s for s in self.option_strings if s not in self.old)
+            print(f"rhlens: warning: {option_string} is deprecated in '{parser.prog}': use {new} "  # noqa: T201
+                  "(same values)", file=sys.stderr, flush=True)
+        setattr(namespace, self.dest, values)
+
+
+def state_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every optional flag's help ends by saying its default, where it does not already."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                state_defaults(sub)
+            continue
+        if (not action.option_strings or action.required or action.help in (None, argparse.SUPPRESS)
+                or "default" in action.help.lower() or action.nargs == 0):
+            continue
+        value = action.default
+        if value is None or value == []:
+            said = "none"
+        elif isinstance(value, (tuple, list)):
+            said = ",".join(str(v) for v in value)
+        else:
+            said = str(value)
+        action.help = f"{action.help} (default {said})"
 
 
 # ---- value types (argparse calls them; an ArgumentTypeError names the flag) -----------------
@@ -238,21 +275,24 @@ def add_probe_args(p: argparse.ArgumentParser, *, lengths: str = "500,1000,1500,
     g.set_defaults(default_lengths=lengths, default_depths=depths)
     if max_new_tokens is None:
         return
+    paper = "as in the paper" if max_new_tokens == 50 else "the paper: 50"
     p.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens, metavar="N",
                    help=f"tokens the model may answer with, at most (default {max_new_tokens}, "
-                        "as in the paper); answers stop at a newline")
+                        f"{paper}); answers stop at a newline")
 
 
 def add_mask_args(p: argparse.ArgumentParser, *, modes=("uniform", "zero", "mean"),
                   phase: bool = True) -> None:
-    p.add_argument("--mode", choices=modes, default="uniform",
-                   help="how a head is knocked out: uniform: zero its query, so it attends "
+    p.add_argument("--knockout", "--mode", dest="mode", action=Renamed, old=("--mode",),
+                   choices=modes, default="uniform",
+                   help="how a masked head is knocked out: uniform: zero its query, so it attends "
                         "uniformly (the paper's mask); zero: zero its output z"
-                        + ("; mean: its mean z over the first probes" if "mean" in modes else ""))
+                        + ("; mean: its mean z over the first probes" if "mean" in modes else "")
+                        + " (default uniform; --mode is the deprecated spelling)")
     if phase:
         p.add_argument("--phase", choices=("decode", "all"), default="decode",
                        help="decode: mask only while answering (the paper); all: the prompt's "
-                            "prefill too")
+                            "prefill too (default decode)")
 
 
 def add_out_args(p: argparse.ArgumentParser, *, resumable: bool = True) -> None:

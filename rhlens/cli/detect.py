@@ -7,6 +7,7 @@ import time
 
 from rhlens.cli import prepare
 from rhlens.cli.args import (
+    Renamed,
     add_model_args,
     add_out_args,
     add_probe_args,
@@ -27,9 +28,11 @@ def add_parsers(sub) -> None:
                                    "needle-in-a-haystack probes (Wu et al., 2024).")
     add_model_args(p)
     add_probe_args(p)
-    p.add_argument("--mode", choices=("unique", "paper"), default="unique",
+    p.add_argument("--score-formula", "--mode", dest="mode", action=Renamed, old=("--mode",),
+                   choices=("unique", "paper"), default="unique",
                    help="unique: distinct needle tokens copied / needle length (<= 1, the "
-                        "paper's formula); paper: the authors' code, +1/length per copying step")
+                        "paper's formula); paper: the authors' code, +1/length per copying step "
+                        "(default unique; --mode is the deprecated spelling)")
     p.add_argument("--prefill-chunk", type=positive_int, default=None, metavar="N",
                    help="prefill long prompts N tokens at a time (default 32768)")
     p.add_argument("--batch-size", type=positive_int, default=None, metavar="N",
@@ -67,24 +70,47 @@ def cmd_detect(args: argparse.Namespace) -> int:
     say(f"detecting over {len(probes)} probes "
         f"({len(probes.config.lengths)} lengths x {len(probes.config.depths)} depths x "
         f"{len(probes.needles)} needles) -> {out}")
+    before, earlier = _finished(out)
     t = time.perf_counter()
     scores = detect_retrieval_heads(model, probes, config=config, tokenizer=tok, out=out,
                                     progress=not args.quiet)
     wall = time.perf_counter() - t
     if not prepare.is_main():  # under torchrun, rank 0 writes the outputs
         return 0
-    written = save_detection_run(out, scores, wall_seconds=wall)
-    say(f"\n{scores.n_successful}/{scores.n_probes} probes answered correctly "
-        f"({wall:.0f} s this run)")
+    # A resumed run's wall time is the sessions' sum: a rerun that finds everything done
+    # computes nothing, and must not report the run as taking 0 s.
+    new = _finished(out)[0] - before
+    total = wall + (earlier or 0.0) if new or earlier is None else earlier
+    written = save_detection_run(out, scores, wall_seconds=total)
+    when = (f"{wall:.0f} s this run" + (f", {total:.0f} s in all" if earlier else "") if new else
+            f"all finished earlier, in {total:.0f} s; nothing computed now")
+    say(f"\n{scores.n_successful}/{scores.n_probes} probes answered correctly ({when})")
     for p in scores.probes[: min(3, len(scores.probes))]:
         say(f"  [{p['key']}] recall {p['rouge_recall']:.2f}: {p['response'][:100]!r}")
     if scores.n_successful:
-        say(f"top heads ({args.mode} mode), (layer, head): score")
+        say(f"top heads (score formula {args.mode}), (layer, head): score")
         for la, h, s in scores.top(10):
             say(f"  L{la:>2} H{h:>2}: {s:.3f}")
         say(f"{100 * scores.fraction_above(0.1):.1f}% of heads score above 0.1")
     say("wrote: " + ", ".join(str(p) for p in written.values()))
     return 0
+
+
+def _finished(out) -> tuple[int, float | None]:
+    """Probes already in ``out``'s log, and the wall time its summary recorded (if any)."""
+    import json
+
+    from rhlens.io import read_jsonl
+    from rhlens.runs import RunDir
+
+    run = RunDir(out)
+    n = sum(1 for r in read_jsonl(run.probes) if isinstance(r, dict) and "key" in r) \
+        if run.probes.exists() else 0
+    try:
+        wall = json.loads(run.summary.read_text()).get("wall_seconds")
+    except (OSError, ValueError, AttributeError):
+        wall = None
+    return n, (float(wall) if isinstance(wall, (int, float)) else None)
 
 
 def cmd_ask(args: argparse.Namespace) -> int:

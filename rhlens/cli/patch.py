@@ -7,6 +7,7 @@ import time
 
 from rhlens.cli import prepare
 from rhlens.cli.args import (
+    Renamed,
     add_model_args,
     add_out_args,
     add_probe_args,
@@ -38,8 +39,10 @@ def add_patch_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--answer-prefix", choices=("needle", "model", "none"), default="needle",
                    help="reply fed before the answer: the needle's words (default), the model's "
                         "own reply, or nothing")
-    p.add_argument("--mode", choices=("exact", "attribution"), default="exact",
-                   help="exact: one patched run per head; attribution: one forward+backward per pair")
+    p.add_argument("--method", "--mode", dest="mode", action=Renamed, old=("--mode",),
+                   choices=("exact", "attribution"), default="exact",
+                   help="exact: one patched run per head; attribution: one forward+backward per "
+                        "pair (default exact; --mode is the deprecated spelling)")
     p.add_argument("--direction", choices=("denoise", "noise"), default="denoise",
                    help="denoise: clean z into the corrupted run; noise: corrupted z into the clean run")
     p.add_argument("--positions", choices=("answer", "all"), default="answer",

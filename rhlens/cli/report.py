@@ -18,7 +18,9 @@ def add_parsers(sub) -> None:
                     "directories, plus paper-format score files, into report.html + report.md.")
     p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run directories (--out of a command)")
     p.add_argument("--official", nargs="+", action="extend", default=[], metavar="FILE",
-                   help="paper-format JSON score files, or folders of them (repeatable)")
+                   help="paper-format JSON score files, or folders of them (repeatable); a run "
+                        "directory written after them (--official FILE RUN_DIR) is a run "
+                        "(default none)")
     p.add_argument("--out", default="report.html", metavar="FILE.html|DIR",
                    help="the HTML file, or a directory (an existing one, or a name ending in / "
                         "or without a suffix) to write DIR/report.html into; the Markdown twin "
@@ -42,6 +44,12 @@ def report_paths(out: str) -> tuple[Path, Path]:
     return html, html.with_suffix(".md")
 
 
+def _is_run(path: Path) -> bool:
+    """Whether ``path`` is a folder an rhlens command wrote (not one of paper-format files)."""
+    marks = ("run.json", "summary.json", "probes.jsonl", "result.json", "scores")
+    return path.is_dir() and any((path / m).exists() for m in marks)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """Write ``--out`` (HTML) and its ``.md`` twin, then say where they are."""
     import json
@@ -49,6 +57,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     from rhlens.io import prepare_output
     from rhlens.report import build_report
 
+    # `--official FILE RUN_DIR`: the list after --official swallows the run directory; a
+    # folder holding an rhlens run is a run, not a folder of paper-format files.
+    runs = [p for p in args.official if _is_run(Path(p))]
+    args.official = [p for p in args.official if p not in runs]
+    args.runs = [*args.runs, *runs]
     if not args.runs and not args.official:
         raise ConfigError("give at least one RUN_DIR or --official FILE")
     html_path, md_path = report_paths(args.out)

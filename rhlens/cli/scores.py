@@ -8,6 +8,7 @@ from pathlib import Path
 
 from rhlens.cli import prepare
 from rhlens.cli.args import (
+    Renamed,
     add_model_args,
     add_out_args,
     add_probe_args,
@@ -62,8 +63,10 @@ def add_parsers(sub) -> None:
                         "always run)")
     g.add_argument("--seeds", type=positive_int, default=3, metavar="N",
                    help="random-K masks per K, seeds 0..N-1 (default 3)")
-    g.add_argument("--mode", choices=("uniform", "zero"), default="uniform",
-                   help="uniform: zero the head's query (the paper's mask); zero: zero its output")
+    g.add_argument("--knockout", "--mode", dest="mode", action=Renamed, old=("--mode",),
+                   choices=("uniform", "zero"), default="uniform",
+                   help="uniform: zero the head's query (the paper's mask); zero: zero its output "
+                        "(default uniform; --mode is the deprecated spelling)")
     g.add_argument("--judge-split", choices=("choose", "report"), default=None,
                    help="held out: judge the masks on this split's probes (same lengths and "
                         "depths) instead of the scored ones, e.g. --split choose --judge-split "
@@ -119,7 +122,7 @@ def cmd_scores(args: argparse.Namespace) -> int:
         raise ConfigError("--judge-split takes the packaged split needles: drop --needle-set")
     config = _config(args)  # unknown or repeated families fail here
     if args.judge and args.mode not in ("uniform", "zero"):
-        raise ConfigError(f"--mode {args.mode!r}: uniform or zero")
+        raise ConfigError(f"--knockout {args.mode!r}: uniform or zero")
     out = prepare.take_output(args)
     shape = prepare.model_facts(args)
     if args.judge:

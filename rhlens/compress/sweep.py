@@ -37,7 +37,7 @@ from rhlens.compress.policy import (
     random_policy,
     streaming_policy,
 )
-from rhlens.engine import GenerationConfig, KernelPolicy, generate_many
+from rhlens.engine import GenerationConfig, KernelPolicy, StepState, generate_many
 from rhlens.errors import ConfigError
 from rhlens.identity import run_header
 from rhlens.io import ProbeLog, Records
@@ -46,6 +46,7 @@ from rhlens.probe import Probe
 from rhlens.results import Config, Result
 from rhlens.retrieval import check_probes
 from rhlens.runs import COMPRESS_LOG
+from rhlens.views.results import Displayed
 
 __all__ = ["CompressSweepResult", "compress_sweep", "needle_attention_mass", "sweep_policies"]
 
@@ -56,7 +57,7 @@ RESERVED = ("full", "streaming", "random")
 # The result
 # ---------------------------------------------------------------------------------------
 @dataclass
-class CompressSweepResult(Result):
+class CompressSweepResult(Displayed, Result):
     """NIAH answers of every probe under every cache policy of a budget sweep.
 
     Attributes:
@@ -204,7 +205,7 @@ def compress_sweep(model, probes: Sequence[Probe], rankings: Mapping[str, Any], 
                    streaming: bool = True, config: CompressConfig | None = None,
                    niah: NIAHConfig | None = None, batch_size: int | None = None,
                    kernel_policy: KernelPolicy | None = None, tokenizer=None,
-                   out: str | Path | None = None, progress: bool = False,
+                   out: str | Path | None = None, progress: bool = True,
                    windows: Mapping[float, int] | None = None,
                    ranking_windows: Mapping[str, int] | None = None) -> CompressSweepResult:
     """NIAH score of ``probes`` against the KV budget for every policy (see the module).
@@ -277,8 +278,11 @@ def compress_sweep(model, probes: Sequence[Probe], rankings: Mapping[str, Any], 
                    initial=sum(1 for key in done if key.split("|", 1)[0] in described))
     mask = PolicyMask(model, distinct, layout)
     mask.items = {j: i for j, (_, i) in enumerate(work)}
+    state = StepState()  # the bar moves at every decode step: each row's share of its answers
+    per_row = total / max(1, len(work)) / gen_config.max_new_tokens
+    state.on_step = lambda: sink.advance(state.rows * per_row)
     gens = generate_many(model, tokenizer, [p.prompt_ids for p, _ in work], config=gen_config,
-                         hooks=mask.hooks(), on_start=mask.on_start)
+                         hooks=mask.hooks(), on_start=mask.on_start, state=state)
     try:
         for (probe, i), gen in zip(work, gens):
             for label in labels_of[i]:

@@ -37,6 +37,7 @@ from rhlens.identity import run_header
 from rhlens.results import RESULT_FILE, Config, Result, ResultError, read_json
 from rhlens.scores import RetrievalScores
 from rhlens.stats import bootstrap_means, percentile_interval
+from rhlens.views.results import Displayed
 
 __all__ = ["CoTConfig", "CoTResult", "as_masks", "cot_ablation"]
 
@@ -84,7 +85,7 @@ def _group(label: str) -> str:
 
 
 @dataclass
-class CoTResult(Result):
+class CoTResult(Displayed, Result):
     """Every answer of a CoT run, with accuracies, intervals and drops.
 
     ``records``: one dict per (mask, mode, item) with ``task``, ``mask``, ``group`` (random
@@ -278,7 +279,7 @@ def cot_ablation(model, task: Task | str | Path | Iterable[Any], *, masks: Any =
                  k: int | None = None, seeds: int | Sequence[int] = 0, mask_mode: str = "uniform",
                  grade: Callable[[str, str], bool] | None = None, config: CoTConfig | None = None,
                  tokenizer=None, means=None, out: str | Path | None = None,
-                 progress: bool = False) -> CoTResult:
+                 progress: bool = True) -> CoTResult:
     """Accuracy of CoT and direct answers under each mask (the paper's Figure 10).
 
     Args:

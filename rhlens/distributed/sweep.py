@@ -232,6 +232,11 @@ class Sweep:
             self.group.store.add(self._counter("items"), 1)
             self.group.store.add(self._counter("weight"), int(weight))
 
+    def advance(self, amount: int | float) -> None:
+        """Move this process' bar by ``amount`` of the running unit's cost (e.g. one decode
+        step's share of its probes' prompt tokens), before its records arrive."""
+        self.sink.advance(amount)
+
     def _counter(self, what: str) -> str:
         return f"rhlens/{self.group.launch}/{self._seq}/{what}"
 

@@ -60,6 +60,7 @@ class StepState:
         self.step = -1  # index of the running decode step
         self.n_seen = 0  # tokens in the sequence including the one being fed now
         self.rows = 1
+        self.on_step = None  # called with no argument after every decode step (a progress bar)
 
     def absolute(self, n_keys: int) -> int:
         """Offset from a layer's key index to the absolute position (sliding caches drop keys)."""

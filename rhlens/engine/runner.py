@@ -302,6 +302,8 @@ class _Runner:
                 state.n_seen = n_prompt + step
                 logits = forward(inp, cache, n_prompt - 1 + step)  # [rows, 1, vocab]
                 nxt = logits[:, -1].argmax(-1)
+                if state.on_step is not None:
+                    state.on_step()
                 # the one host sync per step: needed to decide whether to stop
                 if stops.add(nxt.tolist()):
                     break

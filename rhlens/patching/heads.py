@@ -161,7 +161,7 @@ def _json_cell(x: float) -> float | None:
 
 
 def patch_heads(model, pairs: Sequence[PatchPair], *, config: PatchConfig | None = None,
-                out: str | Path | None = None, progress: bool = False) -> HeadPatchingResult:
+                out: str | Path | None = None, progress: bool = True) -> HeadPatchingResult:
     """The causal effect of every head of ``config.layers`` (or ``config.heads``) on each pair.
 
     Args:

@@ -24,6 +24,7 @@ from rhlens.patching.config import PatchConfig, kv_indexed
 from rhlens.results import Result, ResultError, read_json
 from rhlens.scores import RetrievalScores
 from rhlens.stats import pearson, rank_heads, spearman
+from rhlens.views.results import Displayed
 
 __all__ = ["HeadPatchingResult", "PatchingVsRetrieval", "compare_patching", "patching_vs_retrieval"]
 
@@ -41,7 +42,7 @@ def _as_config(config: PatchConfig | dict[str, Any]) -> PatchConfig:
 
 
 @dataclass
-class HeadPatchingResult(Result):
+class HeadPatchingResult(Displayed, Result):
     """Per-pair, per-head causal effects, and the raw metric values they come from.
 
     Attributes:
@@ -223,7 +224,7 @@ def _grid(x: list[list[Any]]) -> Tensor:
 
 
 @dataclass
-class PatchingVsRetrieval(Result):
+class PatchingVsRetrieval(Displayed, Result):
     """Per-head causal effect against retrieval score, and the heads where they disagree.
 
     Attributes:

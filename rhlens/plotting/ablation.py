@@ -16,16 +16,17 @@ def plot_k_curve(sweep: MaskSweepResult) -> Figure:
     c = sweep.curve()
     k = np.array(c["k"])
     mean, std = np.array(c["random_mean"]), np.array(c["random_std"])
-    fig = Figure(figsize=(5.5, 3.6), layout="constrained")
+    fig = Figure(figsize=(5.5, 4.2), layout="constrained")
     ax = fig.add_subplot()
     ax.plot(k, c["top"], "o-", color="tab:red", label="top-K retrieval heads masked")
     ax.plot(k, mean, "s-", color="tab:blue", label=f"K random heads masked ({len(sweep.seeds)} seeds)")
     ax.fill_between(k, mean - std, mean + std, color="tab:blue", alpha=0.2)
+    ax.set_xticks(k)
     ax.set_xlabel("K (heads masked)")
     ax.set_ylabel("NIAH score (ROUGE-1 recall x 100)")
     ax.set_ylim(-2, 102)
     ax.set_title(f"{sweep.niah.model_name}: masking retrieval heads", fontsize=9)
-    ax.legend(fontsize=8)
+    fig.legend(fontsize=9, loc="outside lower center")  # below the axes, never over a line
     return fig
 
 

@@ -47,8 +47,8 @@ def niah_grid(records: Iterable[Mapping[str, Any]], value: str = "rouge_recall",
 
 def _draw_grid(ax, lengths, depths, grid, title: str, vmax: float = 100.0):
     im = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=vmax, aspect="auto", origin="upper")
-    ax.set_xticks(range(len(lengths)), [str(x) for x in lengths], fontsize=7, rotation=45)
-    ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths], fontsize=7)
+    ax.set_xticks(range(len(lengths)), [str(x) for x in lengths], fontsize=8, rotation=45)
+    ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths], fontsize=8)
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("needle depth")
     mean = np.nanmean(grid) if np.isfinite(grid).any() else float("nan")
@@ -57,7 +57,8 @@ def _draw_grid(ax, lengths, depths, grid, title: str, vmax: float = 100.0):
         for i in range(grid.shape[0]):
             for j in range(grid.shape[1]):
                 if np.isfinite(grid[i, j]):
-                    ax.text(j, i, f"{grid[i, j]:.0f}", ha="center", va="center", fontsize=6)
+                    ax.text(j, i, f"{grid[i, j]:.0f}", ha="center", va="center",
+                            fontsize=9 if grid.size <= 40 else 7)
     return im
 
 

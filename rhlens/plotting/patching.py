@@ -41,7 +41,7 @@ def plot_patching_heatmap(result: HeadPatchingResult, *, annotate: int = 5) -> F
     step = max(1, n_layers // 15)
     ax.set_yticks(range(0, n_layers, step), [str(la) for la in range(0, n_layers, step)], fontsize=7)
     for la, h, e in result.top(annotate):
-        ax.text(h, la, f"{e:.2f}", ha="center", va="center", fontsize=6,
+        ax.text(h, la, f"{e:.2f}", ha="center", va="center", fontsize=8,
                 color="white" if abs(e) > 0.6 * vmax else "black")
     fig.colorbar(im, ax=ax, shrink=0.8, label="effect (1 = carries it all)")
     ax.set_title(f"{result.model_name}\nhead patching, {_describe(result.config)}, "
@@ -66,7 +66,7 @@ def plot_patching_vs_retrieval(comparison: PatchingVsRetrieval, *, label: int = 
     by_effect = sorted(cells, key=lambda c: -effect[c])[:label]
     by_score = sorted(cells, key=lambda c: -score[c])[:label]
     for la, h in dict.fromkeys(by_effect + by_score):
-        ax.annotate(f"L{la}H{h}", (score[la, h], effect[la, h]), fontsize=6,
+        ax.annotate(f"L{la}H{h}", (score[la, h], effect[la, h]), fontsize=8,
                     xytext=(3, 2), textcoords="offset points")
     ax.margins(x=0.1, y=0.08)  # room for the labels of the extreme heads
     ax.set_xlabel("retrieval score (mean over successful probes)")

@@ -11,6 +11,7 @@ import math
 
 import torch
 from jaxtyping import Float
+from matplotlib import patheffects
 from matplotlib.axes import Axes
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
@@ -78,11 +79,15 @@ def plot_head_heatmap(scores: RetrievalScores | Float[Tensor, "layer head"], top
     ax.set_ylabel("layer")
     ax.set_title(title if title is not None else name)
     heads = top_k_heads(grid, min(top, grid.numel())) if top else []
+    cell_pt = 72 * fig.get_size_inches()[1] * 0.8 / n_layers  # a cell's height, in points
+    size = max(6.0, min(10.0, 0.9 * cell_pt))
     for rank, (layer, head) in enumerate(heads, start=1):
         ax.add_patch(Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="red",
                                linewidth=1.2))
-        ax.annotate(str(rank), (head, layer), xytext=(head + 0.6, layer + 0.6), fontsize=7,
-                    color="red", fontweight="bold")
+        # The rank inside its own cell (never over a neighbour or outside the axes), sized to
+        # the cell's height, white on a dark outline so it reads on any colour.
+        ax.text(head, layer, str(rank), ha="center", va="center", fontsize=size, color="white",
+                fontweight="bold", path_effects=[patheffects.withStroke(linewidth=2, foreground="black")])
     return fig
 
 
@@ -241,8 +246,9 @@ def plot_stability(result: StabilityResult, top: int | None = None) -> Figure:
     lo_n, hi_n = result.n_retrieval_ci
     ax_ci.set_xlabel(f"retrieval score, {100 * result.level:g}% bootstrap interval "
                      f"({result.n_boot} resamples)")
-    ax_ci.set_title(f"{result.n_retrieval} heads > {result.threshold:g} "
-                    f"[{lo_n:g}, {hi_n:g}]")
+    ax_ci.set_title(f"{result.n_retrieval} heads score > {result.threshold:g} "
+                    f"(bootstrap {100 * result.level:g}% interval of that count: "
+                    f"{lo_n:.0f} to {hi_n:.0f})", fontsize=10)
     return fig
 
 
