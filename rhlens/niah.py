@@ -348,4 +348,4 @@ def mask_sweep(model, probes: Sequence[Probe], scores: RetrievalScores, *,
     masks = sweep_masks(scores, ks, seeds, mode=mode, phase=phase)
     result = niah_sweep(model, probes, masks=masks, config=config, tokenizer=tokenizer,
                         means=means, out=out, progress=progress)
-    return MaskSweepResult(ks=sorted({0, *ks}), niah=result, seeds=seed_list)
+    return MaskSweepResult(ks=sorted({0, *ks}), niah=result, seeds=seeds)
