@@ -230,7 +230,7 @@ def test_shard_for_a_notebook_and_merge(toy_model, one_process_toy, tmp_path):
     assert merge_shards(out) == {"probes.jsonl": len(parts[0]) + len(parts[1])}
     assert not (out / "shards").exists()
     calls = []
-    import rhlens.retrieval as retrieval
+    import rhlens.retrieval.detect as retrieval  # where detection calls generate_many
 
     real = retrieval.generate_many
 
