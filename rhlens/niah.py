@@ -228,9 +228,8 @@ def niah_sweep(model, probes: Sequence[Probe], *, masks: Sequence[Mask] = (Mask.
                                prefill_keys=keys)
     for unit in sweep.run([f"{m.label}|{p.key}" for p, m in work], costs, links):
         items = [work[i] for i in unit]
-        state = StepState()  # the bar moves at every decode step by the step's share of the unit
-        share = sum(p.n_tokens for p, _ in items) / config.max_new_tokens
-        state.on_step = lambda share=share: sweep.advance(share)
+        state = StepState()  # the bar moves with every prefill chunk and decode step
+        state.spread(sum(p.n_tokens for p, _ in items), config.max_new_tokens, sweep.advance)
         gens = generate_many(model, tokenizer, [p.prompt_ids for p, _ in items],
                              config=config.generation(), state=state,
                              item_hooks=lambda i, items=items: hooks[items[i][1].label],

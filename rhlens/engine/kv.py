@@ -20,6 +20,10 @@ from rhlens.engine.bridge import attention_shape, layer_devices, new_cache, text
 from rhlens.engine.native import prefill
 from rhlens.errors import ConfigError, ProbeError
 
+# The smallest prefill chunk a probe too long for its GPU is tried with (KVPool.fit) before
+# it is refused: below it the per-chunk overhead grows faster than the memory it saves.
+MIN_CHUNK = 2048
+
 __all__ = [
     "KVPool",
     "buffer_cache",
@@ -173,6 +177,7 @@ class KVPool:
         # each layer's keys and values live where the layer runs (a model split over devices)
         self.devices = layer_devices(hf, n_layers) or [self.device] * n_layers
         _, self.n_kv, self.head_dim = attention_shape(hf)
+        self.n_heads = attention_shape(hf)[0]
         cfg = text_config(hf)
         self.hidden = int(cfg.hidden_size)
         self.inter = int(getattr(cfg, "intermediate_size", 4 * self.hidden))
@@ -205,31 +210,62 @@ class KVPool:
     def row_bytes(self, capacity: int) -> int:
         return 2 * self.n_layers * self.n_kv * self.head_dim * capacity * self.dtype.itemsize
 
+    def margin(self, capacity: int, chunk: int | None) -> int:
+        """Bytes beside the KV buffers that a row of ``capacity`` tokens needs: one layer's
+        prefill activations for a chunk (the residual, q/k/v, the attention's output and the
+        projection [tokens, hidden]; the MLP's gate, up and product [tokens, intermediate]),
+        the decode step's float32 scores over every key, and 1 GiB for kernel workspaces.
+        Nothing else grows with the length: the attention after cached keys copies no K/V
+        (:func:`~rhlens.engine.native.attention_lse`)."""
+        tokens = min(capacity, chunk or capacity)
+        prefill = tokens * (4 * self.inter + 8 * self.hidden) * self.dtype.itemsize
+        decode = 4 * self.n_heads * capacity * 4
+        return (1 << 30) + prefill + decode
+
     def fit_rows(self, want: int, capacity: int, chunk: int | None) -> int:
         """How many rows of ``capacity`` tokens fit on the device(s) (at most ``want``); a
         :class:`~rhlens.errors.ProbeError` before any compute if not even one does."""
+        return self.fit(want, capacity, chunk)[0]
+
+    def fit(self, want: int, capacity: int, chunk: int | None) -> tuple[int, int | None]:
+        """``(rows, chunk)``: how many rows of ``capacity`` tokens fit on the device(s) (at most
+        ``want``) with prefill chunks of ``chunk`` tokens; where not even one row fits, the
+        chunk halved (down to :data:`MIN_CHUNK`) until one does: at a million tokens the KV is
+        most of the card, and what else grows is one chunk's activations. A
+        :class:`~rhlens.errors.ProbeError` before any compute if none fits."""
         if self.device.type != "cuda":
-            return max(1, want)
-        tokens = min(capacity, chunk or capacity)
-        # The prefill's activations dominate the margin: a few [tokens, hidden] and
-        # [tokens, intermediate] tensors of one layer at a time.
-        width = 3 * self.inter + 12 * self.hidden
-        margin = (2 << 30) + tokens * width * 2 * self.dtype.itemsize
-        rows = max(1, want)
-        for device in dict.fromkeys(self.devices):  # each device holds its layers' share
+            return max(1, want), chunk
+        free = {device: self._free(device) for device in dict.fromkeys(self.devices)}
+        tried = chunk or capacity
+        while True:
+            rows, short = self._rows(want, capacity, tried, free)
+            if rows:
+                return rows, (tried if tried != (chunk or capacity) else chunk)
+            if tried <= MIN_CHUNK:
+                device, row, margin = short  # what it needs at the smallest chunk
+                raise ProbeError(_too_big(capacity, device, row, margin, free[device]))
+            tried = max(MIN_CHUNK, tried // 2)
+
+    def _free(self, device) -> int:
+        """Bytes this process may still take on ``device``, counting the pool's own buffers."""
+        free, total = torch.cuda.mem_get_info(device)
+        allocated = torch.cuda.memory_allocated(device)
+        free += torch.cuda.memory_reserved(device) - allocated
+        fraction = getattr(torch.cuda.memory, "get_per_process_memory_fraction", None)
+        if fraction is not None:  # a process capped below the card's memory
+            free = min(free, int(total * fraction(device)) - allocated)
+        return free + self.nbytes(device)
+
+    def _rows(self, want: int, capacity: int, chunk: int, free: dict) -> tuple[int, tuple | None]:
+        rows, short = max(1, want), None
+        margin = self.margin(capacity, chunk)
+        for device, room in free.items():  # each device holds its layers' share
             layers = sum(d == device for d in self.devices)
-            free, total = torch.cuda.mem_get_info(device)
-            allocated = torch.cuda.memory_allocated(device)
-            free += torch.cuda.memory_reserved(device) - allocated
-            fraction = getattr(torch.cuda.memory, "get_per_process_memory_fraction", None)
-            if fraction is not None:  # a process capped below the card's memory
-                free = min(free, int(total * fraction(device)) - allocated)
-            free += self.nbytes(device)
             row = self.row_bytes(capacity) * layers // self.n_layers
-            if free - margin < row:
-                raise ProbeError(_too_big(capacity, device, row, margin, free))
-            rows = min(rows, int((free - margin) // row))
-        return rows
+            if room - margin < row:
+                return 0, (device, row, margin)
+            rows = min(rows, int((room - margin) // row))
+        return rows, short
 
     def ensure(self, rows: int, capacity: int, first: tuple[int, ...], key: Hashable,
                reuse: bool, chunk: int) -> None:
@@ -264,7 +300,7 @@ class KVPool:
         return reusable(_common_prefix(last, body), chunk)
 
     def fill(self, model, row: int, body: tuple[int, ...], key: Hashable, reuse: bool,
-             chunk: int, attn: str = "lower_right") -> int:
+             chunk: int, attn: str = "lower_right", on_chunk=None) -> int:
         """Prefill ``body`` into ``row``; returns how many leading tokens were reused.
 
         The reused prefix is cut back to a multiple of ``chunk``, so the rest is prefilled in
@@ -282,7 +318,7 @@ class KVPool:
         self.body[row], self.last, self.key = None, None, key
         cache = buffer_cache(self.hf, [k[row:row + 1] for k in self.k],
                              [v[row:row + 1] for v in self.v], keep)
-        prefill(model, body[keep:], cache, chunk=chunk, attn=attn)
+        prefill(model, body[keep:], cache, chunk=chunk, attn=attn, on_chunk=on_chunk)
         self.body[row], self.last = body, row
         return keep
 
@@ -295,8 +331,8 @@ def _too_big(capacity: int, device, row: int, margin: int, free: int) -> str:
     gib = 2 ** 30
     return (f"a prompt of {capacity:,} tokens (with its new tokens) needs {row / gib:.1f} GiB of KV "
             f"cache plus about {margin / gib:.1f} GiB for the prefill on {device}, which has "
-            f"{free / gib:.1f} GiB free: use shorter lengths, a smaller --prefill-chunk, a GPU with "
-            "more memory, or spread the model over several GPUs (device_map)")
+            f"{free / gib:.1f} GiB free (even with prefill chunks of {MIN_CHUNK:,} tokens): use "
+            "shorter lengths, a GPU with more memory, or spread the model over several GPUs (device_map)")
 
 
 # A GPU model's pool, kept between runs: the captured decode step's CUDA graphs hold the KV

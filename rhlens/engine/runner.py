@@ -222,7 +222,9 @@ class Runner:
         if self.pool is None:
             return 1
         cap = n_tokens - 1 + self.config.max_new_tokens
-        return self.pool.fit_rows(self.config.batch_size, cap, self.chunk)
+        # where not even one row fits, a smaller prefill chunk for the rest of the run
+        rows, self.chunk = self.pool.fit(self.config.batch_size, cap, self.chunk)
+        return rows
 
     def _has_newline(self, tok: int) -> bool:
         hit = self._newline.get(tok)
@@ -237,7 +239,8 @@ class Runner:
         if self.config.reuse_prefix and self._last_body is not None and self._last_body[0] == (body, key):
             return copy.deepcopy(self._last_body[1]), [len(body)]
         cache = new_cache(self.hf)
-        prefill(self.model, body, cache, chunk=self.chunk, attn=self.policy.prefill_attn)
+        prefill(self.model, body, cache, chunk=self.chunk, attn=self.policy.prefill_attn,
+                on_chunk=self.state.on_prefill)
         self._last_body = ((body, key), copy.deepcopy(cache)) if self.config.reuse_prefix else None
         return cache, [0]
 
@@ -297,7 +300,8 @@ class Runner:
             return self._sliding_cache(bodies[0], items[0][2])
         self.pool.ensure(rows, capacity, bodies[0], items[0][2], config.reuse_prefix, self.chunk)
         kept = [self.pool.fill(self.model, r, bodies[r], items[r][2], config.reuse_prefix,
-                               self.chunk, self.policy.prefill_attn) for r in range(rows)]
+                               self.chunk, self.policy.prefill_attn, self.state.on_prefill)
+                for r in range(rows)]
         return (self.pool.decode_cache(rows, n - 1) if want_cache else None), kept
 
     def step(self, path: str) -> Callable[[Tensor, Any, int], Tensor]:

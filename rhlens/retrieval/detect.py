@@ -479,9 +479,8 @@ def detect_retrieval_heads(model, probes: Sequence[Probe], *, config: DetectConf
     records = sweep.sink.done
     for unit in sweep.run([p.key for p in todo], costs, links):
         batch = [todo[i] for i in unit]
-        # The bar moves at every decode step by that step's share of the batch's cost.
-        share = sum(p.n_tokens for p in batch) / config.max_new_tokens
-        state.on_step = lambda share=share: sweep.advance(share)
+        # The bar moves with every prefill chunk and decode step (StepState.spread).
+        state.spread(sum(p.n_tokens for p in batch), config.max_new_tokens, sweep.advance)
         gens = generate_many(model, tokenizer, [p.prompt_ids for p in batch],
                              config=config.generation(), hooks=recorder.hooks(), state=state,
                              on_start=lambda i: recorder.reset())
