@@ -114,14 +114,19 @@ def rh_prefill(model, hf, shape, ids, device, dtype, chunk) -> float:
 
 
 @torch.no_grad()
-def hf_prefill(hf, ids, device) -> float:
-    x = torch.tensor([ids], device=device)
-    sync(device)
-    t = time.perf_counter()
-    out = hf(input_ids=x, use_cache=True, logits_to_keep=1)
-    sync(device)
-    took = time.perf_counter() - t
-    del out
+def hf_prefill(model, hf, ids, device) -> float:
+    """HF's own one-pass prefill: the bridge's attention slots given back to HF's modules, with
+    HF's SDPA attention (the bridge boots the model eager)."""
+    from rhlens.engine.native import native_attention
+
+    with native_attention(model, "sdpa"):
+        x = torch.tensor([ids], device=device)
+        sync(device)
+        t = time.perf_counter()
+        out = hf(input_ids=x, use_cache=True, logits_to_keep=1)
+        sync(device)
+        took = time.perf_counter() - t
+        del out
     return took
 
 
@@ -133,7 +138,7 @@ def section_mfu(args, shape, device, dtype, res, save) -> None:
     chunk = args.chunk
     warm = list(range(3, 3 + min(4096, lengths[0])))
     rh_prefill(model, hf, shape, warm, device, dtype, chunk)
-    hf_prefill(hf, warm, device)
+    hf_prefill(model, hf, warm, device)
     rows = res.setdefault("rows", [])
     for n in lengths:
         ids = [(7 * i) % (shape[6] - 3) + 3 for i in range(n)]
@@ -147,7 +152,7 @@ def section_mfu(args, shape, device, dtype, res, save) -> None:
             try:
                 if device == "cuda":
                     torch.cuda.empty_cache()
-                s = hf_prefill(hf, ids, device)
+                s = hf_prefill(model, hf, ids, device)
                 row.update(hf_s=s, hf_mfu=flops / s / 1e12 / res["peak_tflops"])
             except torch.OutOfMemoryError as exc:
                 row["hf"] = f"out of memory: {str(exc)[:120]}"
