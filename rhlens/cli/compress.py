@@ -110,6 +110,27 @@ def _mass_probes(args: argparse.Namespace, tok, shape, scores, max_new_tokens: i
     return built
 
 
+def _check_mass_file(path: Path, grid: tuple[int, int]) -> None:
+    """The kept ``--needle-mass`` ranking of a resumed run: one finite ``[layer, head]`` tensor."""
+    from rhlens.errors import ConfigError
+    from rhlens.validate import check_finite, input_file
+
+    input_file(path, "the kept needle-mass ranking", hint="remove it or choose another --out")
+    try:
+        from safetensors.torch import load_file
+
+        mass = load_file(path).get("mass")
+    except Exception as exc:  # safetensors' own error for a damaged file
+        raise ConfigError(f"{path} is damaged ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}); remove it to measure "
+                          "the needle mass again") from None
+    if mass is None or tuple(mass.shape) != tuple(grid) or mass.dtype.is_floating_point is False:
+        found = "no 'mass' tensor" if mass is None else f"a {tuple(mass.shape)} {mass.dtype} tensor"
+        raise ConfigError(f"{path} holds {found}, expected a {grid[0]} x {grid[1]} float [layer, "
+                          "head] tensor; remove it to measure the needle mass again")
+    check_finite(mass, f"{path}: 'mass'")
+
+
 def _needle_mass(model, tok, probes, niah, out: Path):
     path = out / MASS_FILE
     if path.exists():
@@ -157,6 +178,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     sweep_policies(_layout(args), context, rankings, args.budgets, args.seeds, config=config,
                    streaming=not args.no_streaming)
     prepare.check_resume(args, out, COMPRESS_LOG, probes, niah, compress=config.to_dict())
+    if mass_probes is not None and (Path(out) / MASS_FILE).exists():
+        _check_mass_file(Path(out) / MASS_FILE, shape.grid)  # a resume's ranking, before the weights
     model, tok = prepare.load(args)
     if mass_probes is not None:
         rankings["needle-mass"] = _needle_mass(model, tok, mass_probes, niah, out)

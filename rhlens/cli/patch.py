@@ -89,6 +89,7 @@ def cmd_patch(args: argparse.Namespace) -> int:
                           f"0..{shape.n_layers - 1}")
     scores = prepare.scores(args.scores, shape)
     probes = prepare.probes(args, prepare.tokenizer(args), shape)
+    prepare.check_records(args, out, "patching.jsonl", config)  # a resume's records, before the weights
     model, tok = prepare.load(args)
     needs_model = args.answer_prefix == "model" or args.kind == "remove"
     pairs = make_pairs(tok, probes, kind=args.kind, answer_prefix=args.answer_prefix,

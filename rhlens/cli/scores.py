@@ -145,6 +145,8 @@ def cmd_scores(args: argparse.Namespace) -> int:
                                       max_new_tokens=config.detect.max_new_tokens)
     if probes is not None:
         prepare.check_resume(args, out, FAMILIES_LOG, probes, config)
+    if args.judge:  # the judging sweep's records, before the weights
+        prepare.check_records(args, Path(out) / "damage", "niah.jsonl")
     model, tok = prepare.load(args)
     name = args.needle_set or ("custom" if args.needles else "literal")
     say(f"scoring {', '.join(config.families)}"

@@ -48,7 +48,7 @@ from rhlens.retrieval.config import DetectConfig
 from rhlens.retrieval.scores import RetrievalScores
 from rhlens.stats import rouge1_recall  # the paper's metric; kept importable from here
 from rhlens.store.identity import run_header
-from rhlens.validate import check_span, detect_record_problem
+from rhlens.validate import check_span, check_token_rows, detect_record_problem
 
 __all__ = [
     "DetectConfig",
@@ -183,13 +183,9 @@ def copy_scores(positions: Int[Tensor, "step layer head"], generated: Int[Tensor
 _PATTERN = re.compile(r"^blocks\.(\d+)\.attn\.hook_pattern$")
 
 
-def _token_rows(tokens: Sequence[int] | Tensor) -> Int[Tensor, "batch seq"]:
-    t = torch.as_tensor(tokens)
-    if t.dtype.is_floating_point or t.dtype == torch.bool:
-        raise ConfigError(f"tokens must be integer token ids, got dtype {t.dtype}")
-    if t.ndim not in (1, 2) or t.shape[-1] == 0:
-        raise ConfigError(f"tokens must be [seq] or [batch, seq] token ids, got shape {tuple(t.shape)}")
-    return t.long().reshape(-1, t.shape[-1])
+def _token_rows(tokens: Sequence[int] | Tensor, vocab: int | None = None) -> Int[Tensor, "batch seq"]:
+    """``[batch, seq]`` int64 ids: whole numbers (in ``[0, vocab)`` when given), one line if not."""
+    return check_token_rows(tokens, vocab, "tokens", form="[seq] or [batch, seq] integer")
 
 
 def _check_answer(n_tokens: int, answer_start: int) -> int:
@@ -333,7 +329,8 @@ def cache_answer_patterns(model, tokens: Sequence[int] | Tensor, *, answer_start
     """
     from transformer_lens import ActivationCache
 
-    rows = _token_rows(tokens)
+    vocab = getattr(model.cfg, "d_vocab", None)  # ids in the vocabulary, before any forward
+    rows = _token_rows(tokens, vocab if isinstance(vocab, int) and vocab > 0 else None)
     batch, n_tokens = rows.shape
     steps = _check_answer(n_tokens, answer_start)
     chunk = GenerationConfig(prefill_chunk=prefill_chunk).chunk  # validates it

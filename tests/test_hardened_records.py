@@ -1,0 +1,177 @@
+"""Issue 28, what remained: every record read back is checked before the weights load, token
+ids are checked before any forward, counts that expand work are bounded, and a refusal names
+the flag on the command line and the field in the library.
+
+Each CLI test resumes a run whose log holds one malformed record: it must end with exit 2 and
+one line naming the file, the line and the field, and the model loader must never be called.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rhlens.cli import main
+
+GRID = (30, 9)  # the default model's layers x heads (its config is read, never its weights)
+TINY = ["--lengths", "400", "--depths", "50", "--n-needles", "1"]
+
+
+def _refused(argv: list[str], capsys) -> str:
+    code = main(argv)
+    out, err = capsys.readouterr()
+    lines = [ln for ln in err.splitlines() if not ln.startswith("rhlens: warning:")]
+    assert code == 2, (out, err)
+    assert len(lines) == 1 and lines[0].startswith("rhlens: error: "), err
+    assert "loading" not in out
+    return lines[0]
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """The loader fails if called; the run's header is taken as matching (the records are
+    what is tested)."""
+    import rhlens.cli.prepare as prepare
+    import rhlens.store.logs as logs
+
+    def load(args):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(prepare, "load", load)
+    monkeypatch.setattr(logs, "check_resume", lambda *a, **k: None)
+
+
+def _log(path, good: dict, bad: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n" + json.dumps(good) + "\n")
+
+
+def _scores_file(tmp_path):
+    path = tmp_path / "scores.json"
+    path.write_text(json.dumps({f"{la}-{h}": [(la * 9 + h) / 270] for la in range(30) for h in range(9)}))
+    return str(path)
+
+
+COT = {"key": "none|cot|arithmetic-0-0", "task": "arithmetic", "mask": "none", "group": "none",
+       "mode": "cot", "id": "arithmetic-0-0", "gold": "5", "output": "3 + 2 = 5", "extracted": "5",
+       "correct": True, "stop": "eos"}
+NIAH = {"key": "full|p", "mask": "full", "probe": "p", "response": "x", "rouge_recall": 1.0,
+        "score": 100.0, "answer_class": "correct"}
+FAMILY = {"key": "p", "success": True, "rouge_recall": 1.0, "response": "x",
+          "copy": [[0.0] * 9 for _ in range(30)], "mass": [[0.5] * 9 for _ in range(30)]}
+PATCH = {"key": "0-abc", "index": 0, "clean": 6.5, "corrupted": -5.3, "seconds": 1.0, "pair": {},
+         "patched": [[0.1] * 9] + [[None] * 9 for _ in range(29)]}
+
+
+def test_a_malformed_cot_record_is_named_before_the_weights_load(tmp_path, no_weights, capsys):
+    out = tmp_path / "o"
+    _log(out / "cot_arithmetic.jsonl", COT, {k: v for k, v in COT.items() if k != "correct"})
+    line = _refused(["cot", "--task", "arithmetic", "--k", "0", "--n-items", "2", "--out", str(out)],
+                    capsys)
+    assert "cot_arithmetic.jsonl, line 2: CoT record is malformed (field 'correct' is missing)" in line
+
+
+def test_a_malformed_compress_record_is_named_before_the_weights_load(tmp_path, no_weights, capsys):
+    out = tmp_path / "o"
+    _log(out / "compress.jsonl", NIAH, {**NIAH, "score": None})
+    line = _refused(["compress", "--scores", _scores_file(tmp_path), *TINY, "--budgets", "0.8",
+                     "--seeds", "0", "--out", str(out)], capsys)
+    assert "compress.jsonl, line 2: NIAH record is malformed (field 'score' must be a finite number" in line
+
+
+def test_a_nan_in_the_kept_needle_mass_is_named_before_the_weights_load(tmp_path, no_weights, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    out = tmp_path / "o"
+    out.mkdir()
+    mass = torch.rand(GRID)
+    mass[3, 4] = float("nan")
+    save_file({"mass": mass}, out / "needle_mass.safetensors")
+    line = _refused(["compress", "--scores", _scores_file(tmp_path), *TINY, "--budgets", "0.8",
+                     "--seeds", "0", "--needle-mass", "--out", str(out)], capsys)
+    assert "needle_mass.safetensors: 'mass' holds 1 value(s) that are NaN or infinite" in line
+    assert "(3, 4)" in line
+
+
+def test_a_malformed_families_record_is_named_before_the_weights_load(tmp_path, no_weights, capsys):
+    out = tmp_path / "o"
+    short = json.loads(json.dumps(FAMILY))
+    short["copy"][0] = short["copy"][0][:8]
+    _log(out / "families.jsonl", FAMILY, short)
+    line = _refused(["scores", "--family", "copy,mass", *TINY, "--out", str(out)], capsys)
+    assert ("families.jsonl, line 2: score-families record is malformed ('copy' row 0 has 8 heads, "
+            "expected 9)") in line
+
+
+def test_a_malformed_judge_record_is_named_before_the_weights_load(tmp_path, no_weights, capsys):
+    out = tmp_path / "o"
+    _log(out / "damage" / "niah.jsonl", NIAH, {**NIAH, "rouge_recall": "1.0"})
+    line = _refused(["scores", "--family", "copy", "--judge", "--ks", "1", "--seeds", "1", *TINY,
+                     "--out", str(out)], capsys)
+    assert "damage/niah.jsonl, line 2: NIAH record is malformed (field 'rouge_recall'" in line
+
+
+def test_a_malformed_patching_record_is_named_before_the_weights_load(tmp_path, no_weights, capsys):
+    out = tmp_path / "o"
+    bad = json.loads(json.dumps(PATCH))
+    bad["patched"][0][0] = "0.5"
+    _log(out / "patching.jsonl", PATCH, bad)
+    line = _refused(["patch", *TINY, "--layers", "0", "--out", str(out)], capsys)
+    assert ("patching.jsonl, line 2: patching record is malformed ('patched' of head (0, 0) is "
+            "'0.5', not a finite number or null)") in line
+
+
+def test_a_malformed_record_in_a_shard_log_is_named_too(tmp_path, no_weights, capsys):
+    out = tmp_path / "o"
+    _log(out / "shards" / "20260101-000000-1" / "r1" / "cot_arithmetic.jsonl", COT, {**COT, "mode": "x"})
+    line = _refused(["cot", "--task", "arithmetic", "--k", "0", "--n-items", "2", "--out", str(out)],
+                    capsys)
+    assert "r1/cot_arithmetic.jsonl, line 2: CoT record is malformed (field 'mode' must be" in line
+
+
+# ---- the record checks themselves -------------------------------------------------------------
+@pytest.mark.parametrize(("rec", "message"), [
+    ([], "not a JSON object"),
+    ({**COT, "correct": 1}, "field 'correct' must be true or false, got 1"),
+    ({**COT, "id": True}, "field 'id' must be an item id"),
+    ({**COT, "output": None}, "field 'output' must be a string"),
+    ({**COT, "mask": ""}, "field 'mask' must be a non-empty string"),
+])
+def test_cot_record_problems(rec, message):
+    from rhlens.validate import cot_record_problem
+
+    assert cot_record_problem(COT) is None and cot_record_problem({**COT, "id": 3}) is None
+    assert message in cot_record_problem(rec)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"index": -1}, "field 'index' must be a whole number >= 0"),
+    ({"clean": float("nan")}, "field 'clean' must be a finite number or null"),
+    ({"seconds": "1"}, "field 'seconds' must be a finite number >= 0"),
+    ({"patched": [[0.1] * 9] * 29}, "'patched' has 29 layers, the model 30"),
+    ({"patched": [[0.1] * 9] * 29 + [[0.1] * 10]}, "'patched' row 29 has 10 heads, expected 9"),
+    ({"patched": [[True] * 9] * 30}, "'patched' of head (0, 0) is True"),
+    ({"pair": []}, "field 'pair' must be a JSON object"),
+])
+def test_patching_record_problems(change, message):
+    from rhlens.validate import patching_record_problem
+
+    assert patching_record_problem(PATCH, GRID) is None
+    assert patching_record_problem({**PATCH, "clean": None}, GRID) is None  # a metric that was NaN
+    assert message in patching_record_problem({**PATCH, **change}, GRID)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"success": "yes"}, "field 'success' must be true or false"),
+    ({"mass": [[float("inf")] * 9] * 30}, "'mass' of head (0, 0) is inf, not a finite number"),
+    ({"copy": None}, "field 'copy' must be a [layer][head] list"),
+])
+def test_families_record_problems(change, message):
+    from rhlens.validate import families_record_problem
+
+    assert families_record_problem(FAMILY, GRID, ("copy", "mass")) is None
+    assert message in families_record_problem({**FAMILY, **change}, GRID, ("copy", "mass"))
+    no_mass = {k: v for k, v in FAMILY.items() if k != "mass"}
+    assert families_record_problem(no_mass, GRID, ("copy", "mass")) == "field 'mass' is missing"
