@@ -212,7 +212,7 @@ def check_token_rows(tokens: Any, vocab_size: int | None = None, what: str = "to
     if t.ndim not in (1, 2):
         raise ConfigError(f"{shape}, got shape {tuple(t.shape)}")
     t = t.reshape(-1, t.shape[-1])
-    check_token_ids(t, vocab_size, what=f"{what}'s token ids" if what != "tokens" else "token ids")
+    check_token_ids(t, vocab_size, what=what)
     return t.long()
 
 

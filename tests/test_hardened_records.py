@@ -13,6 +13,7 @@ import json
 import pytest
 
 from rhlens.cli import main
+from rhlens.errors import RhlensError
 
 GRID = (30, 9)  # the default model's layers x heads (its config is read, never its weights)
 TINY = ["--lengths", "400", "--depths", "50", "--n-needles", "1"]
@@ -175,3 +176,84 @@ def test_families_record_problems(change, message):
     assert message in families_record_problem({**FAMILY, **change}, GRID, ("copy", "mass"))
     no_mass = {k: v for k, v in FAMILY.items() if k != "mass"}
     assert families_record_problem(no_mass, GRID, ("copy", "mass")) == "field 'mass' is missing"
+
+
+# ---- token ids, before any forward ---------------------------------------------------------
+def _bad_tokens(bad: str, vocab: int):
+    """Token ids a user might pass as a tensor (what the functions' annotations take; lists,
+    strings and ragged rows reach the same check: test_check_token_rows_refuses_any_non_ids)."""
+    import torch
+
+    return {"outside": torch.tensor([[1, 2, vocab]]), "negative": torch.tensor([[1, -1, 2]]),
+            "float": torch.tensor([[1.0, 2.0, 3.0]]), "bool": torch.tensor([[True, False, True]]),
+            "3-D": torch.tensor([[[1, 2, 3]]]), "empty": torch.zeros(1, 0, dtype=torch.long),
+            "complex": torch.tensor([[1, 2, 3]], dtype=torch.complex64)}[bad]
+
+
+BAD_TOKENS = ["outside", "negative", "float", "bool", "3-D", "empty", "complex"]
+
+
+@pytest.fixture
+def embed_calls(toy_model):
+    """How many times the model's embedding ran (it must not, for bad ids)."""
+    from rhlens.engine import hf_model
+
+    calls = []
+    handle = hf_model(toy_model[0]).get_input_embeddings().register_forward_pre_hook(
+        lambda module, args: calls.append(1))
+    yield calls
+    handle.remove()
+
+
+@pytest.mark.parametrize("bad", BAD_TOKENS)
+def test_patch_activation_refuses_bad_token_ids_before_any_forward(bad, toy_model, embed_calls):
+    from rhlens.patching import patch_activation
+
+    model, _ = toy_model
+    with pytest.raises(RhlensError, match="corrupted_tokens") as info:
+        patch_activation(model, _bad_tokens(bad, model.cfg.d_vocab), {}, lambda logits: logits[:, -1, 0])
+    assert "\n" not in str(info.value)
+    assert not embed_calls
+
+
+@pytest.mark.parametrize("bad", BAD_TOKENS)
+def test_cache_answer_patterns_refuses_bad_token_ids_before_any_forward(bad, toy_model, embed_calls):
+    from rhlens.retrieval.detect import cache_answer_patterns
+
+    model, _ = toy_model
+    with pytest.raises(RhlensError, match="tokens") as info:
+        cache_answer_patterns(model, _bad_tokens(bad, model.cfg.d_vocab), answer_start=2)
+    assert "\n" not in str(info.value)
+    assert not embed_calls
+
+
+def test_good_token_ids_still_run(toy_model, embed_calls):
+    import torch
+
+    from rhlens.retrieval.detect import cache_answer_patterns
+
+    model, _ = toy_model
+    cache = cache_answer_patterns(model, torch.tensor([5, 6, 7, 8], dtype=torch.int32), answer_start=2)
+    assert tuple(cache["blocks.0.attn.hook_pattern"].shape[-2:]) == (2, 3)  # the answer rows
+    assert embed_calls
+
+
+@pytest.mark.parametrize("bad", [[[1, 2, 3], [1, 2]], "1 2 3", [[1, None, 3]], [[1, 2, 10**30]],
+                                 [[1.5]], [[True]], [], [[]], [[[1]]], None, 3, {"a": 1}])
+def test_check_token_rows_refuses_any_non_ids(bad):
+    import numpy as np
+
+    from rhlens.validate import check_token_rows
+
+    with pytest.raises(RhlensError, match="corrupted_tokens"):
+        check_token_rows(bad, 50, "corrupted_tokens")
+    with pytest.raises(RhlensError, match="corrupted_tokens"):
+        check_token_rows(np.array([[0.5]]), 50, "corrupted_tokens")
+
+
+def test_check_token_rows_names_the_id_and_the_vocabulary():
+    from rhlens.validate import check_token_rows
+
+    with pytest.raises(RhlensError, match=r"id 60 is outside the vocabulary \(\[0, 49\]\)"):
+        check_token_rows([[1, 60]], 50, "corrupted_tokens")
+    assert check_token_rows([4, 5], 50).tolist() == [[4, 5]]
