@@ -28,6 +28,8 @@ from typing import Any
 from rhlens.errors import ConfigError
 
 __all__ = [
+    "DRAWS_WHY",
+    "MAX_DRAWS",
     "MAX_GRID_POINTS",
     "check_count",
     "check_finite",
@@ -52,6 +54,12 @@ __all__ = [
 ]
 
 MAX_GRID_POINTS = 100_000  # lengths, depths: more than any grid could run
+# Random draws averaged into one mean (random-K masks per K, random KV policies per budget,
+# the head detectors' sequences): each one reruns the probes, and 10,000 already pin the mean
+# to 1% of the draws' spread (its standard error, spread / sqrt(n)).
+MAX_DRAWS = 10_000
+DRAWS_WHY = ("random draws averaged into one mean; 10,000 already pin it to 1% of their "
+             "spread, and each draw reruns every probe")
 
 
 # ---- numbers ---------------------------------------------------------------------------------

@@ -257,3 +257,101 @@ def test_check_token_rows_names_the_id_and_the_vocabulary():
     with pytest.raises(RhlensError, match=r"id 60 is outside the vocabulary \(\[0, 49\]\)"):
         check_token_rows([[1, 60]], 50, "corrupted_tokens")
     assert check_token_rows([4, 5], 50).tolist() == [[4, 5]]
+
+
+# ---- counts that expand work: refused with the real limit, before anything runs ----------------
+@pytest.mark.parametrize(("argv", "message"), [
+    (["mask-sweep", "--scores", "{scores}", "--seeds", "1000000000"],
+     "argument --seeds: 1000000000 is above the limit of 10,000 (random draws averaged"),
+    (["cot", "--task", "arithmetic", "--scores", "{scores}", "--k", "2", "--seeds", "1000000000"],
+     "argument --seeds: 1000000000 is above the limit of 10,000"),
+    (["compress", "--scores", "{scores}", "--seeds", "1000000000"],
+     "argument --seeds: 1000000000 is above the limit of 10,000"),
+    (["scores", "--judge", "--seeds", "1000000000"], "argument --seeds: 1000000000 is above the limit"),
+    (["scores", "--family", "induction", "--sequences", "1000000000"],
+     "argument --sequences: 1000000000 is above the limit of 10,000"),
+    (["cot", "--task", "arithmetic", "--k", "0", "--n-items", "1000000000000"],
+     "--n-items 1000000000000 is more than the 30 items the task holds (arithmetic: 30)"),
+    (["patch", "--batch-size", "1000000000000"],
+     "--batch-size 1000000000000 is more than the 270 heads patched per pair (every head: 30 x 9)"),
+    (["patch", "--layers", "0", "--batch-size", "10"],
+     "--batch-size 10 is more than the 9 heads patched per pair (--layers: 1 x 9)"),
+    # the refusal names the flag, never the library's field
+    (["detect", "--max-new-tokens", "1000000000"],
+     "--max-new-tokens 1000000000 does not fit the model's maximum context of 8192 tokens"),
+    (["niah", "--max-new-tokens", "1000000000"], "use --max-new-tokens below 8192"),
+    (["detect", "--max-new-tokens", "8100", *TINY],
+     "(--max-new-tokens 8100), more than the model's maximum context of 8192; use shorter lengths "
+     "or --max-new-tokens of at most"),
+    (["cot", "--task", "arithmetic", "--k", "0", "--max-new-tokens-cot", "1000000000"],
+     "--max-new-tokens-cot 1000000000 does not fit the model's maximum context of 8192 tokens"),
+    (["detect", "--answer-buffer", "1000000000000", "--lengths", "400"],
+     "keep fewer tokens for the answer (answer_buffer, --answer-buffer: at most"),
+])
+def test_absurd_counts_are_refused_with_the_real_limit(argv, message, tmp_path, no_weights, capsys):
+    argv = [a.replace("{scores}", _scores_file(tmp_path)) for a in argv]
+    line = _refused([*argv, "--out", str(tmp_path / "o")], capsys)
+    assert message in line
+    assert "max_new_tokens=" not in line  # the CLI names its flag
+
+
+def test_the_library_names_its_own_fields():
+    import torch
+
+    from rhlens.families import FamiliesConfig
+    from rhlens.masks import seed_list, sweep_masks
+    from rhlens.probes import Probe
+    from rhlens.retrieval import check_probes
+    from rhlens.retrieval.scores import RetrievalScores
+
+    with pytest.raises(RhlensError, match="seeds is 1000000000, above the limit of 10000"):
+        seed_list(10**9)
+    with pytest.raises(RhlensError, match="seeds holds 10001 seeds"):
+        seed_list(range(10_001))
+    scores = RetrievalScores(per_probe=torch.rand(1, *GRID), success=torch.ones(1, dtype=torch.bool),
+                             model_name="m")
+    with pytest.raises(RhlensError, match="seeds is 1000000000"):
+        sweep_masks(scores, [2], seeds=10**9)
+    with pytest.raises(RhlensError, match="n_sequences is 1000000000, above the limit"):
+        FamiliesConfig(n_sequences=10**9)
+    probe = Probe([1, 2, 3, 4], (1, 2), "x", length=4, depth=0.0, needle_id="n")
+    with pytest.raises(RhlensError, match=r"max_new_tokens=9000 \(of the config's GenerationConfig\)"):
+        check_probes([probe], 8192, 9000)
+    with pytest.raises(RhlensError, match="--max-new-tokens 9000 does not fit"):
+        check_probes([probe], 8192, 9000, name="--max-new-tokens")
+
+
+def test_cot_budgets_beyond_the_context_are_refused_before_any_buffer(toy_model):
+    from rhlens.cot.experiment import CoTConfig, cot_ablation
+
+    model, tok = toy_model
+    n_ctx = model.cfg.n_ctx
+    with pytest.raises(RhlensError, match=f"max_new_tokens_cot={n_ctx} \\(of the CoTConfig\\)"):
+        cot_ablation(model, [("1 + 1 =", "2")], config=CoTConfig(max_new_tokens_cot=n_ctx),
+                     tokenizer=tok, progress=False)
+
+
+def test_families_size_their_buffers_by_the_probes_not_the_flag(toy_model):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_families import _toy_probes
+
+    from rhlens.families import FamiliesConfig, score_families
+    from rhlens.retrieval import DetectConfig
+
+    model, tok = toy_model
+    probes = _toy_probes(tok, n=2)
+    huge = score_families(model, probes, tokenizer=tok, config=FamiliesConfig(
+        families=("copy", "mass"), detect=DetectConfig(max_new_tokens=4, batch_size=10**12)))
+    two = score_families(model, probes, tokenizer=tok, config=FamiliesConfig(
+        families=("copy", "mass"), detect=DetectConfig(max_new_tokens=4, batch_size=2)))
+    for family in ("copy", "mass"):
+        assert torch_equal(huge[family].per_probe, two[family].per_probe)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)

@@ -12,6 +12,7 @@ from rhlens.cli.args import (
     add_model_args,
     add_out_args,
     add_probe_args,
+    draws,
     float_list,
     niah_config,
     nonnegative_int,
@@ -60,7 +61,7 @@ def add_parsers(sub) -> None:
                    help="shares of the full KV bytes at the longest probe's length, each in (0, 1], "
                         "comma-separated (default 0.1,0.2,0.3,0.5); one below the all-streaming "
                         "floor (every head keeping sink + window) is refused")
-    p.add_argument("--seeds", type=nonnegative_int, default=3, metavar="N",
+    p.add_argument("--seeds", type=draws(minimum=0), default=3, metavar="N",
                    help="random policies per budget, seeds 0..N-1 (default 3; 0: none)")
     p.add_argument("--no-streaming", action="store_true", help="leave StreamingLLM out")
     p.add_argument("--needle-mass", action="store_true",
@@ -106,7 +107,7 @@ def _mass_probes(args: argparse.Namespace, tok, shape, scores, max_new_tokens: i
     config = dataclasses.replace(probe_config(args), lengths=tuple(lengths), depths=tuple(depths))
     built = build_probes(tok, config=config, needles=needles(args), haystack=args.haystack,
                          max_length=shape.n_ctx)
-    check_probes(built.probes, shape.n_ctx, max_new_tokens)
+    check_probes(built.probes, shape.n_ctx, max_new_tokens, name="--max-new-tokens")
     return built
 
 

@@ -73,7 +73,7 @@ def probes(args: argparse.Namespace, tok, shape, *, max_new_tokens: int | None =
     built = build_probes(tok, config=probe_config(args), needles=needles(args),
                          haystack=haystack, max_length=shape.n_ctx)
     if max_new_tokens is not None:
-        check_probes(built.probes, shape.n_ctx, max_new_tokens)
+        check_probes(built.probes, shape.n_ctx, max_new_tokens, name="--max-new-tokens")
     return built
 
 

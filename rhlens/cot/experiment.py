@@ -249,6 +249,12 @@ def cot_ablation(model, task: Task | str | Path | Iterable[Any], *, masks: Any =
     (:class:`rhlens.distributed.Sweep`); every rank returns all of them.
     """
     config = config or CoTConfig()
+    n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
+    for mode in config.prompting:  # before any buffer is sized by the budget
+        if isinstance(n_ctx, int) and n_ctx > 0 and config.budget(mode) >= n_ctx:
+            raise ConfigError(f"max_new_tokens_{mode}={config.budget(mode)} (of the CoTConfig) does "
+                              f"not fit the model's maximum context of {n_ctx} tokens, which must "
+                              f"also hold the prompt; use max_new_tokens_{mode} below {n_ctx}")
     task = get_task(task) if isinstance(task, (str, Path)) else as_task(task, grade=grade)
     tokenizer = model_tokenizer(model, tokenizer)
     masks = as_masks(masks, k=k, seeds=seeds, mode=mask_mode)

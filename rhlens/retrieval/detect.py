@@ -393,21 +393,31 @@ def bridge_shape(model) -> tuple[int, int, int | None, int | None]:
     return int(cfg.n_layers), int(cfg.n_heads), (int(n_kv) if n_kv else None), n_ctx
 
 
-def check_probes(probes: Sequence[Probe], max_tokens: int | None, max_new_tokens: int) -> None:
-    """Refuse, before any compute, probes the model cannot take."""
+def check_probes(probes: Sequence[Probe], max_tokens: int | None, max_new_tokens: int, *,
+                 name: str | None = None) -> None:
+    """Refuse, before any compute, probes the model cannot take.
+
+    ``name``: how the caller's user sets ``max_new_tokens``, for the messages: the command
+    line's flag (``"--max-new-tokens"``); by default the library's field,
+    ``max_new_tokens`` of the analysis' config (its :class:`~rhlens.engine.GenerationConfig`).
+    """
+    said = (f"{name} {max_new_tokens}" if name else
+            f"max_new_tokens={max_new_tokens} (of the config's GenerationConfig)")
+    fix = name or "max_new_tokens"
     if not probes:
         raise ProbeError("no probes given")
     if max_tokens is not None and max_new_tokens >= max_tokens:
-        raise ProbeError(f"max_new_tokens={max_new_tokens} does not fit the model's maximum "
-                         f"context of {max_tokens} tokens, which must also hold the prompt; "
-                         f"use max_new_tokens below {max_tokens} (the paper: 50)")
+        raise ProbeError(f"{said} does not fit the model's maximum context of {max_tokens} "
+                         f"tokens, which must also hold the prompt; use {fix} below {max_tokens} "
+                         "(the paper: 50)")
     for p in probes:
         if not isinstance(p, Probe):
             raise ProbeError(f"expected Probe objects, got {type(p).__name__}")
         if max_tokens is not None and p.n_tokens + max_new_tokens > max_tokens:
             raise ProbeError(
-                f"probe {p.key} has {p.n_tokens} prompt tokens + {max_new_tokens} new tokens, "
-                f"more than the model's maximum context of {max_tokens}; use shorter lengths"
+                f"probe {p.key} has {p.n_tokens} prompt tokens + {max_new_tokens} new tokens "
+                f"({said}), more than the model's maximum context of {max_tokens}; use shorter "
+                f"lengths or {fix} of at most {max_tokens - p.n_tokens}"
             )
     keys = [p.key for p in probes]
     if len(set(keys)) != len(keys):
