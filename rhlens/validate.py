@@ -58,8 +58,8 @@ MAX_GRID_POINTS = 100_000  # lengths, depths: more than any grid could run
 # the head detectors' sequences): each one reruns the probes, and 10,000 already pin the mean
 # to 1% of the draws' spread (its standard error, spread / sqrt(n)).
 MAX_DRAWS = 10_000
-DRAWS_WHY = ("random draws averaged into one mean; 10,000 already pin it to 1% of their "
-             "spread, and each draw reruns every probe")
+DRAWS_WHY = ("random draws averaged into one mean: 10,000 already pin it to 1% of their "
+             "spread, and each draw is one more run over the probes")
 
 
 # ---- numbers ---------------------------------------------------------------------------------

@@ -129,7 +129,10 @@ def _check_mass_file(path: Path, grid: tuple[int, int]) -> None:
         found = "no 'mass' tensor" if mass is None else f"a {tuple(mass.shape)} {mass.dtype} tensor"
         raise ConfigError(f"{path} holds {found}, expected a {grid[0]} x {grid[1]} float [layer, "
                           "head] tensor; remove it to measure the needle mass again")
-    check_finite(mass, f"{path}: 'mass'")
+    try:
+        check_finite(mass, f"{path}: 'mass'")
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}; remove the file to measure the needle mass again") from None
 
 
 def _needle_mass(model, tok, probes, niah, out: Path):
