@@ -129,7 +129,8 @@ def main() -> None:
     ap.add_argument("--runs", required=True, type=Path, help="the tiny finished runs (see --setup)")
     ap.add_argument("--tree", type=Path, default=ROOT, help="the rhlens checkout to run (default: this)")
     ap.add_argument("--setup", action="store_true", help="make RUNS first (loads the model)")
-    ap.add_argument("--only", default="", help="only the cases whose name starts with this")
+    ap.add_argument("--only", default="", help="only the cases whose name starts with one of these "
+                                               "(comma-separated)")
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds before a case is stopped")
     args = ap.parse_args()
     runs = args.runs.resolve()
@@ -149,7 +150,7 @@ def main() -> None:
     print("|---|---|---:|---|---|---:|")
     todo = [(n, None, d) for n, d in DAMAGED.items()] + [(n, a, None) for n, a in CASES.items()]
     for name, argv, damaged in todo:
-        if not name.startswith(args.only):
+        if not name.startswith(tuple(args.only.split(","))):
             continue
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)

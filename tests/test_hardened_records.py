@@ -285,6 +285,8 @@ def test_check_token_rows_names_the_id_and_the_vocabulary():
      "or --max-new-tokens of at most"),
     (["cot", "--task", "arithmetic", "--k", "0", "--max-new-tokens-cot", "1000000000"],
      "--max-new-tokens-cot 1000000000 does not fit the model's maximum context of 8192 tokens"),
+    (["compress", "--scores", "{scores}", *TINY, "--budgets", "0.8", "--window", "1000000000000"],
+     "the sink and window already hold the whole 200-token context: use a window below 196"),
     (["detect", "--answer-buffer", "1000000000000", "--lengths", "400"],
      "keep fewer tokens for the answer (answer_buffer, --answer-buffer: at most"),
 ])
