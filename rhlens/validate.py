@@ -37,6 +37,7 @@ __all__ = [
     "check_heads",
     "check_log_records",
     "check_output_dir",
+    "check_resumed",
     "check_span",
     "check_token_ids",
     "check_token_rows",
@@ -456,6 +457,17 @@ def families_record_problem(rec: Any, grid: Sequence[int] | None = None,
 def _cut(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_resumed(records: Any, problem, log: str | os.PathLike, what: str = "record") -> None:
+    """The records a resumed log holds (``{key: record}``, as a sweep reads them), each checked
+    as a whole before any compute: the first malformed one is named by its key and what is
+    wrong. The library's side of :func:`check_log_records` (which names the line)."""
+    for key, rec in dict(records).items():
+        wrong = problem(rec)
+        if wrong:
+            raise ConfigError(f"{log}: the {what} {key!r} is malformed ({wrong}); the run cannot be "
+                              "resumed: delete its line or choose another output directory")
 
 
 def check_log_records(path: str | os.PathLike, problem, what: str = "record") -> int:

@@ -357,3 +357,69 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return torch.equal(a, b)
+
+
+# ---- the library's side: a notebook resuming with out= gets the same reason, before any answer ----
+def _damage(log, line: int, **change) -> None:
+    lines = log.read_text().splitlines()
+    rec = json.loads(lines[line - 1])
+    rec.update(change)
+    lines[line - 1] = json.dumps(rec)
+    log.write_text("\n".join(lines) + "\n")
+
+
+def _never(*args, **kwargs):
+    raise AssertionError("computed before the resumed records were checked")
+
+
+def test_a_notebook_resume_checks_cot_records_first(toy_model, tmp_path, monkeypatch):
+    import rhlens.cot.experiment as experiment
+
+    model, tok = toy_model
+    items = [("1 + 1 =", "2"), ("2 + 2 =", "4")]
+    config = experiment.CoTConfig(max_new_tokens_cot=2, max_new_tokens_direct=2, n_boot=10)
+    experiment.cot_ablation(model, items, config=config, tokenizer=tok, out=tmp_path, progress=False)
+    _damage(tmp_path / "cot_items.jsonl", 2, correct="yes")
+    monkeypatch.setattr(experiment, "generate_many", _never)
+    with pytest.raises(RhlensError, match=r"cot_items.jsonl: the CoT record '[^']+' is malformed "
+                                          r"\(field 'correct' must be true or false, got 'yes'\)"):
+        experiment.cot_ablation(model, items, config=config, tokenizer=tok, out=tmp_path, progress=False)
+
+
+def test_a_notebook_resume_checks_niah_records_first(toy_model, tmp_path, monkeypatch):
+    import sys
+    from pathlib import Path
+
+    import rhlens.niah as niah
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_families import _toy_probes
+
+    model, tok = toy_model
+    probes = _toy_probes(tok, n=2)
+    config = niah.NIAHConfig(max_new_tokens=2)
+    niah.niah_sweep(model, probes, config=config, tokenizer=tok, out=tmp_path, progress=False)
+    _damage(tmp_path / "niah.jsonl", 1, rouge_recall=float("nan"))
+    monkeypatch.setattr(niah, "generate_many", _never)
+    with pytest.raises(RhlensError, match=r"niah.jsonl: the NIAH record '[^']+' is malformed "
+                                          r"\(field 'rouge_recall' must be a finite number"):
+        niah.niah_sweep(model, probes, config=config, tokenizer=tok, out=tmp_path, progress=False)
+
+
+def test_a_notebook_resume_checks_patching_records_first(toy_model, tmp_path, monkeypatch):
+    import sys
+    from pathlib import Path
+
+    import rhlens.patching.heads as heads
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_patching import toy_pair
+
+    model, tok = toy_model
+    pairs = [toy_pair(tok, seed) for seed in range(2)]
+    heads.patch_heads(model, pairs, out=tmp_path, progress=False)
+    _damage(tmp_path / "patching.jsonl", 2, patched=[[0.0]])
+    monkeypatch.setattr(heads, "_fast_pair", _never)
+    with pytest.raises(RhlensError, match=r"patching.jsonl: the patching record '[^']+' is malformed "
+                                          r"\('patched' has 1 layers, the model 2\)"):
+        heads.patch_heads(model, pairs, out=tmp_path, progress=False)

@@ -39,6 +39,7 @@ from rhlens.stats import bootstrap_means, percentile_interval
 from rhlens.store.display import Displayed
 from rhlens.store.identity import run_header
 from rhlens.store.results import RESULT_FILE, Config, Result, ResultError, read_json
+from rhlens.validate import check_resumed, cot_record_problem
 
 __all__ = ["CoTConfig", "CoTResult", "as_masks", "cot_ablation"]
 
@@ -268,6 +269,7 @@ def cot_ablation(model, task: Task | str | Path | Iterable[Any], *, masks: Any =
     sweep = Sweep(out, header, f"cot_{task.name}.jsonl",
                   total=len(task) * len(masks) * len(config.prompting), desc=f"cot {task.name}",
                   progress=progress, device=next(model.parameters()).device)
+    check_resumed(sweep.done, cot_record_problem, f"{out}/cot_{task.name}.jsonl", "CoT record")
     for mode in config.prompting:
         work = [(it, m) for it in task for m in masks
                 if f"{m.label}|{mode}|{it.id}" not in sweep.done]

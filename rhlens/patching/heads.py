@@ -46,7 +46,7 @@ from rhlens.patching.config import (
 from rhlens.patching.pairs import PatchPair
 from rhlens.patching.results import HeadPatchingResult
 from rhlens.patching.runner import PairRunner
-from rhlens.validate import check_heads
+from rhlens.validate import check_heads, check_resumed, patching_record_problem
 
 __all__ = ["LOG_NAME", "patch_head_set", "patch_heads"]
 
@@ -202,6 +202,8 @@ def patch_heads(model, pairs: Sequence[PatchPair], *, config: PatchConfig | None
     sweep = Sweep(out, header, LOG_NAME, total=len(pairs), unit="pair", progress=progress,
                   desc=f"patch {config.activation} ({config.mode})",
                   device=next(model.parameters()).device)
+    check_resumed(sweep.done, lambda rec: patching_record_problem(rec, (n_layers, width)),
+                  f"{out}/{LOG_NAME}", "patching record")  # before any pair runs
     todo = [i for i, key in enumerate(keys) if key not in sweep.done]
     # Pairs share nothing: each is a unit, its cost its tokens.
     for unit in sweep.run([keys[i] for i in todo], [pairs[i].n_tokens for i in todo],
