@@ -18,14 +18,22 @@ to knock them out; :mod:`rhlens.ablation` turns it into hooks. Masks come from:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from rhlens.errors import ConfigError
 from rhlens.retrieval.scores import RetrievalScores
 from rhlens.stats import Head, heads_above, random_heads, top_k_heads
-from rhlens.validate import check_finite, check_heads, parse_heads, whole_number
+from rhlens.validate import (
+    DRAWS_WHY,
+    MAX_DRAWS,
+    check_count,
+    check_finite,
+    check_heads,
+    parse_heads,
+    whole_number,
+)
 
 __all__ = [
     "MASK_SPECS",
@@ -177,7 +185,10 @@ def seed_list(seeds: int | Sequence[int]) -> list[int]:
     if isinstance(seeds, int):
         if seeds < 1:
             raise ConfigError(f"seeds must be >= 1 (random masks per K), got {seeds}")
+        check_count(seeds, "seeds", maximum=MAX_DRAWS, why=DRAWS_WHY)  # before range() expands it
         return list(range(seeds))
+    if isinstance(seeds, Sized) and len(seeds) > MAX_DRAWS:
+        raise ConfigError(f"seeds holds {len(seeds)} seeds, above the limit of {MAX_DRAWS} ({DRAWS_WHY})")
     out = list(seeds)
     if not out or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in out):
         raise ConfigError(f"seeds must be a non-empty list of whole numbers >= 0, got {out!r}")

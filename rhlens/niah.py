@@ -34,6 +34,7 @@ from rhlens.store.identity import run_header
 from rhlens.store.layout import NIAH_LOG, RunDir
 from rhlens.store.results import Config, Result, ResultError
 from rhlens.store.runs import load_single_file
+from rhlens.validate import check_resumed, niah_record_problem
 
 __all__ = [
     "AnswerClass",
@@ -220,6 +221,7 @@ def niah_sweep(model, probes: Sequence[Probe], *, masks: Sequence[Mask] = (Mask.
     sweep = Sweep(out, header, NIAH_LOG, total=total, desc="niah", progress=progress, shard=part,
                   weights={f"{m.label}|{p.key}": p.n_tokens for p in probes for m in masks},
                   device=next(model.parameters()).device)
+    check_resumed(sweep.done, niah_record_problem, f"{out}/{NIAH_LOG}", "NIAH record")
     order = sorted(probes, key=lambda p: (p.length, p.needle_id, -p.depth))
     work = [(p, m) for p in order for m in masks if f"{m.label}|{p.key}" not in sweep.done]
     keys = [m.label if (m.phase == "all" and m.heads) else None for _, m in work]

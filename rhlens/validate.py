@@ -28,6 +28,8 @@ from typing import Any
 from rhlens.errors import ConfigError
 
 __all__ = [
+    "DRAWS_WHY",
+    "MAX_DRAWS",
     "MAX_GRID_POINTS",
     "check_count",
     "check_finite",
@@ -35,19 +37,30 @@ __all__ = [
     "check_heads",
     "check_log_records",
     "check_output_dir",
+    "check_resumed",
     "check_span",
     "check_token_ids",
+    "check_token_rows",
+    "cot_record_problem",
     "detect_record_problem",
+    "families_record_problem",
     "input_dir",
     "input_file",
     "niah_record_problem",
     "own_file",
     "parse_head",
     "parse_heads",
+    "patching_record_problem",
     "whole_number",
 ]
 
 MAX_GRID_POINTS = 100_000  # lengths, depths: more than any grid could run
+# Random draws averaged into one mean (random-K masks per K, random KV policies per budget,
+# the head detectors' sequences): each one reruns the probes, and 10,000 already pin the mean
+# to 1% of the draws' spread (its standard error, spread / sqrt(n)).
+MAX_DRAWS = 10_000
+DRAWS_WHY = ("random draws averaged into one mean: 10,000 already pin it to 1% of their "
+             "spread, and each draw is one more run over the probes")
 
 
 # ---- numbers ---------------------------------------------------------------------------------
@@ -177,6 +190,39 @@ def check_token_ids(ids: Any, vocab_size: int | None = None, what: str = "token 
         limit = f"[0, {vocab_size - 1}]" if vocab_size is not None else ">= 0"
         raise ConfigError(f"{what}: id {bad} is outside the vocabulary ({limit})")
     return ids
+
+
+def check_token_rows(tokens: Any, vocab_size: int | None = None, what: str = "tokens", *,
+                     form: str = "[batch, pos]") -> Any:
+    """``tokens`` as a ``[batch, pos]`` int64 torch tensor (a ``[pos]`` one gets a batch of 1),
+    refused with one line when they are not token ids: not whole numbers (floats, bools,
+    strings, ``None``), rows of different lengths, another number of dimensions, empty, or an
+    id outside ``[0, vocab_size)``. Nothing reaches the model before this passes."""
+    import torch
+
+    shape = f"{what} must be {form} token ids (whole numbers)"
+    if isinstance(tokens, (str, bytes)):
+        raise ConfigError(f"{shape}, got a string {_cut(tokens)}")
+    if isinstance(tokens, torch.Tensor):
+        t = tokens
+    else:
+        if hasattr(tokens, "dtype") and hasattr(tokens, "shape"):  # numpy
+            kind = getattr(tokens.dtype, "kind", "")
+            if kind not in "iu" or not kind:
+                raise ConfigError(f"{shape}, got dtype {tokens.dtype}")
+        try:
+            t = torch.as_tensor(tokens)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+            raise ConfigError(f"{shape}, got {_cut(tokens)} ({str(exc).splitlines()[0][:80]})") from None
+    if t.numel() == 0:
+        raise ConfigError(f"{shape}, got none (shape {tuple(t.shape)})")
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise ConfigError(f"{shape}, got dtype {t.dtype}")
+    if t.ndim not in (1, 2):
+        raise ConfigError(f"{shape}, got shape {tuple(t.shape)}")
+    t = t.reshape(-1, t.shape[-1])
+    check_token_ids(t, vocab_size, what=what)
+    return t.long()
 
 
 # ---- files -----------------------------------------------------------------------------------
@@ -320,9 +366,108 @@ def niah_record_problem(rec: Any) -> str | None:
     return None
 
 
+def _fields(rec: Any, spec) -> str | None:
+    """The first field of ``spec`` (``(name, ok, what)``) missing from ``rec`` or wrong."""
+    if not isinstance(rec, dict):
+        return "not a JSON object"
+    for name, ok, what in spec:
+        if name not in rec:
+            return f"field {name!r} is missing"
+        if not ok(rec[name]):
+            return f"field {name!r} must be {what}, got {_cut(rec[name])}"
+    return None
+
+
+def _text(v: Any) -> bool:
+    return isinstance(v, str) and bool(v)
+
+
+def _whole(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _grid_problem(name: str, rows: Any, grid: Sequence[int] | None, *,
+                  allow_null: bool = False) -> str | None:
+    """What is wrong with ``rows`` as a ``[layer][head]`` list of finite numbers (``null``
+    too with ``allow_null``), ``grid`` = (layers, heads) when known."""
+    if not isinstance(rows, list) or not rows:
+        return f"field {name!r} must be a [layer][head] list, got {_cut(rows)}"
+    n_layers = len(rows) if grid is None else int(grid[0])
+    if len(rows) != n_layers:
+        return f"{name!r} has {len(rows)} layers, the model {n_layers}"
+    width = int(grid[1]) if grid is not None else (len(rows[0]) if isinstance(rows[0], list) else 0)
+    for layer, row in enumerate(rows):
+        if not isinstance(row, list):
+            return f"{name!r} row {layer} is {_cut(row)}, not a list of per-head values"
+        if len(row) != width or not width:
+            return f"{name!r} row {layer} has {len(row)} heads, expected {width or 'at least 1'}"
+        for head, v in enumerate(row):
+            if not (_is_number(v) or (allow_null and v is None)):
+                return (f"{name!r} of head ({layer}, {head}) is {_cut(v)}, not a finite number"
+                        + (" or null" if allow_null else ""))
+    return None
+
+
+def cot_record_problem(rec: Any) -> str | None:
+    """What is wrong with one record of a CoT log (``cot_<task>.jsonl``), or ``None``."""
+    return _fields(rec, (
+        ("key", _text, "a non-empty string"),
+        ("mask", _text, "a non-empty string"),
+        ("group", _text, "a non-empty string"),
+        ("mode", lambda v: v in ("cot", "direct"), "'cot' or 'direct'"),
+        ("id", lambda v: _text(v) or _whole(v), "an item id (a string or a whole number)"),
+        ("output", lambda v: isinstance(v, str), "a string"),
+        ("correct", lambda v: isinstance(v, bool), "true or false")))
+
+
+def patching_record_problem(rec: Any, grid: Sequence[int] | None = None) -> str | None:
+    """What is wrong with one record of a patching log (``patching.jsonl``), or ``None``;
+    ``grid``: (layers, heads patched per layer: KV heads for ``k``/``v``)."""
+    wrong = _fields(rec, (
+        ("key", _text, "a non-empty string"),
+        ("index", lambda v: _whole(v) and v >= 0, "a whole number >= 0"),
+        ("clean", lambda v: v is None or _is_number(v), "a finite number or null"),
+        ("corrupted", lambda v: v is None or _is_number(v), "a finite number or null"),
+        ("seconds", lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
+        ("pair", lambda v: isinstance(v, dict), "a JSON object"),
+        ("patched", lambda v: isinstance(v, list), "a [layer][head] list")))
+    return wrong or _grid_problem("patched", rec["patched"], grid, allow_null=True)
+
+
+def families_record_problem(rec: Any, grid: Sequence[int] | None = None,
+                            families: Sequence[str] = ()) -> str | None:
+    """What is wrong with one record of a score-families log (``families.jsonl``), or
+    ``None``: each of ``families`` is a ``[layer][head]`` grid of finite numbers."""
+    wrong = _fields(rec, (
+        ("key", _text, "a non-empty string"),
+        ("success", lambda v: isinstance(v, bool), "true or false"),
+        ("rouge_recall", _is_number, "a finite number"),
+        ("response", lambda v: isinstance(v, str), "a string")))
+    if wrong:
+        return wrong
+    for family in families:
+        if family not in rec:
+            return f"field {family!r} is missing"
+        wrong = _grid_problem(family, rec[family], grid)
+        if wrong:
+            return wrong
+    return None
+
+
 def _cut(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_resumed(records: Any, problem, log: str | os.PathLike, what: str = "record") -> None:
+    """The records a resumed log holds (``{key: record}``, as a sweep reads them), each checked
+    as a whole before any compute: the first malformed one is named by its key and what is
+    wrong. The library's side of :func:`check_log_records` (which names the line)."""
+    for key, rec in dict(records).items():
+        wrong = problem(rec)
+        if wrong:
+            raise ConfigError(f"{log}: the {what} {key!r} is malformed ({wrong}); the run cannot be "
+                              "resumed: delete its line or choose another output directory")
 
 
 def check_log_records(path: str | os.PathLike, problem, what: str = "record") -> int:

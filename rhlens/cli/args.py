@@ -22,7 +22,9 @@ __all__ = [
     "add_probe_args",
     "add_prompt_args",
     "cot_config",
+    "count_at_most",
     "detect_config",
+    "draws",
     "error_line",
     "float_list",
     "int_list",
@@ -119,6 +121,26 @@ def nonnegative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
+
+
+def count_at_most(maximum: int, why: str, *, minimum: int = 1) -> Callable[[str], int]:
+    """A whole number in ``[minimum, maximum]``; above it, the message says the real limit
+    (``why``) before anything is expanded (argparse names the flag)."""
+    def parse(text: str) -> int:
+        value = _number(text, int, "a whole number")
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"{value} is above the limit of {maximum:,} ({why})")
+        return value
+    return parse
+
+
+def draws(*, minimum: int = 1) -> Callable[[str], int]:
+    """A count of random draws (``--seeds``, ``--sequences``): at most :data:`MAX_DRAWS`."""
+    from rhlens.validate import DRAWS_WHY, MAX_DRAWS
+
+    return count_at_most(MAX_DRAWS, DRAWS_WHY, minimum=minimum)
 
 
 def percent(text: str) -> float:

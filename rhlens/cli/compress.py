@@ -12,6 +12,7 @@ from rhlens.cli.args import (
     add_model_args,
     add_out_args,
     add_probe_args,
+    draws,
     float_list,
     niah_config,
     nonnegative_int,
@@ -60,7 +61,7 @@ def add_parsers(sub) -> None:
                    help="shares of the full KV bytes at the longest probe's length, each in (0, 1], "
                         "comma-separated (default 0.1,0.2,0.3,0.5); one below the all-streaming "
                         "floor (every head keeping sink + window) is refused")
-    p.add_argument("--seeds", type=nonnegative_int, default=3, metavar="N",
+    p.add_argument("--seeds", type=draws(minimum=0), default=3, metavar="N",
                    help="random policies per budget, seeds 0..N-1 (default 3; 0: none)")
     p.add_argument("--no-streaming", action="store_true", help="leave StreamingLLM out")
     p.add_argument("--needle-mass", action="store_true",
@@ -106,8 +107,32 @@ def _mass_probes(args: argparse.Namespace, tok, shape, scores, max_new_tokens: i
     config = dataclasses.replace(probe_config(args), lengths=tuple(lengths), depths=tuple(depths))
     built = build_probes(tok, config=config, needles=needles(args), haystack=args.haystack,
                          max_length=shape.n_ctx)
-    check_probes(built.probes, shape.n_ctx, max_new_tokens)
+    check_probes(built.probes, shape.n_ctx, max_new_tokens, name="--max-new-tokens")
     return built
+
+
+def _check_mass_file(path: Path, grid: tuple[int, int]) -> None:
+    """The kept ``--needle-mass`` ranking of a resumed run: one finite ``[layer, head]`` tensor."""
+    from rhlens.errors import ConfigError
+    from rhlens.validate import check_finite, input_file
+
+    input_file(path, "the kept needle-mass ranking", hint="remove it or choose another --out")
+    try:
+        from safetensors.torch import load_file
+
+        mass = load_file(path).get("mass")
+    except Exception as exc:  # safetensors' own error for a damaged file
+        raise ConfigError(f"{path} is damaged ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}); remove it to measure "
+                          "the needle mass again") from None
+    if mass is None or tuple(mass.shape) != tuple(grid) or mass.dtype.is_floating_point is False:
+        found = "no 'mass' tensor" if mass is None else f"a {tuple(mass.shape)} {mass.dtype} tensor"
+        raise ConfigError(f"{path} holds {found}, expected a {grid[0]} x {grid[1]} float [layer, "
+                          "head] tensor; remove it to measure the needle mass again")
+    try:
+        check_finite(mass, f"{path}: 'mass'")
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}; remove the file to measure the needle mass again") from None
 
 
 def _needle_mass(model, tok, probes, niah, out: Path):
@@ -157,6 +182,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     sweep_policies(_layout(args), context, rankings, args.budgets, args.seeds, config=config,
                    streaming=not args.no_streaming)
     prepare.check_resume(args, out, COMPRESS_LOG, probes, niah, compress=config.to_dict())
+    if mass_probes is not None and (Path(out) / MASS_FILE).exists():
+        _check_mass_file(Path(out) / MASS_FILE, shape.grid)  # a resume's ranking, before the weights
     model, tok = prepare.load(args)
     if mass_probes is not None:
         rankings["needle-mass"] = _needle_mass(model, tok, mass_probes, niah, out)

@@ -10,6 +10,7 @@ from rhlens.cli.args import (
     add_model_args,
     add_out_args,
     cot_config,
+    draws,
     nonnegative_int,
     positive_int,
     repeated,
@@ -36,7 +37,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--k", type=nonnegative_int, default=20, metavar="K",
                    help="mask the top-K retrieval heads and K random heads (default 20; 0: only "
                         "the unmasked baseline)")
-    p.add_argument("--seeds", type=positive_int, default=3, metavar="N",
+    p.add_argument("--seeds", type=draws(), default=3, metavar="N",
                    help="random-K masks, seeds 0..N-1 (default 3)")
     add_mask_args(p, modes=("uniform", "zero"), phase=False)
     p.add_argument("--n-items", type=positive_int, default=None, metavar="N",
@@ -69,8 +70,20 @@ def cmd_cot(args: argparse.Namespace) -> int:
     if len(set(names)) != len(names):
         raise ConfigError(f"--task given twice: {repeated(names)}")
     if args.n_items:
+        most = max(len(t) for t in tasks)  # the real limit, before anything runs
+        if args.n_items > most:
+            sizes = ", ".join(f"{t.name}: {len(t)}" for t in tasks)
+            raise ConfigError(f"--n-items {args.n_items} is more than the {most} items the task"
+                              f"{'s hold' if len(tasks) > 1 else ' holds'} ({sizes}); give at most "
+                              f"{most}, or leave --n-items out for every item")
         tasks = [t.head(args.n_items) for t in tasks]
     shape = prepare.model_facts(args)
+    for flag in ("--max-new-tokens-cot", "--max-new-tokens-direct"):  # before any buffer is sized
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if shape.n_ctx and value >= shape.n_ctx:
+            raise ConfigError(f"{flag} {value} does not fit the model's maximum context of "
+                              f"{shape.n_ctx} tokens, which must also hold the prompt; use {flag} "
+                              f"below {shape.n_ctx}")
     if args.k > 0:
         scores = prepare.scores(args.scores, shape)
         masks = sweep_masks(scores, ks=[args.k], seeds=args.seeds, mode=args.mode)

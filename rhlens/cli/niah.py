@@ -10,9 +10,9 @@ from rhlens.cli.args import (
     add_model_args,
     add_out_args,
     add_probe_args,
+    draws,
     int_list,
     niah_config,
-    positive_int,
     repeated,
     resume_note,
     say,
@@ -50,7 +50,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--ks", type=int_list(minimum=0), default=(0, 2, 5, 10, 20), metavar="K,K,...",
                    help="numbers of heads to mask, comma-separated (default 0,2,5,10,20; 0 is "
                         "the unmasked baseline, always included)")
-    p.add_argument("--seeds", type=positive_int, default=3, metavar="N",
+    p.add_argument("--seeds", type=draws(), default=3, metavar="N",
                    help="random-K masks per K, seeds 0..N-1 (default 3)")
     add_out_args(p)
     p.set_defaults(func=cmd_mask_sweep, interrupted=resume_note("answer"))

@@ -74,6 +74,24 @@ def _interrupted(args: argparse.Namespace) -> str:
     return resume_note("pair")(args)
 
 
+def _check_batch_size(config, shape) -> None:
+    """``--batch-size`` at most the heads patched per pair: a batch holds one patched copy of
+    the pair per head, so a larger one can never fill (and a huge one is a typo)."""
+    from rhlens.patching.config import kv_indexed
+
+    width = (shape.n_kv_heads or shape.n_heads) if kv_indexed(config.atoms) else shape.n_heads
+    if config.heads is not None:
+        cells, which = len(config.heads), "--heads"
+    elif config.layers is not None:
+        cells, which = len(config.layers) * width, f"--layers: {len(config.layers)} x {width}"
+    else:
+        cells, which = shape.n_layers * width, f"every head: {shape.n_layers} x {width}"
+    if config.batch_size > cells:
+        raise ConfigError(f"--batch-size {config.batch_size} is more than the {cells} heads patched "
+                          f"per pair ({which}); a batch holds one patched copy per head: give at "
+                          f"most {cells}")
+
+
 def cmd_patch(args: argparse.Namespace) -> int:
     from rhlens.patching import make_pairs, patch_heads, patching_vs_retrieval
     from rhlens.plotting.patching import plot_patching_heatmap, plot_patching_vs_retrieval
@@ -87,8 +105,11 @@ def cmd_patch(args: argparse.Namespace) -> int:
     if config.layers is not None and max(config.layers) >= shape.n_layers:
         raise ConfigError(f"--layers {','.join(map(str, config.layers))}: the model has layers "
                           f"0..{shape.n_layers - 1}")
+    if config.batch_size is not None:
+        _check_batch_size(config, shape)
     scores = prepare.scores(args.scores, shape)
     probes = prepare.probes(args, prepare.tokenizer(args), shape)
+    prepare.check_records(args, out, "patching.jsonl", config)  # a resume's records, before the weights
     model, tok = prepare.load(args)
     needs_model = args.answer_prefix == "model" or args.kind == "remove"
     pairs = make_pairs(tok, probes, kind=args.kind, answer_prefix=args.answer_prefix,

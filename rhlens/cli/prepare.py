@@ -17,8 +17,8 @@ from typing import Any
 from rhlens.cli.args import needles, probe_config, say
 from rhlens.errors import ConfigError, RhlensError
 
-__all__ = ["check_resume", "is_main", "load", "model_facts", "probes", "record_split", "scores",
-           "take_output", "tokenizer"]
+__all__ = ["check_records", "check_resume", "is_main", "load", "model_facts", "probes", "record_split",
+           "scores", "take_output", "tokenizer"]
 
 
 def take_output(args: argparse.Namespace) -> Path:
@@ -73,7 +73,7 @@ def probes(args: argparse.Namespace, tok, shape, *, max_new_tokens: int | None =
     built = build_probes(tok, config=probe_config(args), needles=needles(args),
                          haystack=haystack, max_length=shape.n_ctx)
     if max_new_tokens is not None:
-        check_probes(built.probes, shape.n_ctx, max_new_tokens)
+        check_probes(built.probes, shape.n_ctx, max_new_tokens, name="--max-new-tokens")
     return built
 
 
@@ -123,16 +123,58 @@ def check_resume(args: argparse.Namespace, out: Path, log_name: str, probe_set=N
     only = ("model", *(("probes",) if probe_set is not None else ()),
             *(("config",) if config is not None else ()), *extra)
     check(out, run_header(model, probe_set, config, **extra), log_name, only=only, ignore=unknown)
-    if log_name == "probes.jsonl" and (out / log_name).exists():  # every record, before the weights
-        from rhlens.validate import check_log_records, detect_record_problem
+    check_records(args, out, log_name, config)
 
+
+def check_records(args: argparse.Namespace, out: Path, log_name: str, config: Any = None) -> None:
+    """Every record of the log ``log_name`` in ``out`` (and of its shards), checked as a whole
+    before the weights load: the first malformed one is named with its file, line and field
+    (:mod:`rhlens.validate`). Logs of other names are left to the library."""
+    from rhlens.store.logs import shard_files
+
+    check = _record_check(args, log_name, config)
+    if check is None:
+        return
+    from rhlens.validate import check_log_records
+
+    problem, what = check
+    for path in [Path(out) / log_name, *shard_files(out, log_name)]:
+        if path.exists():
+            check_log_records(path, problem, what)
+
+
+def _record_check(args: argparse.Namespace, log_name: str, config: Any):
+    """``(problem, what)`` for the records of ``log_name``, or ``None``."""
+    from rhlens import validate as v
+    from rhlens.store.layout import (
+        COMPRESS_LOG,
+        FAMILIES_LOG,
+        NIAH_LOG,
+        PATCHING_LOG,
+        PROBES_LOG,
+    )
+
+    if log_name == PROBES_LOG:
         grid = model_shape_grid(args)
-        check_log_records(out / log_name, lambda rec: detect_record_problem(rec, grid),
-                          "detection record")
-    if log_name == "niah.jsonl" and (out / log_name).exists():
-        from rhlens.validate import check_log_records, niah_record_problem
+        return (lambda rec: v.detect_record_problem(rec, grid)), "detection record"
+    if log_name in (NIAH_LOG, COMPRESS_LOG):
+        return v.niah_record_problem, "NIAH record"
+    if log_name.startswith("cot_") and log_name.endswith(".jsonl"):
+        return v.cot_record_problem, "CoT record"
+    if log_name == FAMILIES_LOG:
+        grid = model_shape_grid(args)
+        families = tuple(getattr(config, "probe_families", ()) or ())
+        return (lambda rec: v.families_record_problem(rec, grid, families)), "score-families record"
+    if log_name == PATCHING_LOG:
+        from rhlens.models import model_shape
+        from rhlens.patching.config import kv_indexed
 
-        check_log_records(out / log_name, niah_record_problem, "NIAH record")
+        shape = model_shape(args.model, offline=args.offline)
+        width = shape.n_kv_heads or shape.n_heads
+        grid = (shape.n_layers, width if config is not None and kv_indexed(config.atoms)
+                else shape.n_heads)
+        return (lambda rec: v.patching_record_problem(rec, grid)), "patching record"
+    return None
 
 
 def model_shape_grid(args: argparse.Namespace) -> tuple[int, int]:

@@ -12,6 +12,7 @@ from rhlens.cli.args import (
     add_model_args,
     add_out_args,
     add_probe_args,
+    draws,
     int_list,
     positive_int,
     resume_note,
@@ -48,7 +49,7 @@ def add_parsers(sub) -> None:
                    help="mass looks at the answer's tokens (default) or the whole needle sentence")
     p.add_argument("--query-span", choices=("answer", "needle"), default="needle",
                    help="query looks at the whole needle sentence (default) or the answer")
-    p.add_argument("--sequences", type=positive_int, default=8, metavar="N",
+    p.add_argument("--sequences", type=draws(), default=8, metavar="N",
                    help="repeated random-word sequences for the head detectors (default 8)")
     p.add_argument("--prefill-chunk", type=positive_int, default=64, metavar="N",
                    help="prefill N tokens at a time (default 64: a probe's masks reuse all of its "
@@ -61,7 +62,7 @@ def add_parsers(sub) -> None:
     g.add_argument("--ks", type=int_list(minimum=1), default=(1, 2, 5, 10, 20), metavar="K,K,...",
                    help="numbers of heads to mask (default 1,2,5,10,20; the unmasked answer is "
                         "always run)")
-    g.add_argument("--seeds", type=positive_int, default=3, metavar="N",
+    g.add_argument("--seeds", type=draws(), default=3, metavar="N",
                    help="random-K masks per K, seeds 0..N-1 (default 3)")
     g.add_argument("--knockout", "--mode", dest="mode", action=Renamed, old=("--mode",),
                    choices=("uniform", "zero"), default="uniform",
@@ -104,7 +105,7 @@ def _probes(args: argparse.Namespace, tok, shape, config):
         raise ConfigError(f"--n-needles {args.n_needles}: the {args.needle_set} set has {len(found)} needles")
     built = build_probes(tok, config=probe_config(args), needles=found[: args.n_needles or None],
                          haystack=args.haystack, max_length=shape.n_ctx)
-    check_probes(built.probes, shape.n_ctx, config.detect.max_new_tokens)
+    check_probes(built.probes, shape.n_ctx, config.detect.max_new_tokens, name="--max-new-tokens")
     return built
 
 
@@ -145,6 +146,8 @@ def cmd_scores(args: argparse.Namespace) -> int:
                                       max_new_tokens=config.detect.max_new_tokens)
     if probes is not None:
         prepare.check_resume(args, out, FAMILIES_LOG, probes, config)
+    if args.judge:  # the judging sweep's records, before the weights
+        prepare.check_records(args, Path(out) / "damage", "niah.jsonl")
     model, tok = prepare.load(args)
     name = args.needle_set or ("custom" if args.needles else "literal")
     say(f"scoring {', '.join(config.families)}"

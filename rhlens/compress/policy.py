@@ -203,7 +203,9 @@ def full_heads_for_budget(layout: CacheLayout, context: int, budget: float, sink
         raise ConfigError(
             f"a budget of {budget:g} of the KV bytes is below the floor of {floor / full:.4f} at "
             f"{context} tokens (every KV head keeping {sink} sink + {window} recent tokens); "
-            "raise the budget or shrink the window")
+            + ("raise the budget or shrink the window" if sink + window < context else
+               f"the sink and window already hold the whole {context}-token context: use a window "
+               f"below {max(1, context - sink)} (window, --window)"))
     per_head = layout.token_bytes() * (context - min(context, sink + window))
     if per_head == 0:
         return len(layout.selectable)

@@ -39,6 +39,7 @@ from rhlens.stats import bootstrap_means, percentile_interval
 from rhlens.store.display import Displayed
 from rhlens.store.identity import run_header
 from rhlens.store.results import RESULT_FILE, Config, Result, ResultError, read_json
+from rhlens.validate import check_resumed, cot_record_problem
 
 __all__ = ["CoTConfig", "CoTResult", "as_masks", "cot_ablation"]
 
@@ -249,6 +250,12 @@ def cot_ablation(model, task: Task | str | Path | Iterable[Any], *, masks: Any =
     (:class:`rhlens.distributed.Sweep`); every rank returns all of them.
     """
     config = config or CoTConfig()
+    n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
+    for mode in config.prompting:  # before any buffer is sized by the budget
+        if isinstance(n_ctx, int) and n_ctx > 0 and config.budget(mode) >= n_ctx:
+            raise ConfigError(f"max_new_tokens_{mode}={config.budget(mode)} (of the CoTConfig) does "
+                              f"not fit the model's maximum context of {n_ctx} tokens, which must "
+                              f"also hold the prompt; use max_new_tokens_{mode} below {n_ctx}")
     task = get_task(task) if isinstance(task, (str, Path)) else as_task(task, grade=grade)
     tokenizer = model_tokenizer(model, tokenizer)
     masks = as_masks(masks, k=k, seeds=seeds, mode=mask_mode)
@@ -262,6 +269,7 @@ def cot_ablation(model, task: Task | str | Path | Iterable[Any], *, masks: Any =
     sweep = Sweep(out, header, f"cot_{task.name}.jsonl",
                   total=len(task) * len(masks) * len(config.prompting), desc=f"cot {task.name}",
                   progress=progress, device=next(model.parameters()).device)
+    check_resumed(sweep.done, cot_record_problem, f"{out}/cot_{task.name}.jsonl", "CoT record")
     for mode in config.prompting:
         work = [(it, m) for it in task for m in masks
                 if f"{m.label}|{mode}|{it.id}" not in sweep.done]

@@ -18,7 +18,9 @@ identity; another model, probe set or setting is refused).
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -121,6 +123,11 @@ def _probe_records(model, tokenizer, probes: list[Probe], config: FamiliesConfig
     finished = log.done if log else {}
     todo = [p for p in probes if p.key not in finished]
     todo.sort(key=lambda p: (p.length, p.needle_id, p.meta.get("haystack", ""), -p.depth))
+    # Buffers are sized by the probes, never by the flag alone (as detection does): a batch
+    # holds at most the probes of one token count, so batch_size=10**12 allocates no 10**12 rows.
+    most = max(Counter(len(p.prompt_ids) for p in todo).values(), default=1)
+    if detect.batch_size > most:
+        detect = dataclasses.replace(detect, batch_size=most)
     sink = Records(log, progress=progress, total=len(probes), desc="families", unit="probe",
                    initial=len(probes) - len(todo), weights={p.key: p.n_tokens for p in probes})
     wants_query = "query" in config.probe_families

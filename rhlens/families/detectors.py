@@ -24,6 +24,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from rhlens.errors import ConfigError
+from rhlens.validate import DRAWS_WHY, MAX_DRAWS, check_count
 
 __all__ = ["DETECTORS", "detector_scores", "repeated_sequences"]
 
@@ -49,6 +50,7 @@ def repeated_sequences(tokenizer, *, n: int = 8, length: int = 40, seed: int = 0
     """``n`` texts of ``length`` random words, each repeated once (``"w1 .. wL w1 .. wL"``)."""
     if n < 1 or length < 2:
         raise ConfigError(f"need n >= 1 sequences of length >= 2, got n={n}, length={length}")
+    check_count(n, "n (sequences)", maximum=MAX_DRAWS, why=DRAWS_WHY)  # before any is drawn
     words = _word_ids(tokenizer)
     if len(words) < 2 * length:
         # A tiny vocabulary (the toy model's): any single-token word.

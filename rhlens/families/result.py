@@ -25,6 +25,7 @@ from rhlens.retrieval import DetectConfig
 from rhlens.retrieval.scores import RetrievalScores
 from rhlens.stats import Head, spearman, top_k_heads
 from rhlens.store.results import Config, Result
+from rhlens.validate import DRAWS_WHY, MAX_DRAWS, check_count
 
 __all__ = [
     "DETECTOR_FAMILIES",
@@ -110,6 +111,7 @@ class FamiliesConfig(Config):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"{name} must be a whole number >= {low}, got {value!r}")
+        check_count(self.n_sequences, "n_sequences", maximum=MAX_DRAWS, why=DRAWS_WHY)
 
     @property
     def probe_families(self) -> tuple[str, ...]:

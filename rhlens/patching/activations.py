@@ -43,6 +43,7 @@ from rhlens.patching.config import (
 )
 from rhlens.patching.pairs import PatchPair
 from rhlens.patching.results import HeadPatchingResult
+from rhlens.validate import check_token_rows
 
 __all__ = ["patch_activation"]
 
@@ -241,12 +242,9 @@ def patch_activation(model, corrupted_tokens: Tensor | Sequence[Sequence[int]],
         :class:`~rhlens.patching.HeadPatchingResult`: ``patched[example, layer, head]`` (NaN
         where not patched), ``corrupted`` (the unpatched run), ``clean``, ``effects``.
     """
-    tokens = torch.as_tensor(corrupted_tokens)
-    if tokens.ndim == 1:
-        tokens = tokens[None]
-    if tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32) or tokens.numel() == 0:
-        raise ConfigError(f"corrupted_tokens must be [batch, pos] token ids, got shape "
-                          f"{tuple(tokens.shape)} of {tokens.dtype}")
+    vocab = getattr(getattr(model, "cfg", None), "d_vocab", None)
+    tokens = check_token_rows(corrupted_tokens, vocab if isinstance(vocab, int) and vocab > 0 else None,
+                              "corrupted_tokens")  # whole numbers in the vocabulary, before any forward
     batch, n = tokens.shape
     pos = _positions(positions, n)
     config = PatchConfig(metric="custom", direction="denoise", activation=activation,

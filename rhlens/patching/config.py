@@ -38,6 +38,7 @@ from torch import Tensor
 from rhlens.errors import ConfigError
 from rhlens.patching.pairs import PatchPair
 from rhlens.store.results import Config
+from rhlens.validate import check_heads, whole_number
 
 __all__ = ["ACTIVATIONS", "PatchConfig", "activation_atoms"]
 
@@ -121,12 +122,12 @@ class PatchConfig(Config):
                 raise ConfigError(f"positions must be 'all', 'answer' or a list of token "
                                   f"positions; got {self.positions!r}")
         else:
-            pos = tuple(int(p) for p in self.positions)
+            pos = tuple(whole_number(p, "a position") for p in self.positions)  # never int("3")
             if not pos or min(pos) < 0 or len(set(pos)) != len(pos):
                 raise ConfigError(f"positions must be distinct token positions >= 0, got {pos}")
             object.__setattr__(self, "positions", pos)
         if self.layers is not None:
-            layers = tuple(sorted({int(x) for x in self.layers}))
+            layers = tuple(sorted({whole_number(x, "a layer") for x in self.layers}))
             if not layers:
                 raise ConfigError("layers is empty; pass None to patch every layer")
             if layers[0] < 0:
@@ -135,10 +136,7 @@ class PatchConfig(Config):
         if self.heads is not None:
             if self.layers is not None:
                 raise ConfigError("give layers or heads, not both")
-            try:
-                heads = tuple(sorted({(int(la), int(h)) for la, h in self.heads}))
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"heads must be (layer, head) pairs, got {self.heads!r}") from exc
+            heads = tuple(sorted(set(check_heads(self.heads))))  # exact pairs: "31" is no head
             if not heads or min(min(c) for c in heads) < 0:
                 raise ConfigError(f"heads must be a non-empty list of (layer, head) >= 0, got {heads}")
             object.__setattr__(self, "heads", heads)
@@ -147,6 +145,8 @@ class PatchConfig(Config):
         if self.mode == "attribution" and atoms != ("z",):
             raise ConfigError(f"attribution patching estimates z patches only, not "
                               f"{self.activation!r}; use mode='exact'")
+        if self.batch_size is not None:
+            whole_number(self.batch_size, "batch_size")
         if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1 (patched copies per forward), got {self.batch_size}")
         if not self.min_gap >= 0:

@@ -46,6 +46,7 @@ from rhlens.patching.config import (
 from rhlens.patching.pairs import PatchPair
 from rhlens.patching.results import HeadPatchingResult
 from rhlens.patching.runner import PairRunner
+from rhlens.validate import check_heads, check_resumed, patching_record_problem
 
 __all__ = ["LOG_NAME", "patch_head_set", "patch_heads"]
 
@@ -201,6 +202,8 @@ def patch_heads(model, pairs: Sequence[PatchPair], *, config: PatchConfig | None
     sweep = Sweep(out, header, LOG_NAME, total=len(pairs), unit="pair", progress=progress,
                   desc=f"patch {config.activation} ({config.mode})",
                   device=next(model.parameters()).device)
+    check_resumed(sweep.done, lambda rec: patching_record_problem(rec, (n_layers, width)),
+                  f"{out}/{LOG_NAME}", "patching record")  # before any pair runs
     todo = [i for i, key in enumerate(keys) if key not in sweep.done]
     # Pairs share nothing: each is a unit, its cost its tokens.
     for unit in sweep.run([keys[i] for i in todo], [pairs[i].n_tokens for i in todo],
@@ -255,9 +258,8 @@ def patch_head_set(model, pairs: Sequence[PatchPair], heads: Sequence[Head], *,
     check_pairs(model, pairs, config)
     by_layer: dict[int, list[int]] = {}
     n_layers, n_heads, _ = model_grid(model)
-    for item in heads:
-        layer, head = (int(x) for x in item)
-        if not (0 <= layer < n_layers and 0 <= head < n_heads):
+    for layer, head in check_heads(heads):  # exact (layer, head) pairs, never int()-coerced
+        if not (layer < n_layers and head < n_heads):
             raise ConfigError(f"head ({layer}, {head}) is outside this model's "
                               f"{n_layers} layers x {n_heads} heads")
         by_layer.setdefault(layer, []).append(head)

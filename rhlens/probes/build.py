@@ -484,8 +484,11 @@ def build_probes(tokenizer, *, config: ProbeConfig | None = None,
                     f"needle {n.id!r} cannot fit the model's maximum context of {max_length} "
                     f"tokens: its prompt (template, question and needle) takes {fixed} tokens, and "
                     f"{config.answer_buffer} are kept for the answer and at least "
-                    f"{config.min_haystack_tokens} for the haystack ({need} in all); shorten the "
-                    "needle or its question")
+                    f"{config.min_haystack_tokens} for the haystack ({need} in all); "
+                    + (f"keep fewer tokens for the answer (answer_buffer, --answer-buffer: at most "
+                       f"{max_length - fixed - config.min_haystack_tokens})"
+                       if fixed + config.min_haystack_tokens <= max_length
+                       else "shorten the needle or its question"))
     hs = make_haystack(haystack, config.haystack_seed)
     hay_ids = _haystack_ids(tokenizer, hs, max(config.lengths))
     meta = {**hs.describe(), "haystack_sha256": hs.sha256()}

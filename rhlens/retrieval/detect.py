@@ -48,7 +48,7 @@ from rhlens.retrieval.config import DetectConfig
 from rhlens.retrieval.scores import RetrievalScores
 from rhlens.stats import rouge1_recall  # the paper's metric; kept importable from here
 from rhlens.store.identity import run_header
-from rhlens.validate import check_span, detect_record_problem
+from rhlens.validate import check_span, check_token_rows, detect_record_problem
 
 __all__ = [
     "DetectConfig",
@@ -183,13 +183,9 @@ def copy_scores(positions: Int[Tensor, "step layer head"], generated: Int[Tensor
 _PATTERN = re.compile(r"^blocks\.(\d+)\.attn\.hook_pattern$")
 
 
-def _token_rows(tokens: Sequence[int] | Tensor) -> Int[Tensor, "batch seq"]:
-    t = torch.as_tensor(tokens)
-    if t.dtype.is_floating_point or t.dtype == torch.bool:
-        raise ConfigError(f"tokens must be integer token ids, got dtype {t.dtype}")
-    if t.ndim not in (1, 2) or t.shape[-1] == 0:
-        raise ConfigError(f"tokens must be [seq] or [batch, seq] token ids, got shape {tuple(t.shape)}")
-    return t.long().reshape(-1, t.shape[-1])
+def _token_rows(tokens: Sequence[int] | Tensor, vocab: int | None = None) -> Int[Tensor, "batch seq"]:
+    """``[batch, seq]`` int64 ids: whole numbers (in ``[0, vocab)`` when given), one line if not."""
+    return check_token_rows(tokens, vocab, "tokens", form="[seq] or [batch, seq] integer")
 
 
 def _check_answer(n_tokens: int, answer_start: int) -> int:
@@ -333,7 +329,8 @@ def cache_answer_patterns(model, tokens: Sequence[int] | Tensor, *, answer_start
     """
     from transformer_lens import ActivationCache
 
-    rows = _token_rows(tokens)
+    vocab = getattr(model.cfg, "d_vocab", None)  # ids in the vocabulary, before any forward
+    rows = _token_rows(tokens, vocab if isinstance(vocab, int) and vocab > 0 else None)
     batch, n_tokens = rows.shape
     steps = _check_answer(n_tokens, answer_start)
     chunk = GenerationConfig(prefill_chunk=prefill_chunk).chunk  # validates it
@@ -396,21 +393,31 @@ def bridge_shape(model) -> tuple[int, int, int | None, int | None]:
     return int(cfg.n_layers), int(cfg.n_heads), (int(n_kv) if n_kv else None), n_ctx
 
 
-def check_probes(probes: Sequence[Probe], max_tokens: int | None, max_new_tokens: int) -> None:
-    """Refuse, before any compute, probes the model cannot take."""
+def check_probes(probes: Sequence[Probe], max_tokens: int | None, max_new_tokens: int, *,
+                 name: str | None = None) -> None:
+    """Refuse, before any compute, probes the model cannot take.
+
+    ``name``: how the caller's user sets ``max_new_tokens``, for the messages: the command
+    line's flag (``"--max-new-tokens"``); by default the library's field,
+    ``max_new_tokens`` of the analysis' config (its :class:`~rhlens.engine.GenerationConfig`).
+    """
+    said = (f"{name} {max_new_tokens}" if name else
+            f"max_new_tokens={max_new_tokens} (of the config's GenerationConfig)")
+    fix = name or "max_new_tokens"
     if not probes:
         raise ProbeError("no probes given")
     if max_tokens is not None and max_new_tokens >= max_tokens:
-        raise ProbeError(f"max_new_tokens={max_new_tokens} does not fit the model's maximum "
-                         f"context of {max_tokens} tokens, which must also hold the prompt; "
-                         f"use max_new_tokens below {max_tokens} (the paper: 50)")
+        raise ProbeError(f"{said} does not fit the model's maximum context of {max_tokens} "
+                         f"tokens, which must also hold the prompt; use {fix} below {max_tokens} "
+                         "(the paper: 50)")
     for p in probes:
         if not isinstance(p, Probe):
             raise ProbeError(f"expected Probe objects, got {type(p).__name__}")
         if max_tokens is not None and p.n_tokens + max_new_tokens > max_tokens:
             raise ProbeError(
-                f"probe {p.key} has {p.n_tokens} prompt tokens + {max_new_tokens} new tokens, "
-                f"more than the model's maximum context of {max_tokens}; use shorter lengths"
+                f"probe {p.key} has {p.n_tokens} prompt tokens + {max_new_tokens} new tokens "
+                f"({said}), more than the model's maximum context of {max_tokens}; use shorter "
+                f"lengths or {fix} of at most {max_tokens - p.n_tokens}"
             )
     keys = [p.key for p in probes]
     if len(set(keys)) != len(keys):
