@@ -92,7 +92,11 @@ def main() -> None:
         "on it (`rhlens/engine/lean.py`, `attention.py`, `captured.py`): Qwen3's per-head q/k "
         "norms (lean and captured); Gemma-2/3's sandwich norms, per-layer-type rotary tables, "
         "softcaps and q/k norms (lean); Mixtral's and Qwen3-MoE's expert blocks (lean: HF's own router "
-        "and experts, called one row at a time so that batched rows equal alone). "
+        "and experts, called one row at a time so that batched rows equal alone); Phi-3's, "
+        "OLMo-2's, Granite's and GPT-NeoX's layers (lean: `rhlens/engine/adapters.py`: fused "
+        "qkv and gate-up weights, partial rotary, OLMo-2's q/k norm over all heads and its "
+        "post-sublayer norms, Granite's multipliers, GPT-NeoX's LayerNorms and parallel "
+        "residual). "
         "Gemma's sliding-window layers keep only their window in "
         "HF's cache, which the engine's pooled KV buffers (and so the captured step and batching) "
         "do not model yet: Gemma decodes on the lean step, one prompt at a time.",

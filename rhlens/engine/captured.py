@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from rhlens.engine.adapters import family_of
 from rhlens.engine.attention import LeanAttention, split_av
 from rhlens.engine.bridge import attention_shape, hf_model, layer_devices, linear_weights, native
 from rhlens.engine.hooks import EngineHook, HeadEditSpec, TopKeySpec, engine_hooks
@@ -79,6 +80,8 @@ def captured_ok(model) -> bool:
     MLPs, and on the attention hook points only EngineHooks whose spec the step runs
     (:class:`TopKeySpec` on ``hook_pattern``, :class:`HeadEditSpec` on ``hook_q``/``hook_z``)."""
     hf = hf_model(model)
+    if family_of(hf) is not None:  # Phi-3, OLMo-2, Granite, GPT-NeoX: the lean step's adapters
+        return False
     devices = layer_devices(hf, len(model.blocks))
     if devices is not None and len(set(devices)) > 1:  # a model split over devices: the lean step
         return False
