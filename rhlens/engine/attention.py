@@ -281,6 +281,8 @@ class LeanAttention:
             qk = torch.cat(((rot * cos) + (rotate_half(rot) * sin), qk[..., r:]), dim=-1)
         else:
             qk = (qk * cos) + (rotate_half(qk) * sin)
+        if qk.dtype != q.dtype:  # OLMo-2's float32 tables: rotated in float32, cast back as HF does
+            qk = qk.to(q.dtype)
         q, k = qk[:, :h], qk[:, h:]
         if self.rot_q:
             q = self.rot_q(q)
