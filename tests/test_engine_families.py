@@ -103,3 +103,55 @@ def test_family_equals_hf_eager_loop(family, tokenizer, prompts):
 
 def test_every_family_is_documented():
     assert set(documented_paths()) == set(FAMILIES)
+
+
+# Variants of a family's layout that its default tiny config leaves out, each on the step the
+# family takes (the CPU's and the captured one): (family, config overrides, experts impl).
+VARIANTS = {
+    # GPT-NeoX with a sequential residual (Pythia's is parallel): h + attn, then + mlp
+    "gpt_neox-sequential": ("gpt_neox", {"use_parallel_residual": False}, None),
+    # Phi-3 with a partial rotary embedding (Phi-4-mini: 0.75) and a sliding window shorter
+    # than the prompts (Phi-3-mini's configs set one): one prompt at a time, HF's window cache
+    "phi3-partial-window": ("phi3", {"partial_rotary_factor": 0.5, "sliding_window": 16}, None),
+    # Mixtral under transformers' eager experts loop (experts added in ascending order)
+    "mixtral-eager-experts": ("mixtral", {}, "eager"),
+    "qwen3_moe-eager-experts": ("qwen3_moe", {}, "eager"),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_family_variant_equals_hf_eager_loop(variant, tokenizer, prompts):
+    """As above, for layouts the families' default tiny configs do not reach: unmasked alone and
+    masked batched, on the CPU's step and the captured one, equal to the HF loop, and on the
+    step the family's row of docs/FAMILIES.md names."""
+    family, overrides, experts = VARIANTS[variant]
+    model, hf = tiny_models(family, tokenizer, experts_implementation=experts, **overrides)
+    hf = load_oracle(hf)
+    want = {masked: [oracle_decode(hf, p, N_NEW, masked) for p in prompts] for masked in ((), MASKED)}
+    assert want[()] != want[MASKED]
+    documented = documented_paths()[family]
+    for i, policy in enumerate(POLICIES):
+        for masked, rows in (((), 1), (MASKED, len(prompts))):
+            got = engine_decode(model, tokenizer, prompts, POLICIES[policy], rows, masked)
+            for (tokens, tops, path), (w_tokens, w_tops) in zip(got, want[masked]):
+                assert path == documented[i], (variant, policy)
+                assert tokens == w_tokens, (variant, policy, masked)
+                assert tops.tolist() == w_tops, (variant, policy, masked)
+
+
+@pytest.mark.parametrize("family, point", [("olmo2", "hook_q_normed"), ("gpt_neox", "hook_rot_q"),
+                                           ("phi3", "hook_rot_k")])
+def test_adapted_family_unfired_hook_takes_the_bridge(family, point, tokenizer):
+    """A hook on a point the adapted lean step does not fire as the bridge does (OLMo-2's normed
+    query; the fused-qkv bridge's unfired rotary points) sends the decode to the bridge."""
+    from rhlens.engine.captured import decode_path
+
+    model, _ = tiny_models(family, tokenizer)
+    assert decode_path(model, "lean") == "lean"
+    hook_point = getattr(model.blocks[1].attn, point)
+    hook_point.add_hook(lambda x, hook: x)
+    try:
+        assert decode_path(model, "lean") == "bridge"
+    finally:
+        hook_point.remove_hooks("fwd")
+    assert decode_path(model, "lean") == "lean"

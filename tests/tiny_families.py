@@ -38,11 +38,11 @@ def _configs() -> dict[str, tuple[str, dict[str, Any]]]:
 FAMILIES: tuple[str, ...] = tuple(_configs())
 
 
-def tiny_config(family: str, vocab_size: int):
+def tiny_config(family: str, vocab_size: int, **overrides):
     import transformers
 
     cls_name, extra = _configs()[family]
-    kwargs = {**_COMMON, **extra, "vocab_size": vocab_size}
+    kwargs = {**_COMMON, **extra, "vocab_size": vocab_size, **overrides}
     if family == "gpt_neox":
         kwargs.pop("num_key_value_heads")
     return getattr(transformers, cls_name)(**kwargs)
@@ -68,10 +68,12 @@ def make_tiny_model(family: str, out: Path | str, tokenizer, seed: int = 0) -> P
     return out
 
 
-def tiny_models(family: str, tokenizer, seed: int = 0):
+def tiny_models(family: str, tokenizer, seed: int = 0, experts_implementation: str | None = None,
+                **overrides):
     """``(bridge, HF model)`` of ``family``: the same random weights twice, built in memory (no
     files): the bridge as ``rhlens.load_model`` makes it, the HF model left plain (for an oracle,
-    which sets its own attention)."""
+    which sets its own attention). ``overrides``: config arguments beyond the family's tiny ones;
+    ``experts_implementation``: an MoE's (transformers' default if ``None``)."""
     import copy
 
     import torch
@@ -79,8 +81,9 @@ def tiny_models(family: str, tokenizer, seed: int = 0):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    cfg = tiny_config(family, len(tokenizer))
-    hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager")
+    cfg = tiny_config(family, len(tokenizer), **overrides)
+    extra = {"experts_implementation": experts_implementation} if experts_implementation else {}
+    hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager", **extra)
     hf.config.architectures = [type(hf).__name__]
     with torch.no_grad():
         for name, p in hf.named_parameters():

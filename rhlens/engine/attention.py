@@ -152,18 +152,23 @@ class LeanAttention:
         module = bridge.original_component
         self.bridge, self.policy = bridge, policy
         self.groups = int(getattr(module, "num_key_value_groups", 1))
-        self.head_dim = int(module.head_dim)
+        self.head_dim = int(getattr(module, "head_dim", None) or module.head_size)  # GPT-NeoX: head_size
         self.scaling = getattr(module, "scaling", self.head_dim ** -0.5)
         self.layer_idx = getattr(bridge, "_layer_idx", getattr(module, "layer_idx", None))
-        self.wq, self.bq = linear_weights(module.q_proj)
-        self.wk, self.bk = linear_weights(module.k_proj)
-        self.wv, self.bv = linear_weights(module.v_proj)
-        self.wo, self.bo = linear_weights(module.o_proj)
+        # The bridge's q/k/v/o linears: HF's own, or (fused qkv: Phi-3, GPT-NeoX) the bridge's
+        # split of them, views of the fused weight whose outputs the q/k/v hooks see
+        self.wq, self.bq = linear_weights(bridge.q)
+        self.wk, self.bk = linear_weights(bridge.k)
+        self.wv, self.bv = linear_weights(bridge.v)
+        self.wo, self.bo = linear_weights(bridge.o)
         # Qwen3's adapter: an RMSNorm of each head's query and key before the rotary embedding
-        # (lean.head_norms_ok admits only those); None for Llama-family models.
+        # (lean.head_norms_ok admits only those); None for Llama-family models. OLMo-2's
+        # (rhlens.engine.adapters): one RMSNorm over all heads, before the split into heads.
         q_norm, k_norm = getattr(module, "q_norm", None), getattr(module, "k_norm", None)
         self.q_norm = _norm_forward(q_norm) if q_norm is not None else None
         self.k_norm = _norm_forward(k_norm) if k_norm is not None else None
+        q_weight = getattr(native(q_norm), "weight", None) if q_norm is not None else None
+        self.flat_norms = q_weight is not None and tuple(q_weight.shape) == (int(self.wq.shape[0]),)
         # Gemma-2's adapter: the attention-logit softcap, tanh(s / cap) * cap after the scaling
         self.softcap = getattr(module, "attn_logit_softcapping", None)
         self.sdpa_ok = self.softcap is None  # this step's own: set False when SDPA has no kernel for a call
@@ -255,10 +260,12 @@ class LeanAttention:
         k = self.k_out(k) if self.k_out else k
         v = lin(self.v_in(x) if self.v_in else x, self.wv, self.bv)
         v = self.v_out(v) if self.v_out else v
+        if self.flat_norms:  # OLMo-2: over all heads' [h * d] at once
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(b, 1, -1, self.head_dim).transpose(1, 2)  # [b, h, 1, d]
         k = k.view(b, 1, -1, self.head_dim).transpose(1, 2)  # [b, kv, 1, d]
         v = v.view(b, 1, -1, self.head_dim).transpose(1, 2)
-        if self.q_norm is not None:  # over each head's d, as HF's [b, 1, h, d] before its transpose
+        if self.q_norm is not None and not self.flat_norms:  # over each head's d, as HF's [b, 1, h, d]
             q, k = self.q_norm(q), self.k_norm(k)
         if self.cos:
             cos = self.cos(cos)
@@ -268,7 +275,14 @@ class LeanAttention:
         h = q.shape[1]
         qk = torch.cat((q, k), dim=1)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        qk = (qk * cos) + (rotate_half(qk) * sin)
+        r = cos.shape[-1]
+        if r < self.head_dim:  # partial rotary (GPT-NeoX, Phi): the first r dims of each head
+            rot = qk[..., :r]
+            qk = torch.cat(((rot * cos) + (rotate_half(rot) * sin), qk[..., r:]), dim=-1)
+        else:
+            qk = (qk * cos) + (rotate_half(qk) * sin)
+        if qk.dtype != q.dtype:  # OLMo-2's float32 tables: rotated in float32, cast back as HF does
+            qk = qk.to(q.dtype)
         q, k = qk[:, :h], qk[:, h:]
         if self.rot_q:
             q = self.rot_q(q)

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from rhlens.engine.adapters import family_of
 from rhlens.engine.attention import LeanAttention, split_av
 from rhlens.engine.bridge import attention_shape, hf_model, layer_devices, linear_weights, native
 from rhlens.engine.hooks import EngineHook, HeadEditSpec, TopKeySpec, engine_hooks
@@ -79,6 +80,8 @@ def captured_ok(model) -> bool:
     MLPs, and on the attention hook points only EngineHooks whose spec the step runs
     (:class:`TopKeySpec` on ``hook_pattern``, :class:`HeadEditSpec` on ``hook_q``/``hook_z``)."""
     hf = hf_model(model)
+    if family_of(hf) is not None:  # Phi-3, OLMo-2, Granite, GPT-NeoX: the lean step's adapters
+        return False
     devices = layer_devices(hf, len(model.blocks))
     if devices is not None and len(set(devices)) > 1:  # a model split over devices: the lean step
         return False
@@ -89,9 +92,10 @@ def captured_ok(model) -> bool:
     n_heads, _, head_dim = attention_shape(hf)
     for block in model.blocks:
         mlp = native(block.original_component.mlp)
-        if not hasattr(mlp, "gate_proj"):  # a mixture of experts: the lean step's adapter
-            return False
-        if type(native(mlp.act_fn)).__name__ not in _ACTIVATIONS:
+        if not hasattr(mlp, "gate_proj"):  # a mixture of experts: moe_post_attention, where it applies
+            if moe_block(mlp, next(hf.parameters()).device) is None:
+                return False
+        elif type(native(mlp.act_fn)).__name__ not in _ACTIVATIONS:
             return False
         pattern, q, z = _points(block)
         for point, kind in ((pattern, TopKeySpec), (q, HeadEditSpec), (z, HeadEditSpec)):
@@ -172,6 +176,39 @@ def post_attention(h: Tensor, z: Tensor, z_keep: Tensor | None, z_fill: Tensor |
     return h + F.linear(F.silu(F.linear(x, wg, bg)) * F.linear(x, wu, bu), wd, bd)
 
 
+def moe_post_attention(h: Tensor, z: Tensor, z_keep: Tensor | None, z_fill: Tensor | None, wo: Tensor,
+                       bo: Tensor | None, ln: Tensor, eps: float, block: Callable) -> Tensor:
+    """:func:`post_attention` with a mixture-of-experts MLP (Mixtral, Qwen3-MoE) in the place of
+    the dense one: the HF block's own forward (its router: top-k experts per token; its experts,
+    under transformers' ``grouped_mm`` implementation device ops only, no host sync), one row at
+    a time so that a row's experts round as alone. Not compiled: HF's code as it runs."""
+    if z_keep is not None:  # ablate_heads' hook_z edit
+        z = torch.addcmul(z_fill, z, z_keep)
+    h = h + F.linear(z, wo, bo)
+    x = rms_norm(h, ln, eps)
+    out = block(x) if x.shape[0] == 1 else torch.cat([block(x[r:r + 1]) for r in range(x.shape[0])])
+    return h + out
+
+
+def moe_block(mlp: torch.nn.Module, device: torch.device) -> Callable | None:
+    """The forward of a Mixtral or Qwen3-MoE block that :func:`moe_post_attention` may run in a
+    captured step on ``device`` (on CUDA: experts under ``grouped_mm``, whose routing needs no
+    host sync; transformers' eager loop over the hit experts syncs); ``None`` for others."""
+    if type(mlp).__name__ not in _MOE_BLOCKS:
+        return None
+    experts = native(getattr(mlp, "experts", None))
+    if experts is None or type(native(getattr(mlp, "gate", None))).__name__ not in _MOE_ROUTERS:
+        return None
+    impl = getattr(getattr(experts, "config", None), "_experts_implementation", None) or "eager"
+    if device.type == "cuda" and impl != "grouped_mm":
+        return None
+    return getattr(mlp, "_old_forward", None) or mlp.forward
+
+
+_MOE_BLOCKS = ("MixtralSparseMoeBlock", "Qwen3MoeSparseMoeBlock")
+_MOE_ROUTERS = ("MixtralTopKRouter", "Qwen3MoeTopKRouter")
+
+
 def head(h: Tensor, ln: Tensor, eps: float, w: Tensor, b: Tensor | None) -> Tensor:
     return F.linear(rms_norm(h, ln, eps), w, b)
 
@@ -250,6 +287,7 @@ class CapturedDecoder:
         self.lm = linear_weights(hf.lm_head)
         self.points = [_points(block) for block in model.blocks]
         self.layers = []
+        self.moe_layers: set[int] = set()  # layers whose MLP is a mixture of experts
         for block in model.blocks:
             layer = block.original_component
             attn = block.attn.original_component
@@ -257,20 +295,24 @@ class CapturedDecoder:
             ln1, ln2 = native(layer.input_layernorm), native(layer.post_attention_layernorm)
             qn, kn = (native(n) if n is not None else None
                       for n in (getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)))
+            moe = (moe_block(mlp, self.device),) if not hasattr(mlp, "gate_proj") else None
+            if moe is not None:
+                self.moe_layers.add(len(self.layers))
             self.layers.append((
                 (ln1.weight, float(ln1.variance_epsilon), *linear_weights(attn.q_proj),
                  *linear_weights(attn.k_proj), *linear_weights(attn.v_proj),
                  qn.weight if qn is not None else None, kn.weight if kn is not None else None,
                  float(qn.variance_epsilon) if qn is not None else 0.0),
                 (*linear_weights(attn.o_proj), ln2.weight, float(ln2.variance_epsilon),
-                 *linear_weights(mlp.gate_proj), *linear_weights(mlp.up_proj),
-                 *linear_weights(mlp.down_proj)),
+                 *(moe if moe is not None else (*linear_weights(mlp.gate_proj), *linear_weights(mlp.up_proj),
+                                                *linear_weights(mlp.down_proj)))),
                 float(getattr(attn, "scaling", self.head_dim ** -0.5))))
         fns = (pre_attention, post_attention, head)
         self.compiled = bool(policy.compile)
         if self.compiled:
             fns = tuple(_compiled(fn) for fn in fns)
         self._pre, self._post, self._head = fns
+        self._moe_post = moe_post_attention  # HF's MoE block inside: never compiled
         self.capture = self.device.type == "cuda"
         self._graphs: dict[tuple, _Static] = {}
         self._pool = None
@@ -325,7 +367,8 @@ class CapturedDecoder:
                 if real > 0:
                     self._write_kv(st, li, s0, real, k, v, kb, vb)
                     self._attend(st, li, s0, real, q, kb, vb, scaling, split, invalid)
-                parts.append(self._post(hb, st.z[s0:s0 + blk], z_keep, z_fill, *post_w))
+                post = self._moe_post if li in self.moe_layers else self._post
+                parts.append(post(hb, st.z[s0:s0 + blk], z_keep, z_fill, *post_w))
             h = parts[0] if len(parts) == 1 else torch.cat(parts)
         logits = [self._head(h[s0:s0 + blk], *self.norm, *self.lm) for s0 in range(0, P, blk)]
         logits = logits[0] if len(logits) == 1 else torch.cat(logits)

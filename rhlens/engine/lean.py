@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rhlens.engine import adapters
 from rhlens.engine.attention import LeanAttention, pad_rows, row_linear, slab_linear
 from rhlens.engine.bridge import hf_model, layer_devices, linear_weights, native
 from rhlens.engine.hooks import has_torch_hooks, internal_handles
@@ -77,8 +78,12 @@ class LeanDecoder:
                  attention: Callable[[torch.nn.Module, KernelPolicy], LeanAttention] = LeanAttention  # noqa: F821
                  ) -> None:
         hf = hf_model(model)
-        inner = hf.model
         self.policy = policy
+        self.family = adapters.family_of(hf)  # Phi-3, OLMo-2, Granite, GPT-NeoX: their adapter
+        if self.family is not None:
+            adapters.build(self, model, attention)
+            return
+        inner = hf.model
         self.embed = native(inner.embed_tokens)
         self.rotary = native(inner.rotary_emb)
         self.norm = native(inner.norm)
@@ -121,6 +126,9 @@ class LeanDecoder:
     def eligible(model) -> bool:
         """Whether ``model``'s architecture is one this step reproduces."""
         hf = hf_model(model)
+        family = adapters.family_of(hf)
+        if family is not None:
+            return family.eligible(model, hf)
         inner = getattr(hf, "model", None)
         if inner is None:
             return False
@@ -159,6 +167,8 @@ class LeanDecoder:
         return len(model.blocks) == int(hf.config.num_hidden_layers)
 
     def __call__(self, input_ids: Tensor, cache, position: int) -> Tensor:
+        if self.family is not None:
+            return adapters.step(self, input_ids, cache, position)
         B = input_ids.shape[0]
         mode = self.policy.batch_mode(B)
         h = plain_forward(self.embed)(input_ids)  # [B, 1, d_model]
@@ -250,6 +260,7 @@ def lean_ok(model) -> bool:
     # A sliding-window layer's decode attends over what its HF cache layer keeps (the window);
     # the engine's plain KV buffers keep everything, so such a model must not be pooled.
     pooled = plain_cache_layers(hf_model(model)) is not None
+    family = adapters.family_of(hf_model(model))
     fired: set[int] = set()
     # BlockBridge's own pre-hooks on ln1/ln2 keep the pre-LN residual for the split-qkv inputs
     # and fire hook_mlp_in, both off here (flags above; hooked points are checked below).
@@ -257,6 +268,11 @@ def lean_ok(model) -> bool:
     for block in model.blocks:
         b = block.attn
         module = b.original_component
+        if family is not None:  # the family's adapter (rhlens.engine.adapters)
+            if not family.attention_ok(b, pooled):
+                return False
+            fired.update(id(p) for p in LeanAttention.hook_points(b))
+            continue
         if (type(b) is not PositionEmbeddingsAttentionBridge or b.training
                 or getattr(b, "compatibility_mode", False)
                 or type(module).__name__ not in (*_LEAN_ATTENTION, *_GEMMA_ATTENTION)
