@@ -76,6 +76,12 @@ class Config:
         return out
 
     @classmethod
+    def saved_settings(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """A saved form of this config as its fields (a config whose fields moved reads its
+        older forms here; see :func:`rhlens.engine.holder.holds_generation`)."""
+        return data
+
+    @classmethod
     def from_dict(cls: type[C], data: dict[str, Any]) -> C:
         """The config ``data`` describes (its ``type`` must be ``cls`` or a subclass)."""
         if not isinstance(data, dict):
@@ -84,6 +90,7 @@ class Config:
         target = Config._configs.get(name)
         if target is None or not issubclass(target, cls):
             raise ConfigError(f"{name!r} is not a {cls.__name__}")
+        data = target.saved_settings(data)
         names = {f.name: f for f in dataclasses.fields(target)}  # type: ignore[arg-type]
         unknown = sorted(k for k in data if k != "type" and k not in names)
         if unknown:
