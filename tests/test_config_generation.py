@@ -114,3 +114,15 @@ def test_an_unchanged_run_keeps_its_identity_and_resumes(tmp_path, config, old):
                                                                          stop_at_eos=False))
     with pytest.raises(ConfigError, match=r"config.stop_at_eos: None -> False"):
         ProbeLog(tmp_path / "run", run_header(None, None, changed))
+
+
+def test_with_generation_keeps_the_configs_defaults():
+    d = DetectConfig(mode="paper").with_generation(max_new_tokens=32)
+    assert d == DetectConfig(mode="paper", generation=GenerationConfig(max_new_tokens=32, batch_size=8))
+    n = NIAHConfig(success_threshold=0.2).with_generation(prefill_chunk=64, stop_at_newline=False)
+    assert n.success_threshold == 0.2 and n.generation == GenerationConfig(prefill_chunk=64,
+                                                                           stop_at_newline=False)
+    with pytest.raises(ConfigError, match="not generation settings: mode"):
+        NIAHConfig().with_generation(mode="paper")
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        NIAHConfig().with_generation(max_new_tokens=0)

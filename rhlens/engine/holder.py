@@ -8,6 +8,8 @@ generation settings in one field, ``generation``, instead of declaring ``max_new
 * the keyword arguments it used to declare (``NIAHConfig(max_new_tokens=20)``) still work,
   folded into ``generation``, with a :class:`DeprecationWarning`; so does reading them
   (``config.max_new_tokens``: ``config.generation.max_new_tokens``);
+* ``config.with_generation(max_new_tokens=20)``: a copy with those settings changed and the
+  config's other defaults kept;
 * it saves as it always did: the generation settings the config used to declare stand beside
   its own fields (``{"type": "NIAHConfig", "max_new_tokens": 50, ...}``), any other one only
   where it differs from the config's default; so a saved config of any version loads, and an
@@ -103,6 +105,16 @@ def holds_generation(*legacy: str):
             known = {k: v for k, v in settings.items() if k in names}
             return klass.from_dict({"type": klass.__name__, **known}) if known else None
 
+        def with_generation(self, **changes: Any):
+            """A copy with these generation settings changed, the others kept (this config's
+            defaults included: ``DetectConfig().with_generation(max_new_tokens=32)`` still
+            decodes 8 probes at a time)."""
+            unknown = sorted(set(changes) - set(GENERATION_FIELDS))
+            if unknown:
+                raise ConfigError(f"not generation settings: {', '.join(unknown)}; "
+                                  f"they are {', '.join(GENERATION_FIELDS)}")
+            return dataclasses.replace(self, generation=dataclasses.replace(self.generation, **changes))
+
         def getter(name: str) -> property:
             def get(self) -> Any:
                 warnings.warn(f"{cls.__name__}.{name} is deprecated: read "
@@ -115,6 +127,7 @@ def holds_generation(*legacy: str):
         cls.to_dict = to_dict
         cls.saved_settings = saved_settings
         cls.from_settings = from_settings
+        cls.with_generation = with_generation
         for name in GENERATION_FIELDS:
             if name not in cls.__dataclass_fields__:
                 setattr(cls, name, getter(name))
