@@ -12,6 +12,7 @@ from rhlens.cli.args import (
     add_model_args,
     add_out_args,
     add_probe_args,
+    detect_generation,
     int_list,
     positive_int,
     resume_note,
@@ -76,12 +77,11 @@ def add_parsers(sub) -> None:
 
 
 def _config(args: argparse.Namespace):
-    from rhlens.cli.args import detect_generation
     from rhlens.families import FamiliesConfig
     from rhlens.retrieval import DetectConfig
 
     families = {} if args.family is None else {"families": tuple(f.strip() for f in args.family.split(","))}
-    return FamiliesConfig(**families, detect=DetectConfig(generation=detect_generation(args)),
+    return FamiliesConfig(**families, detect=DetectConfig().with_generation(**detect_generation(args)),
                           answers=args.answers,
                           mass_span=args.mass_span, query_span=args.query_span,
                           n_sequences=args.sequences)
@@ -184,7 +184,6 @@ def cmd_scores(args: argparse.Namespace) -> int:
 def _judge(args, model, tok, probes, fs, out) -> dict:
     import math
 
-    from rhlens.engine import GenerationConfig
     from rhlens.families import damage_sweep
     from rhlens.niah import NIAHConfig
     from rhlens.plotting import plot_damage_curves
@@ -197,8 +196,8 @@ def _judge(args, model, tok, probes, fs, out) -> dict:
     say(f"judging {', '.join(rankings)}: K = {', '.join(map(str, args.ks))}, {args.seeds} random "
         f"seed(s) -> {where}")
     res = damage_sweep(model, probes, rankings, ks=args.ks, seeds=args.seeds, mode=args.mode,
-                       config=NIAHConfig(generation=GenerationConfig(
-                           max_new_tokens=args.max_new_tokens, prefill_chunk=args.prefill_chunk)),
+                       config=NIAHConfig().with_generation(max_new_tokens=args.max_new_tokens,
+                                                           prefill_chunk=args.prefill_chunk),
                        tokenizer=tok, needle_set=fs.needle_set, out=where, progress=not args.quiet)
     written = {"damage": res.save(where)}
     written["damage_figure"] = save_figure(plot_damage_curves(res), Path(out) / "damage.png")
