@@ -54,10 +54,10 @@ def holds_generation(*legacy: str):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             flat = {k: kwargs.pop(k) for k in GENERATION_FIELDS if k in kwargs}
             if flat:
-                warnings.warn(
-                    f"{cls.__name__}({', '.join(f'{k}=' for k in flat)}) is deprecated: pass "
-                    f"generation=GenerationConfig({', '.join(f'{k}=...' for k in flat)})",
-                    DeprecationWarning, stacklevel=2)
+                given = ", ".join(f"{k}=..." for k in flat)
+                warnings.warn(f"{cls.__name__}({given}) is deprecated: use {cls.__name__}(...)"
+                              f".with_generation({given}), or pass generation=GenerationConfig(...)",
+                              DeprecationWarning, stacklevel=2)
                 base = kwargs.get("generation", default)
                 if not isinstance(base, GenerationConfig):
                     raise ConfigError(f"generation must be a GenerationConfig, got {type(base).__name__}")
