@@ -95,7 +95,8 @@ def _launch_entry(launch: str, world: int, stats: Sequence[Mapping[str, Any]]) -
 
 class Sweep:
     """An analysis' finished records, where new ones go, which units this process runs, and
-    the progress bar; the one mechanism every sweep (detect, niah, cot, patch) shares.
+    the progress bar; the one mechanism every sweep (detect, niah, cot, patch, score families,
+    the KV budget sweep) shares.
 
     ``out=None``: nothing is written (inside a launch the records are gathered at
     :meth:`finish`). In one process it is the folder's :class:`~rhlens.io.ProbeLog` and

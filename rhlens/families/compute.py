@@ -13,7 +13,9 @@
 
 Given ``out``, each probe's record is appended to ``out/families.jsonl`` as soon as it is
 known and a rerun skips the probes found there (``out/families.run.json`` holds the run's
-identity; another model, probe set or setting is refused).
+identity; another model, probe set or setting is refused). The probes run on
+:class:`rhlens.distributed.Sweep`, so inside a ``torchrun`` launch they are split across the
+ranks, every rank returning every family.
 """
 
 from __future__ import annotations
