@@ -277,7 +277,9 @@ def compress_sweep(model, probes: Sequence[Probe], rankings: Mapping[str, Any], 
                                world=sweep.world, step_tokens=decode_step_tokens(device))
     mask = PolicyMask(model, distinct, layout)
     state = StepState()
-    for unit in sweep.run([f"{labels_of[i][0]}|{p.key}" for p, i in work], costs, links):
+    keys = [f"{labels_of[i][0]}|{p.key}" for p, i in work]
+    written = [f"{label}|{p.key}" for p, i in work for label in labels_of[i]]
+    for unit in sweep.run(keys, costs, links, records=written):
         items = [work[u] for u in unit]
         mask.items = {j: i for j, (_, i) in enumerate(items)}
         # the bar moves at every decode step by the step's share of the unit's answers
