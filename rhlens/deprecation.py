@@ -8,6 +8,9 @@ Two kinds of move:
   :func:`install` puts a finder on ``sys.meta_path`` that knows the map.
 * some names left a module (``rhlens.ablation.top_k_mask`` is now ``rhlens.masks.top_k_mask``):
   the module's ``__getattr__`` is :func:`moved_names`, which warns and hands the name over.
+* a module became a package (``rhlens.models``, ``rhlens.probes``, ``rhlens.retrieval``): the
+  package's ``__getattr__`` is :func:`package_names`, which serves every name the module had
+  from the submodules it was split into.
 
 This module imports nothing of rhlens, so ``import rhlens`` stays fast.
 """
@@ -19,10 +22,11 @@ import importlib.abc
 import importlib.util
 import sys
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from types import ModuleType
 from typing import Any
 
-__all__ = ["MOVED_MODULES", "install", "moved_names"]
+__all__ = ["MOVED_MODULES", "install", "moved_names", "package_names"]
 
 # old module -> its new home
 MOVED_MODULES: dict[str, str] = {
@@ -80,5 +84,18 @@ def moved_names(module: str, names: Mapping[str, str]) -> Callable[[str], Any]:
                           DeprecationWarning, stacklevel=2)
             return getattr(importlib.import_module(names[name]), name)
         raise AttributeError(f"module {module!r} has no attribute {name!r}")
+
+    return __getattr__
+
+
+def package_names(package: str, modules: Sequence[ModuleType]) -> Callable[[str], Any]:
+    """A package ``__getattr__`` serving every name of ``modules`` (its submodules, private
+    names included): what the module ``package`` held before it was split into them, so that
+    older code keeps working."""
+    def __getattr__(name: str) -> Any:
+        for module in modules:
+            if hasattr(module, name):
+                return getattr(module, name)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
 
     return __getattr__

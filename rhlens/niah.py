@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +23,7 @@ import numpy as np
 from rhlens.ablation import ablation_hooks
 from rhlens.distributed import Sweep, engine_plan, shard_of
 from rhlens.engine import GenerationConfig, StepState, generate_many, model_tokenizer
+from rhlens.engine.holder import holds_generation
 from rhlens.errors import ConfigError
 from rhlens.masks import Mask, seed_list, sweep_masks
 from rhlens.probes.probe import Probe
@@ -81,30 +82,23 @@ def classify_answer(response: str, reference: str, *, threshold: float = 0.5) ->
     return "hallucination"
 
 
+@holds_generation("max_new_tokens", "stop_at_newline", "prefill_chunk")
 @dataclass(frozen=True)
 class NIAHConfig(Config):
-    """Settings of a NIAH sweep (the paper's harness: 50 new tokens, stop at a newline)."""
+    """Settings of a NIAH sweep.
 
-    max_new_tokens: int = 50
-    stop_at_newline: bool = True
+    Attributes:
+        success_threshold: ROUGE-1 recall above which an answer counts as correct.
+        generation: how the model answers (:class:`~rhlens.engine.GenerationConfig`; the
+            paper's harness, the default: 50 new tokens, stop at a newline).
+    """
+
     success_threshold: float = 0.5
-    prefill_chunk: int | None = None
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
 
     def __post_init__(self) -> None:
         if not 0 <= self.success_threshold < 1:
             raise ConfigError("success_threshold is a ROUGE recall in [0, 1)")
-        self.generation()  # validates the budget and the chunk
-
-    @classmethod
-    def from_settings(cls, settings: dict[str, Any]) -> NIAHConfig | None:
-        """The config a settings dict of an older file describes (``None`` when empty)."""
-        known = {k: v for k, v in settings.items() if k in cls.__dataclass_fields__}
-        return cls(**known) if known else None
-
-    def generation(self) -> GenerationConfig:
-        return GenerationConfig(max_new_tokens=self.max_new_tokens,
-                                stop_at_newline=self.stop_at_newline,
-                                prefill_chunk=self.prefill_chunk)
 
 
 @dataclass
@@ -203,7 +197,7 @@ def niah_sweep(model, probes: Sequence[Probe], *, masks: Sequence[Mask] = (Mask.
     tokenizer = model_tokenizer(model, tokenizer)
     part = shard_of(probes)
     probes = list(probes)
-    check_probes(probes, getattr(model.cfg, "n_ctx", None), config.max_new_tokens)
+    check_probes(probes, getattr(model.cfg, "n_ctx", None), config.generation.max_new_tokens)
     masks = list(masks)
     if not masks or not all(isinstance(m, Mask) for m in masks):
         raise ConfigError("masks must be a non-empty sequence of Mask objects "
@@ -216,7 +210,7 @@ def niah_sweep(model, probes: Sequence[Probe], *, masks: Sequence[Mask] = (Mask.
     name = getattr(model, "rhlens_name", None) or "model"
     header = None if out is None else run_header(
         model, probes, config, masks=[m.to_dict() for m in masks],
-        kernel_policy=config.generation().kernel_policy(model))
+        kernel_policy=config.generation.kernel_policy(model))
     total = len(probes) * len(masks)
     sweep = Sweep(out, header, NIAH_LOG, total=total, desc="niah", progress=progress, shard=part,
                   weights={f"{m.label}|{p.key}": p.n_tokens for p in probes for m in masks},
@@ -225,15 +219,16 @@ def niah_sweep(model, probes: Sequence[Probe], *, masks: Sequence[Mask] = (Mask.
     order = sorted(probes, key=lambda p: (p.length, p.needle_id, -p.depth))
     work = [(p, m) for p in order for m in masks if f"{m.label}|{p.key}" not in sweep.done]
     keys = [m.label if (m.phase == "all" and m.heads) else None for _, m in work]
-    costs, links = engine_plan([p.prompt_ids for p, _ in work], max_new_tokens=config.max_new_tokens,
-                               chunk=config.generation().chunk_for(next(model.parameters()).device),
+    generation = config.generation
+    costs, links = engine_plan([p.prompt_ids for p, _ in work], max_new_tokens=generation.max_new_tokens,
+                               chunk=generation.chunk_for(next(model.parameters()).device),
                                prefill_keys=keys)
     for unit in sweep.run([f"{m.label}|{p.key}" for p, m in work], costs, links):
         items = [work[i] for i in unit]
         state = StepState()  # the bar moves with every prefill chunk and decode step
-        state.spread(sum(p.n_tokens for p, _ in items), config.max_new_tokens, sweep.advance)
+        state.spread(sum(p.n_tokens for p, _ in items), config.generation.max_new_tokens, sweep.advance)
         gens = generate_many(model, tokenizer, [p.prompt_ids for p, _ in items],
-                             config=config.generation(), state=state,
+                             config=config.generation, state=state,
                              item_hooks=lambda i, items=items: hooks[items[i][1].label],
                              prefill_keys=[keys[i] for i in unit])
         for (probe, mask), gen in zip(items, gens):

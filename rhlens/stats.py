@@ -27,6 +27,7 @@ import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 from functools import cache
+from typing import Any
 
 import torch
 from jaxtyping import Float
@@ -38,7 +39,9 @@ __all__ = [
     "Head",
     "bootstrap_means",
     "heads_above",
+    "interval",
     "jaccard",
+    "paired_gaps",
     "pearson",
     "percentile_interval",
     "quantiles",
@@ -130,6 +133,47 @@ def percentile_interval(samples: Float[Tensor, "sample ..."],
     a = (1 - level) / 2
     lo, hi = quantiles(samples, (a, 1 - a))
     return lo, hi
+
+
+def interval(samples: Float[Tensor, " sample"], level: float = 0.95, digits: int = 3) -> list[float]:
+    """:func:`percentile_interval` of one quantity as ``[lo, hi]``, rounded to ``digits``."""
+    lo, hi = percentile_interval(samples, level)
+    return [round(float(lo), digits), round(float(hi), digits)]
+
+
+def paired_gaps(scores: Float[Tensor, "item policy"], policy: int, *, full: int = 0,
+                streaming: int | None = None, random: Sequence[int] = (), n_boot: int = 1000,
+                seed: int = 0, level: float = 0.95) -> dict[str, Any]:
+    """A policy's mean score against the full cache's, StreamingLLM's and random heads', with
+    paired bootstrap intervals: every column resampled with the same items (the rows).
+
+    ``scores``: one row per item (probe), one column per policy; ``policy``, ``full``,
+    ``streaming`` and ``random`` (the random seeds' columns, averaged) index its columns.
+    Returns ``score``, ``full``, ``vs_full`` (ratio of the means) and ``vs_full_ci``; with
+    ``streaming``, ``streaming``, ``gap_streaming`` and its ``_ci``; with ``random``,
+    ``random_mean``, ``gap_random`` and its ``_ci``, and ``random_seeds``. The resamples
+    depend only on the number of rows, ``n_boot`` and ``seed``: calls on other columns of the
+    same items resample alike.
+    """
+    if scores.ndim != 2:
+        raise ConfigError(f"scores are [item, policy], got shape {tuple(scores.shape)}")
+    boot = bootstrap_means(scores, n_boot=n_boot, seed=seed)  # [boot, policy]
+    mean = scores.double().mean(0)
+    x = boot[:, policy]
+    out: dict[str, Any] = {"score": float(mean[policy]), "full": float(mean[full]),
+                           "vs_full": float(mean[policy] / mean[full]),
+                           "vs_full_ci": interval(x / boot[:, full], level)}
+    if streaming is not None:
+        out["streaming"] = float(mean[streaming])
+        out["gap_streaming"] = float(mean[policy] - mean[streaming])
+        out["gap_streaming_ci"] = interval(x - boot[:, streaming], level)
+    if len(random):
+        cols = list(random)
+        out["random_mean"] = float(mean[cols].mean())
+        out["gap_random"] = float(mean[policy] - mean[cols].mean())
+        out["gap_random_ci"] = interval(x - boot[:, cols].mean(1), level)
+        out["random_seeds"] = len(cols)
+    return out
 
 
 # ---- agreement --------------------------------------------------------------------------------

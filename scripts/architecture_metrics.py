@@ -14,16 +14,20 @@ import re
 import sys
 from pathlib import Path
 
+# The one table of docs/ARCHITECTURE.md's layers; tests/test_architecture.py reads it from here.
 LAYERS = {  # top-level module or package -> layer
     "errors": 0, "stats": 0, "version": 0, "deprecation": 0, "validate": 0,
     "store": 1, "results": 1, "io": 1, "identity": 1, "runs": 1, "engine": 1,
     "models": 2, "model_files": 2, "probes": 2, "probe": 2, "haystacks": 2, "needlesets": 2,
-    "distributed": 2,
+    "distributed": 2, "data": 2,
     "retrieval": 3, "scores": 3, "official": 3, "masks": 3, "ablation": 3,
     "niah": 4, "cot": 4, "patching": 4, "properties": 4, "families": 4, "compress": 4, "trace": 4,
     "plotting": 5, "views": 5, "report": 5, "cli": 5, "patching_cli": 5,
-    "__main__": 6, "": 6,
+    "__main__": 6, "": 6,  # rhlens/__init__.py, the face
 }
+# Fields named like a generation setting that are not one: PatchConfig.batch_size is patched
+# copies per forward (patching generates nothing).
+NOT_GENERATION = frozenset({"PatchConfig.batch_size"})
 
 
 def modules(root: Path) -> dict[str, Path]:
@@ -39,7 +43,8 @@ def layer(module: str) -> int | None:
 
 
 def imports(mods: dict[str, Path]):
-    """(importer, imported module, name or None, line) for every internal import."""
+    """(importer, imported module, name or None, line) for every internal import, module level
+    or inside a function; ``name`` is None where a module itself is imported."""
     def resolve(name: str) -> str | None:
         while name and name not in mods:
             name = name.rpartition(".")[0]
@@ -83,7 +88,8 @@ def main() -> None:
                     generation = set(fields)
                 else:
                     declared[f"{module}.{node.name}"] = fields
-    repeated = sorted(f"{c}.{f}" for c, fs in declared.items() for f in fs if f in generation)
+    repeated = sorted(f"{c}.{f}" for c, fs in declared.items() for f in fs
+                      if f in generation and f"{c.rpartition('.')[2]}.{f}" not in NOT_GENERATION)
     blocks = re.findall(r"```python\n(.*?)```", Path("README.md").read_text(encoding="utf-8"), re.S)
     lines = [ln for b in blocks for ln in b.splitlines()
              if re.match(r"\s*(from rhlens\S* import|import rhlens)", ln)]

@@ -21,12 +21,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rhlens.stats import bootstrap_means, percentile_interval
+from rhlens.stats import paired_gaps
 
 
-def ci(samples: torch.Tensor) -> list[float]:
-    lo, hi = percentile_interval(samples)
-    return [round(float(lo), 3), round(float(hi), 3)]
+def load_scores(sweep: Path) -> dict[str, dict[str, float]]:
+    """policy -> probe -> NIAH score, from a sweep folder's ``compress.jsonl``."""
+    scores: dict[str, dict[str, float]] = defaultdict(dict)
+    for line in (sweep / "compress.jsonl").read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            if "score" in r:
+                scores[r["mask"]][r["probe"]] = float(r["score"])
+    return scores
 
 
 def main(argv=None) -> int:
@@ -35,41 +41,31 @@ def main(argv=None) -> int:
     ap.add_argument("--boot", type=int, default=2000)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    scores: dict[str, dict[str, float]] = defaultdict(dict)  # mask -> probe -> score
-    for line in (Path(args.sweep) / "compress.jsonl").read_text().splitlines():
-        if line.strip():
-            r = json.loads(line)
-            if "score" in r:
-                scores[r["mask"]][r["probe"]] = float(r["score"])
+    scores = load_scores(Path(args.sweep))
     probes = sorted(scores["full"])
-    col = {m: torch.tensor([s[p] for p in probes], dtype=torch.float64) for m, s in scores.items()
-           if set(s) >= set(probes)}
-    names = sorted(col)
-    boot = bootstrap_means(torch.stack([col[m] for m in names], dim=1), n_boot=args.boot)  # [boot, policy]
+    names = sorted(m for m, s in scores.items() if set(s) >= set(probes))
+    table = torch.tensor([[scores[m][p] for m in names] for p in probes], dtype=torch.float64)
     at = {m: i for i, m in enumerate(names)}
-    full = boot[:, at["full"]]
     budgets = sorted({m.split("@")[1] for m in names if "@" in m}, key=float)
     rows = []
     for b in budgets:
-        rnd = [m for m in names if m.startswith("random") and m.endswith(f"@{b}")]
-        rnd_boot = boot[:, [at[m] for m in rnd]].mean(1) if rnd else None
+        rnd = [at[m] for m in names if m.startswith("random") and m.endswith(f"@{b}")]
         for policy in ("retrieval", "needle-mass"):
             m = f"{policy}@{b}"
             if m not in at:
                 continue
-            x = boot[:, at[m]]
-            row = {"budget": float(b), "policy": policy, "score": float(col[m].mean()),
-                   "vs_full": float(col[m].mean() / col["full"].mean()),
-                   "vs_full_ci": ci(x / full)}
-            if f"streaming@{b}" in at:
-                row["gap_streaming_ci"] = ci(x - boot[:, at[f"streaming@{b}"]])
-            if rnd_boot is not None:
-                row["gap_random_ci"] = ci(x - rnd_boot)
+            gaps = paired_gaps(table, at[m], full=at["full"], streaming=at.get(f"streaming@{b}"),
+                               random=rnd, n_boot=args.boot)
+            row = {"budget": float(b), "policy": policy, "score": gaps["score"],
+                   "vs_full": gaps["vs_full"], "vs_full_ci": gaps["vs_full_ci"]}
+            for key in ("gap_streaming_ci", "gap_random_ci"):
+                if key in gaps:
+                    row[key] = gaps[key]
             rows.append(row)
             print(f"{b:>5} {policy:>12} {row['score']:5.1f}  x full {row['vs_full']:.3f} "
                   f"[{row['vs_full_ci'][0]:.3f}, {row['vs_full_ci'][1]:.3f}]  "
                   f"gap to streaming {row.get('gap_streaming_ci')}  gap to random {row.get('gap_random_ci')}")
-    out = {"probes": len(probes), "full": float(col["full"].mean()), "boot": args.boot, "rows": rows}
+    out = {"probes": len(probes), "full": float(table[:, at["full"]].mean()), "boot": args.boot, "rows": rows}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=1) + "\n")

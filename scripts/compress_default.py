@@ -71,7 +71,7 @@ def stage_lengths(model, tok, out: Path, reliable: float) -> int:
                               needles=BUILTIN_NEEDLES[:2], max_length=model.cfg.n_ctx)
         res = niah_sweep(model, probes, masks=[Mask.none()], tokenizer=tok,
                          out=out / "lengths" / str(length),
-                         config=NIAHConfig(max_new_tokens=MAX_NEW, prefill_chunk=CHUNK))
+                         config=NIAHConfig().with_generation(max_new_tokens=MAX_NEW, prefill_chunk=CHUNK))
         res.save(out / "lengths" / str(length) / "niah")
         rows = res.for_mask("none")
         by_depth = {d: float(np.mean([r["score"] for r in rows if r["depth"] == d]))
@@ -96,8 +96,9 @@ def stage_lengths(model, tok, out: Path, reliable: float) -> int:
 def stage_detect(model, tok, out: Path):
     probes = build_probes(tok, config=ProbeConfig(lengths=DETECT_LENGTHS, depths=DETECT_DEPTHS))
     t = time.perf_counter()
-    scores = detect_retrieval_heads(model, probes, tokenizer=tok, out=out / "detect", config=DetectConfig(
-        max_new_tokens=MAX_NEW, prefill_chunk=256, batch_size=8))
+    scores = detect_retrieval_heads(model, probes, tokenizer=tok, out=out / "detect",
+                                    config=DetectConfig().with_generation(
+                                        max_new_tokens=MAX_NEW, prefill_chunk=256, batch_size=8))
     save_detection_run(out / "detect", scores, wall_seconds=time.perf_counter() - t)
     say(f"detect: {scores.n_successful}/{scores.n_probes} probes answered; top KV heads (max pool): "
         + ", ".join(f"L{la}KV{h}" for la, h in _top_kv(scores.kv_aggregate("max"), 8)))
@@ -120,7 +121,7 @@ def stage_mass(model, tok, out: Path):
                           needles=BUILTIN_NEEDLES[:2])
     t = time.perf_counter()
     mass = needle_attention_mass(model, probes, tokenizer=tok,
-                                 niah=NIAHConfig(max_new_tokens=MAX_NEW, prefill_chunk=256))
+                                 niah=NIAHConfig().with_generation(max_new_tokens=MAX_NEW, prefill_chunk=256))
     from safetensors.torch import save_file
 
     save_file({"mass": mass.contiguous()}, path)
@@ -143,7 +144,7 @@ def stage_sweep(model, tok, out: Path, length: int, scores, mass, budgets, seeds
         except ConfigError as exc:  # the floor: said, and the budget left out
             say(f"  budget {b:g} left out: {exc}")
     t = time.perf_counter()
-    niah = NIAHConfig(max_new_tokens=MAX_NEW, prefill_chunk=CHUNK)
+    niah = NIAHConfig().with_generation(max_new_tokens=MAX_NEW, prefill_chunk=CHUNK)
     # rows="batch": a probe's policies share one product per weight matrix (a row may round
     # as it would not alone; every policy, the full cache included, is answered this way).
     res = compress_sweep(model, probes, {"retrieval": scores, "needle-mass": mass}, budgets=ok,

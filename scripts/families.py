@@ -81,7 +81,8 @@ def damage(model, tok, probes, rankings, out: Path, name: str) -> DamageResult:
         return DamageResult.load(path)
     t = time.perf_counter()
     res = damage_sweep(model, probes, rankings, ks=KS, seeds=SEEDS, tokenizer=tok, needle_set=name,
-                       config=NIAHConfig(max_new_tokens=NIAH_BUDGET, prefill_chunk=CHUNK), out=out)
+                       config=NIAHConfig().with_generation(max_new_tokens=NIAH_BUDGET, prefill_chunk=CHUNK),
+                       out=out)
     res.save(path)
     say(f"  {out}: {time.perf_counter() - t:.0f} s, {len(res.niah.masks)} masks run")
     return res
@@ -118,7 +119,8 @@ def run_model(model_name: str, root: Path) -> list[dict]:
     say(f"{model_name}: loading")
     model, tok = load_model(model_name)
     base = root / model_name
-    detect = DetectConfig(max_new_tokens=BUDGET, batch_size=len(DEPTHS), prefill_chunk=CHUNK)
+    detect = DetectConfig().with_generation(max_new_tokens=BUDGET, batch_size=len(DEPTHS),
+                                            prefill_chunk=CHUNK)
     grid = ProbeConfig(lengths=(LENGTH,), depths=DEPTHS)
     lit = build_probes(tok, config=grid, needles=list(BUILTIN_NEEDLES))
     nl = build_probes(tok, config=grid, needles=list(NONLITERAL_NEEDLES))

@@ -14,29 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rhlens.stats import bootstrap_means, percentile_interval
+from compress_ci import load_scores as load  # this folder: the one reader of compress.jsonl
 
-
-def ci(samples: torch.Tensor) -> list[float]:
-    lo, hi = percentile_interval(samples)
-    return [round(float(lo), 3), round(float(hi), 3)]
-
-
-def load(sweep: Path) -> dict[str, dict[str, float]]:
-    scores: dict[str, dict[str, float]] = defaultdict(dict)
-    for line in (sweep / "compress.jsonl").read_text().splitlines():
-        if line.strip():
-            r = json.loads(line)
-            if "score" in r:
-                scores[r["mask"]][r["probe"]] = float(r["score"])
-    return scores
+from rhlens.stats import paired_gaps
 
 
 def main(argv=None) -> int:
@@ -61,19 +47,13 @@ def main(argv=None) -> int:
                 rnd = sorted(m for m in scores if m.startswith("random") and m.endswith(f"@{b:g}"))
                 names += [f"streaming@{b:g}", *rnd]
             col = torch.tensor([[scores[m][p] for m in names] for p in probes], dtype=torch.float64)
-            boot = bootstrap_means(col, n_boot=args.boot)  # [boot, policy]
-            mean = col.mean(0)
-            out = {"n_probes": len(probes), "full": float(mean[0]), ranking: float(mean[1]),
-                   "vs_full": float(mean[1] / mean[0]), "vs_full_ci": ci(boot[:, 1] / boot[:, 0])}
+            gaps = paired_gaps(col, 1, full=0, streaming=2 if side == "report" else None,
+                               random=range(3, len(names)), n_boot=args.boot)
+            out = {"n_probes": len(probes), "full": gaps["full"], ranking: gaps["score"],
+                   "vs_full": gaps["vs_full"], "vs_full_ci": gaps["vs_full_ci"]}
             if side == "report":
-                out["streaming"] = float(mean[2])
-                out["gap_streaming"] = float(mean[1] - mean[2])
-                out["gap_streaming_ci"] = ci(boot[:, 1] - boot[:, 2])
-                if len(names) > 3:
-                    out["random_mean"] = float(mean[3:].mean())
-                    out["gap_random"] = float(mean[1] - mean[3:].mean())
-                    out["gap_random_ci"] = ci(boot[:, 1] - boot[:, 3:].mean(1))
-                    out["random_seeds"] = len(names) - 3
+                out.update({k: v for k, v in gaps.items()
+                            if k.startswith(("streaming", "gap_", "random_"))})
             row[side] = out
         rows.append(row)
         c, p = row["choose"], row["report"]

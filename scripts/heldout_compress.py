@@ -58,7 +58,7 @@ def stage_sanity(model, tok, out: Path, length: int) -> dict:
         probes, rec = split_probes(tok, split, lengths=(length,), depths=(50.0,),
                                    needles=packaged_needles(split))
         res = niah_sweep(model, probes, masks=[Mask.none()], tokenizer=tok, out=out / "sanity" / split,
-                         config=NIAHConfig(max_new_tokens=MAX_NEW, prefill_chunk=CHUNK))
+                         config=NIAHConfig().with_generation(max_new_tokens=MAX_NEW, prefill_chunk=CHUNK))
         record_split(out / "sanity" / split, {**rec, "used_for": "sanity: does the model answer"})
         for r in res.for_mask("none"):
             rows[r["needle_id"] if "needle_id" in r else r["probe"]] = {
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
                            budgets=budgets, windows=windows, seeds=args.seeds,
                            config=CompressConfig(sink=args.sink), out=out / "compress",
                            splits={s: built[s][1] for s in built}, tokenizer=tok,
-                           niah=NIAHConfig(max_new_tokens=MAX_NEW, prefill_chunk=CHUNK),
+                           niah=NIAHConfig().with_generation(max_new_tokens=MAX_NEW, prefill_chunk=CHUNK),
                            kernel_policy=KernelPolicy(rows="batch"), progress=True)
     say(f"held-out sweep ({time.perf_counter() - t:.0f} s this run)")
     for r in doc["rows"]:

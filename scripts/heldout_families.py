@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     else:
         t = time.perf_counter()
         fs = score_families(model, built["choose"][0], tokenizer=tok, out=out / "scores", needle_set="choose",
-                            config=FamiliesConfig(families=FAMILIES, detect=DetectConfig(
+                            config=FamiliesConfig(families=FAMILIES, detect=DetectConfig().with_generation(
                                 max_new_tokens=BUDGET, prefill_chunk=CHUNK)))
         fs.save(path)
         say(f"scored on the choosing split ({time.perf_counter() - t:.0f} s): "
@@ -78,7 +78,8 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             res = damage_sweep(model, built[split][0], rankings, ks=KS, seeds=args.seeds, tokenizer=tok,
                                needle_set=split, out=d,
-                               config=NIAHConfig(max_new_tokens=NIAH_BUDGET, prefill_chunk=CHUNK))
+                               config=NIAHConfig().with_generation(max_new_tokens=NIAH_BUDGET,
+                                                                   prefill_chunk=CHUNK))
             res.save(d / "result")
             say(f"judged on the {split} split ({time.perf_counter() - t:.0f} s)")
         record_split(d, {**built[split][1], "used_for": "judging by masking the heads scored on the "

@@ -91,8 +91,8 @@ that step when the position lies in the needle span and holds the token being ge
 head's score on a probe is the share of needle tokens it copied, averaged over the probes
 the model answered correctly."""),
     ("code", """\
-scores = detect_retrieval_heads(model, probes, config=DetectConfig(max_new_tokens=MAX_NEW_TOKENS),
-                                tokenizer=tok)
+scores = detect_retrieval_heads(model, probes, tokenizer=tok,
+                                config=DetectConfig().with_generation(max_new_tokens=MAX_NEW_TOKENS))
 scores"""),
     ("code", """\
 scores.to_dataframe().head(TOP)"""),
@@ -229,8 +229,8 @@ torch.set_num_threads(THREADS)
 model, tok = rhlens.load_model()
 probes = build_probes(tok, config=ProbeConfig(lengths=LENGTHS, depths=DEPTHS),
                       needles=BUILTIN_NEEDLES[:N_NEEDLES])
-scores = detect_retrieval_heads(model, probes, config=DetectConfig(max_new_tokens=MAX_NEW_TOKENS),
-                                tokenizer=tok)
+scores = detect_retrieval_heads(model, probes, tokenizer=tok,
+                                config=DetectConfig().with_generation(max_new_tokens=MAX_NEW_TOKENS))
 scores"""),
     ("code", """\
 plot_head_heatmap(scores)"""),
@@ -306,7 +306,7 @@ heads that are not retrieval heads. The paper's mask zeroes the heads' queries w
 model answers."""),
     ("code", """\
 sweep = mask_sweep(model, probes[:SWEEP_PROBES], scores, ks=KS, seeds=SEEDS,
-                   config=NIAHConfig(max_new_tokens=MAX_NEW_TOKENS), tokenizer=tok)
+                   config=NIAHConfig().with_generation(max_new_tokens=MAX_NEW_TOKENS), tokenizer=tok)
 sweep  # a result displays itself: the K curve's table and figure"""),
     ("code", """\
 kmax = max(KS)
@@ -448,8 +448,8 @@ On the same probe it must give the same per-probe scores. So must `probe_retriev
 which caches only the answer's query rows (`cache_answer_patterns`): the route for long
 prompts, where a full `run_with_cache` would hold an n x n pattern per head."""),
     ("code", """\
-engine = detect_retrieval_heads(model, [probe], config=DetectConfig(max_new_tokens=MAX_NEW_TOKENS),
-                                tokenizer=tok)
+engine = detect_retrieval_heads(model, [probe], tokenizer=tok,
+                                config=DetectConfig().with_generation(max_new_tokens=MAX_NEW_TOKENS))
 answer_rows = probe_retrieval_scores(model, probe, gen.response_ids)
 {"same answer": engine.probes[0]["response_ids"] == list(gen.response_ids),
  "max |cache - engine|": float((from_cache - engine.per_probe[0]).abs().max()),

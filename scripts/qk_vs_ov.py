@@ -92,8 +92,8 @@ def main() -> int:
     else:
         probes = build_probes(tok, config=ProbeConfig(lengths=(500, 1000), depths=(0, 50, 100)),
                               needles=list(BUILTIN_NEEDLES)[:2], max_length=n_ctx)
-        scores = detect_retrieval_heads(model, probes, config=DetectConfig(max_new_tokens=32),
-                                        out=args.detect_out)
+        scores = detect_retrieval_heads(model, probes, out=args.detect_out,
+                                        config=DetectConfig().with_generation(max_new_tokens=32))
     heads = top_k_heads(scores.mean, args.k)
     print(f"{scores}\ntop {args.k} retrieval heads: "
           + ", ".join(f"L{la}H{h} ({float(scores.mean[la, h]):.2f})" for la, h in heads))

@@ -3,7 +3,8 @@
 ``python -m torch.distributed.run --standalone --nproc-per-node N tests/distributed_worker.py
 WORKLOAD OUT [--die-after K]``: loads the toy model and runs WORKLOAD (``detect``: detection of
 the toy probes; ``sweeps``: a NIAH sweep, a CoT run and head patching; ``both``: the two, into
-OUT/detect and OUT/sweeps; ``reuse``: detection of a NIAH grid whose probes share a haystack)
+OUT/detect and OUT/sweeps; ``reuse``: detection of a NIAH grid whose probes share a haystack;
+``kv``: score families and a KV budget sweep)
 with ``out=OUT``; rank 0 writes the outputs. ``--die-after K``:
 rank 1 kills itself (SIGKILL) after logging K records.
 """
@@ -135,7 +136,31 @@ def both(model, tok, out) -> dict:
             "sweeps": sweeps(model, tok, Path(out, "sweeps")), "no_folder": no_folder(model, tok)}
 
 
-WORKLOADS = {"detect": detect, "sweeps": sweeps, "both": both, "reuse": reuse}
+def kv(model, tok, out) -> dict:
+    """Score families and a KV budget sweep (the analyses that joined the one loop last) into
+    OUT/families and OUT/compress."""
+    import torch
+
+    from rhlens.compress import CompressConfig
+    from rhlens.compress.sweep import compress_sweep
+    from rhlens.families import FamiliesConfig, score_families
+    from rhlens.niah import NIAHConfig
+    from rhlens.retrieval import DetectConfig
+
+    probes = toy_probes(tok)[::2]
+    config = FamiliesConfig(families=("copy", "mass"), detect=DetectConfig().with_generation(**CONFIG))
+    fs = score_families(model, probes, config=config, tokenizer=tok, out=Path(out, "families"))
+    grid = torch.zeros(2, 4)
+    grid[1, 2], grid[0, 3] = 1.0, 0.5
+    sweep = compress_sweep(model, probes[::3], {"retrieval": grid}, budgets=(0.3,), seeds=1,
+                           config=CompressConfig(sink=2, window=8),
+                           niah=NIAHConfig().with_generation(max_new_tokens=8), tokenizer=tok,
+                           out=Path(out, "compress"), progress=False)
+    return {"families": {f.family: f.per_probe.tolist() for f in fs.families},
+            "compress": sweep.niah.records}
+
+
+WORKLOADS = {"detect": detect, "sweeps": sweeps, "both": both, "reuse": reuse, "kv": kv}
 
 
 def main(argv: list[str]) -> int:

@@ -45,3 +45,24 @@ def naive_retrieval(hf_model, tokenizer, prompt_ids, span, max_new_tokens=50,
     unique = [[len(copied_positions[la][h]) / n for h in range(n_heads)] for la in range(n_layers)]
     paper = [[copy_steps[la][h] / n for h in range(n_heads)] for la in range(n_layers)]
     return generated, copy_steps, unique, paper
+
+
+@torch.no_grad()
+def naive_z_patch(model, pair, layers, n_heads: int) -> dict[tuple[int, int], float]:
+    """Exact head patching the obvious way: for each ``(layer, head)``, one full bridge forward
+    of the corrupted prompt with that head's ``hook_z`` from the answer position on replaced by
+    the clean run's; the clean-minus-corrupted logit difference at the answer position."""
+    clean, corrupted = torch.tensor([pair.clean_ids]), torch.tensor([pair.corrupted_ids])
+    a = pair.answer_pos
+    _, cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_z"))
+    out = {}
+    for layer in layers:
+        for head in range(n_heads):
+            def put(z, hook=None, layer=layer, head=head):
+                z = z.clone()
+                z[:, a:, head] = cache[f"blocks.{layer}.attn.hook_z"][:, a:, head]
+                return z
+
+            logits = model.run_with_hooks(corrupted, fwd_hooks=[(f"blocks.{layer}.attn.hook_z", put)])
+            out[layer, head] = float(logits[0, a, pair.clean_token] - logits[0, a, pair.corrupted_token])
+    return out

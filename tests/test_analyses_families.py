@@ -13,6 +13,8 @@ from tiny_families import make_tiny_model
 
 from rhlens.cli import main
 
+from oracle import naive_z_patch
+
 GRID = ["--lengths", "400", "--depths", "50", "--n-needles", "1", "--device", "cpu", "--quiet"]
 
 
@@ -95,17 +97,5 @@ def test_gemma3_head_patching_matches_full_forwards(gemma3):
     probes = build_probes(tok, config=ProbeConfig(lengths=(400,), depths=(50,)), needles=[BUILTIN_NEEDLES[1]])
     pair = make_pairs(tok, probes)[0]
     result = patch_heads(model, [pair], config=PatchConfig(mode="exact", layers=(0, 1)))
-    clean, corrupted = torch.tensor([pair.clean_ids]), torch.tensor([pair.corrupted_ids])
-    a = pair.answer_pos
-    with torch.no_grad():
-        _, cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_z"))
-        for layer in (0, 1):
-            for head in range(4):
-                def put(z, hook=None, layer=layer, head=head):
-                    z = z.clone()
-                    z[:, a:, head] = cache[f"blocks.{layer}.attn.hook_z"][:, a:, head]
-                    return z
-
-                logits = model.run_with_hooks(corrupted, fwd_hooks=[(f"blocks.{layer}.attn.hook_z", put)])
-                want = float(logits[0, a, pair.clean_token] - logits[0, a, pair.corrupted_token])
-                assert result.patched[0, layer, head].item() == pytest.approx(want, abs=1e-4), (layer, head)
+    for (layer, head), want in naive_z_patch(model, pair, (0, 1), 4).items():
+        assert result.patched[0, layer, head].item() == pytest.approx(want, abs=1e-4), (layer, head)

@@ -7,7 +7,7 @@ and the store loads a result whose module nothing has imported yet.
 
 from __future__ import annotations
 
-import ast
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -18,62 +18,21 @@ import rhlens
 
 ROOT = Path(rhlens.__file__).resolve().parent
 
+
+def _metrics_script():
+    """scripts/architecture_metrics.py: the one home of the layers table and the import reader."""
+    path = ROOT.parent / "scripts" / "architecture_metrics.py"
+    spec = importlib.util.spec_from_file_location("architecture_metrics", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_SCRIPT = _metrics_script()
 # docs/ARCHITECTURE.md's layers: a module may import its own layer's (without a loop) and lower ones.
-LAYERS = {
-    "errors": 0, "stats": 0, "version": 0, "deprecation": 0, "validate": 0,
-    "store": 1, "engine": 1,
-    "models": 2, "probes": 2, "needlesets": 2, "distributed": 2, "data": 2,
-    "retrieval": 3, "masks": 3, "ablation": 3,
-    "niah": 4, "cot": 4, "patching": 4, "properties": 4, "families": 4, "compress": 4, "trace": 4,
-    "plotting": 5, "views": 5, "report": 5, "cli": 5,
-    "__main__": 6, "": 6,  # rhlens/__init__.py, the face
-}
-
-
-def _modules() -> dict[str, Path]:
-    out = {}
-    for path in ROOT.rglob("*.py"):
-        parts = ("rhlens", *path.relative_to(ROOT).with_suffix("").parts)
-        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
-    return out
-
-
-MODULES = _modules()
-
-
-def _resolve(name: str) -> str | None:
-    while name and name not in MODULES:
-        name = name.rpartition(".")[0]
-    return name or None
-
-
-def _imports() -> list[tuple[str, str, str | None, int]]:
-    """(importer, imported module, imported name or None, line) for every internal import."""
-    out = []
-    for module, path in MODULES.items():
-        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Import):
-                targets = [(a.name, None) for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
-                    base = ".".join([*up, base] if base else up)
-                targets = [(f"{base}.{a.name}", a.name) for a in node.names]
-            else:
-                continue
-            for target, name in targets:
-                if target.split(".")[0] != "rhlens":
-                    continue
-                found = _resolve(target)
-                if found and found != module and not module.startswith(found + "."):
-                    named = name if found != target else None  # `from pkg import submodule` names none
-                    out.append((module, found, named, node.lineno))
-    return out
-
-
-IMPORTS = _imports()
+LAYERS = _SCRIPT.LAYERS
+MODULES = _SCRIPT.modules(ROOT)
+IMPORTS = sorted(set(_SCRIPT.imports(MODULES)), key=lambda e: (e[0], e[1], e[2] or "", e[3]))
 
 
 def _layer(module: str) -> int:

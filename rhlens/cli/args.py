@@ -372,17 +372,22 @@ def needles(args: argparse.Namespace) -> list:
 def detect_config(args: argparse.Namespace):
     from rhlens.retrieval import DetectConfig
 
-    kw: dict[str, Any] = {"mode": args.mode, "max_new_tokens": args.max_new_tokens,
-                          "prefill_chunk": args.prefill_chunk}
+    return DetectConfig(mode=args.mode).with_generation(**detect_generation(args))
+
+
+def detect_generation(args: argparse.Namespace) -> dict[str, Any]:
+    """The generation settings a detection pass takes from the command line: --max-new-tokens,
+    --prefill-chunk and --batch-size (when given; else DetectConfig's, 8)."""
+    kw: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "prefill_chunk": args.prefill_chunk}
     if args.batch_size is not None:
         kw["batch_size"] = args.batch_size
-    return DetectConfig(**kw)
+    return kw
 
 
 def niah_config(args: argparse.Namespace):
     from rhlens.niah import NIAHConfig
 
-    return NIAHConfig(max_new_tokens=args.max_new_tokens)
+    return NIAHConfig().with_generation(max_new_tokens=args.max_new_tokens)
 
 
 def cot_config(args: argparse.Namespace):

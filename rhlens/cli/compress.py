@@ -171,12 +171,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
     shape = prepare.model_facts(args)
     scores = prepare.scores(args.scores, shape)
     tok = prepare.tokenizer(args)
-    probes = prepare.probes(args, tok, shape, max_new_tokens=niah.max_new_tokens)
+    probes = prepare.probes(args, tok, shape, max_new_tokens=niah.generation.max_new_tokens)
     context = max(p.n_tokens for p in probes)
     rankings = {"retrieval": scores}
     mass_probes = None
     if args.needle_mass:
-        mass_probes = _mass_probes(args, tok, shape, scores, niah.max_new_tokens)
+        mass_probes = _mass_probes(args, tok, shape, scores, niah.generation.max_new_tokens)
         rankings["needle-mass"] = torch.zeros(shape.grid)  # a stand-in of its shape, for the checks
     # Every policy (a budget below the floor, a ranking that does not fit) is checked now.
     sweep_policies(_layout(args), context, rankings, args.budgets, args.seeds, config=config,
@@ -232,7 +232,7 @@ def _heldout(args: argparse.Namespace, config, niah) -> int:
     scores = prepare.scores(args.scores, shape)
     tok = prepare.tokenizer(args)
     built = {s: prepare.probes(argparse.Namespace(**{**vars(args), "split": s}), tok, shape,
-                               max_new_tokens=niah.max_new_tokens) for s in ("choose", "report")}
+                               max_new_tokens=niah.generation.max_new_tokens) for s in ("choose", "report")}
     layout = _layout(args)
     for probes in built.values():
         context = max(p.n_tokens for p in probes)

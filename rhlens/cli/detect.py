@@ -64,7 +64,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     config = detect_config(args)
     shape = prepare.model_facts(args)
     probes = prepare.probes(args, prepare.tokenizer(args), shape,
-                            max_new_tokens=config.max_new_tokens)
+                            max_new_tokens=config.generation.max_new_tokens)
     prepare.check_resume(args, out, "probes.jsonl", probes, config)
     model, tok = prepare.load(args)
     say(f"detecting over {len(probes)} probes "

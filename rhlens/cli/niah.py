@@ -79,7 +79,7 @@ def cmd_niah(args: argparse.Namespace) -> int:
     if len(set(labels)) != len(labels):
         raise ConfigError(f"--mask given twice: {repeated(labels)}")
     probes = prepare.probes(args, prepare.tokenizer(args), shape,
-                            max_new_tokens=config.max_new_tokens)
+                            max_new_tokens=config.generation.max_new_tokens)
     prepare.check_resume(args, out, "niah.jsonl", probes, config,
                          masks=[m.to_dict() for m in masks])  # other masks: refused here
     model, tok = prepare.load(args)
@@ -106,7 +106,7 @@ def cmd_mask_sweep(args: argparse.Namespace) -> int:
     scores = prepare.scores(args.scores, shape)
     sweep_masks(scores, args.ks, args.seeds, mode=args.mode, phase=args.phase)  # K fits, heads drawable
     probes = prepare.probes(args, prepare.tokenizer(args), shape,
-                            max_new_tokens=config.max_new_tokens)
+                            max_new_tokens=config.generation.max_new_tokens)
     prepare.check_resume(args, out, "niah.jsonl", probes, config)
     model, tok = prepare.load(args)
     sweep = mask_sweep(model, probes, scores, ks=args.ks, seeds=args.seeds, mode=args.mode,

@@ -12,6 +12,7 @@ from rhlens.cli.args import (
     add_model_args,
     add_out_args,
     add_probe_args,
+    detect_generation,
     draws,
     int_list,
     positive_int,
@@ -80,11 +81,9 @@ def _config(args: argparse.Namespace):
     from rhlens.families import FamiliesConfig
     from rhlens.retrieval import DetectConfig
 
-    detect = {"max_new_tokens": args.max_new_tokens, "prefill_chunk": args.prefill_chunk}
-    if args.batch_size is not None:
-        detect["batch_size"] = args.batch_size
     families = {} if args.family is None else {"families": tuple(f.strip() for f in args.family.split(","))}
-    return FamiliesConfig(**families, detect=DetectConfig(**detect), answers=args.answers,
+    return FamiliesConfig(**families, detect=DetectConfig().with_generation(**detect_generation(args)),
+                          answers=args.answers,
                           mass_span=args.mass_span, query_span=args.query_span,
                           n_sequences=args.sequences)
 
@@ -94,7 +93,7 @@ def _probes(args: argparse.Namespace, tok, shape, config):
     if not config.probe_families:
         return None
     if args.needle_set is None or args.needles:
-        return prepare.probes(args, tok, shape, max_new_tokens=config.detect.max_new_tokens)
+        return prepare.probes(args, tok, shape, max_new_tokens=config.detect.generation.max_new_tokens)
     from rhlens.cli.args import probe_config
     from rhlens.families import needle_set
     from rhlens.probes import build_probes
@@ -105,7 +104,7 @@ def _probes(args: argparse.Namespace, tok, shape, config):
         raise ConfigError(f"--n-needles {args.n_needles}: the {args.needle_set} set has {len(found)} needles")
     built = build_probes(tok, config=probe_config(args), needles=found[: args.n_needles or None],
                          haystack=args.haystack, max_length=shape.n_ctx)
-    check_probes(built.probes, shape.n_ctx, config.detect.max_new_tokens, name="--max-new-tokens")
+    check_probes(built.probes, shape.n_ctx, config.detect.generation.max_new_tokens, name="--max-new-tokens")
     return built
 
 
@@ -143,7 +142,7 @@ def cmd_scores(args: argparse.Namespace) -> int:
     judge_probes = probes
     if args.judge_split:
         judge_probes = prepare.probes(_argparse_ns(args, args.judge_split), tok, shape,
-                                      max_new_tokens=config.detect.max_new_tokens)
+                                      max_new_tokens=config.detect.generation.max_new_tokens)
     if probes is not None:
         prepare.check_resume(args, out, FAMILIES_LOG, probes, config)
     if args.judge:  # the judging sweep's records, before the weights
@@ -200,8 +199,8 @@ def _judge(args, model, tok, probes, fs, out) -> dict:
     say(f"judging {', '.join(rankings)}: K = {', '.join(map(str, args.ks))}, {args.seeds} random "
         f"seed(s) -> {where}")
     res = damage_sweep(model, probes, rankings, ks=args.ks, seeds=args.seeds, mode=args.mode,
-                       config=NIAHConfig(max_new_tokens=args.max_new_tokens,
-                                         prefill_chunk=args.prefill_chunk),
+                       config=NIAHConfig().with_generation(max_new_tokens=args.max_new_tokens,
+                                                           prefill_chunk=args.prefill_chunk),
                        tokenizer=tok, needle_set=fs.needle_set, out=where, progress=not args.quiet)
     written = {"damage": res.save(where)}
     written["damage_figure"] = save_figure(plot_damage_curves(res), Path(out) / "damage.png")

@@ -37,7 +37,8 @@ from rhlens.compress.policy import (
     random_policy,
     streaming_policy,
 )
-from rhlens.engine import GenerationConfig, KernelPolicy, StepState, generate_many, model_tokenizer
+from rhlens.distributed import Sweep, decode_step_tokens, engine_plan
+from rhlens.engine import KernelPolicy, StepState, generate_many, model_tokenizer
 from rhlens.errors import ConfigError
 from rhlens.families import needle_mass_scores
 from rhlens.masks import seed_list
@@ -47,7 +48,6 @@ from rhlens.retrieval import DetectConfig, check_probes
 from rhlens.store.display import Displayed
 from rhlens.store.identity import run_header
 from rhlens.store.layout import COMPRESS_LOG
-from rhlens.store.logs import ProbeLog, Records
 from rhlens.store.results import Config, Result
 
 __all__ = ["CompressSweepResult", "compress_sweep", "needle_attention_mass", "sweep_policies"]
@@ -222,10 +222,10 @@ def compress_sweep(model, probes: Sequence[Probe], rankings: Mapping[str, Any], 
         niah: answer length, success threshold (:class:`~rhlens.niah.NIAHConfig`).
         batch_size: a probe's policies decoded together (default: all of them, up to 32;
             each row holds its own copy of the prompt's KV cache).
-        kernel_policy: the decode step's kernels (``None``: the device's defaults, under which
-            every row is answered exactly as it would be alone; ``KernelPolicy(rows="batch")``
-            shares one product per weight matrix between a batch's rows, faster on a CPU, and a
-            row may then round as it would not alone).
+        kernel_policy: the decode step's kernels (``None``: ``niah.generation.policy``, by
+            default the device's, under which every row is answered exactly as it would be
+            alone; ``KernelPolicy(rows="batch")`` shares one product per weight matrix between
+            a batch's rows, faster on a CPU, and a row may then round as it would not alone).
         out: ``out/compress.jsonl`` gets every answer as it is made; a rerun resumes.
         windows, ranking_windows: a window per budget or per ranking (:func:`sweep_policies`).
     """
@@ -235,7 +235,7 @@ def compress_sweep(model, probes: Sequence[Probe], rankings: Mapping[str, Any], 
         raise ConfigError("config must be a CompressConfig and niah a NIAHConfig")
     tokenizer = model_tokenizer(model, tokenizer)
     probes = list(probes)
-    check_probes(probes, getattr(model.cfg, "n_ctx", None), niah.max_new_tokens)
+    check_probes(probes, getattr(model.cfg, "n_ctx", None), niah.generation.max_new_tokens)
     layout = CacheLayout.of(model)
     context = max(p.n_tokens for p in probes)
     policies = sweep_policies(layout, context, rankings, budgets, seeds, config=config,
@@ -257,42 +257,47 @@ def compress_sweep(model, probes: Sequence[Probe], rankings: Mapping[str, Any], 
 
     name = getattr(model, "rhlens_name", None) or "model"
     described = {p.label: p.describe(layout, context) for p in policies}
-    gen_config = GenerationConfig(max_new_tokens=niah.max_new_tokens,
-                                  stop_at_newline=niah.stop_at_newline,
-                                  prefill_chunk=niah.prefill_chunk, batch_size=rows,
-                                  policy=kernel_policy)
-    log = None
-    if out is not None:
-        # the kernels and the batch shape are part of the run: under rows="batch" a row's
-        # rounding depends on its batch
-        log = ProbeLog(out, run_header(
-            model, probes, niah, compress=config.to_dict(), context=context, policies=described,
-            batch_size=rows, kernel_policy=gen_config.kernel_policy(model)),
-                       name=COMPRESS_LOG)
-    done = log.done if log else {}
+    gen_config = replace(niah.generation, batch_size=rows,
+                         policy=niah.generation.policy if kernel_policy is None else kernel_policy)
+    # the kernels and the batch shape are part of the run: under rows="batch" a row's
+    # rounding depends on its batch
+    header = None if out is None else run_header(
+        model, probes, niah, compress=config.to_dict(), context=context, policies=described,
+        batch_size=rows, kernel_policy=gen_config.kernel_policy(model))
+    device = next(model.parameters()).device
+    sweep = Sweep(out, header, COMPRESS_LOG, total=len(probes) * len(policies), desc="compress",
+                  weights={f"{p.label}|{q.key}": q.n_tokens for q in probes for p in policies},
+                  progress=progress, device=device)
     order = sorted(probes, key=lambda p: (p.length, p.needle_id, -p.depth))
     work = [(p, i) for p in order for i in range(len(distinct))
-            if any(f"{label}|{p.key}" not in done for label in labels_of[i])]
-    total = len(probes) * len(policies)
-    sink = Records(log, progress=progress, total=total, desc="compress",
-                   initial=sum(1 for key in done if key.split("|", 1)[0] in described))
+            if any(f"{label}|{p.key}" not in sweep.done for label in labels_of[i])]
+    # a probe's policies are rows of one batch on one prefill: one unit
+    costs, links = engine_plan([p.prompt_ids for p, _ in work], max_new_tokens=gen_config.max_new_tokens,
+                               batch_size=rows, chunk=gen_config.chunk_for(device),
+                               world=sweep.world, step_tokens=decode_step_tokens(device))
     mask = PolicyMask(model, distinct, layout)
-    mask.items = {j: i for j, (_, i) in enumerate(work)}
-    state = StepState()  # the bar moves at every decode step: each row's share of its answers
-    per_row = total / max(1, len(work)) / gen_config.max_new_tokens
-    state.on_step = lambda: sink.advance(state.rows * per_row)
-    gens = generate_many(model, tokenizer, [p.prompt_ids for p, _ in work], config=gen_config,
-                         hooks=mask.hooks(), on_start=mask.on_start, state=state)
-    try:
-        for (probe, i), gen in zip(work, gens):
-            for label in labels_of[i]:
-                if f"{label}|{probe.key}" not in sink.done:
-                    sink.add(answer_record(probe, gen.response, label, niah.success_threshold))
-    finally:
-        gens.close()
-    sink.close()
+    state = StepState()
+    keys = [f"{labels_of[i][0]}|{p.key}" for p, i in work]
+    written = [f"{label}|{p.key}" for p, i in work for label in labels_of[i]]
+    for unit in sweep.run(keys, costs, links, records=written):
+        items = [work[u] for u in unit]
+        mask.items = {j: i for j, (_, i) in enumerate(items)}
+        # the bar moves at every decode step by the step's share of the unit's answers
+        share = sum(p.n_tokens * len(labels_of[i]) for p, i in items) / gen_config.max_new_tokens
+        state.on_step = lambda share=share: sweep.advance(share)
+        gens = generate_many(model, tokenizer, [p.prompt_ids for p, _ in items], config=gen_config,
+                             hooks=mask.hooks(), on_start=mask.on_start, state=state)
+        try:
+            for (probe, i), gen in zip(items, gens):
+                todo = [label for label in labels_of[i] if f"{label}|{probe.key}" not in sweep.done]
+                for n, label in enumerate(todo):  # one answer, counted once in the stats
+                    sweep.add(answer_record(probe, gen.response, label, niah.success_threshold),
+                              generation=gen if n == 0 else None)
+        finally:
+            gens.close()
+    done = sweep.finish()
     labels = [p.label for p in policies]
-    result = NIAHResult(records=finished_records(sink.done, labels, probes), masks=described,
+    result = NIAHResult(records=finished_records(done, labels, probes), masks=described,
                         model_name=name, config=niah)
     return CompressSweepResult(budgets=_budget_list(budgets), context=context, policies=described,
                                niah=result, rankings=list(rankings), seeds=drawn, config=config)
@@ -316,7 +321,6 @@ def needle_attention_mass(model, probes: Sequence[Probe], *, niah: NIAHConfig | 
     niah = niah or NIAHConfig()
     if not isinstance(niah, NIAHConfig):
         raise ConfigError(f"niah must be a NIAHConfig, got {type(niah).__name__}")
-    config = DetectConfig(success_threshold=niah.success_threshold, max_new_tokens=niah.max_new_tokens,
-                          stop_at_newline=niah.stop_at_newline, prefill_chunk=niah.prefill_chunk,
-                          batch_size=batch_size)
+    config = DetectConfig(success_threshold=niah.success_threshold,
+                          generation=replace(niah.generation, batch_size=batch_size))
     return needle_mass_scores(model, probes, config=config, tokenizer=tokenizer)

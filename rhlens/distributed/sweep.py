@@ -95,7 +95,8 @@ def _launch_entry(launch: str, world: int, stats: Sequence[Mapping[str, Any]]) -
 
 class Sweep:
     """An analysis' finished records, where new ones go, which units this process runs, and
-    the progress bar; the one mechanism every sweep (detect, niah, cot, patch) shares.
+    the progress bar; the one mechanism every sweep (detect, niah, cot, patch, score families,
+    the KV budget sweep) shares.
 
     ``out=None``: nothing is written (inside a launch the records are gathered at
     :meth:`finish`). In one process it is the folder's :class:`~rhlens.io.ProbeLog` and
@@ -180,12 +181,14 @@ class Sweep:
 
     # -- the work
     def run(self, keys: Sequence[str], costs: Sequence[int | float],
-            links: Sequence[bool]) -> Iterator[list[int]]:
+            links: Sequence[bool], *, records: Sequence[str] | None = None) -> Iterator[list[int]]:
         """The units this process runs, as lists of indices into ``keys`` (the items still to
         do, in the order a one-process run answers them). In one process: all of them, in
         that order; in a launch: taken from the queue, longest first, until none is left.
-        Every rank calls ``run`` with the same arguments, as often as the others."""
-        self.order += list(keys)
+        Every rank calls ``run`` with the same arguments, as often as the others.
+        ``records``: the keys of the records the items make, in the order a one-process run
+        writes them, where an item makes several (default: ``keys``); the merged log keeps it."""
+        self.order += list(keys if records is None else records)
         units = plan_units(costs, links)
         self._runs += 1
         for unit in self._claim(units):

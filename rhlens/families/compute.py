@@ -13,7 +13,9 @@
 
 Given ``out``, each probe's record is appended to ``out/families.jsonl`` as soon as it is
 known and a rerun skips the probes found there (``out/families.run.json`` holds the run's
-identity; another model, probe set or setting is refused).
+identity; another model, probe set or setting is refused). The probes run on
+:class:`rhlens.distributed.Sweep`, so inside a ``torchrun`` launch they are split across the
+ranks, every rank returning every family.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 import torch
 from jaxtyping import Float
 
+from rhlens.distributed import Sweep, decode_step_tokens, engine_plan, prefix_order
 from rhlens.engine import StepState, generate_many, model_tokenizer
 from rhlens.engine.bridge import hf_model, text_config
 from rhlens.errors import ConfigError
@@ -39,7 +42,6 @@ from rhlens.probes.probe import Probe
 from rhlens.retrieval import DetectConfig, bridge_shape, check_probes, copy_scores
 from rhlens.stats import rouge1_recall
 from rhlens.store.identity import run_header
-from rhlens.store.logs import ProbeLog, Records
 
 __all__ = ["FAMILIES_LOG", "layer_types", "needle_mass_scores", "score_families"]
 
@@ -83,7 +85,7 @@ def score_families(model, probes: Sequence[Probe], *, config: FamiliesConfig | N
     name = getattr(model, "rhlens_name", None) or str(getattr(model.cfg, "model_name", "model"))
     results: list[FamilyScores] = []
     if config.probe_families:
-        check_probes(probes, n_ctx, config.detect.max_new_tokens)
+        check_probes(probes, n_ctx, config.detect.generation.max_new_tokens)
         if "query" in config.probe_families:
             for p in probes:  # every probe must have a findable question, before any compute
                 question_span(p, tokenizer)
@@ -113,29 +115,28 @@ def score_families(model, probes: Sequence[Probe], *, config: FamiliesConfig | N
 
 def _probe_records(model, tokenizer, probes: list[Probe], config: FamiliesConfig,
                    out: str | Path | None, progress: bool) -> dict[str, dict[str, Any]]:
-    """One record per probe: the answer, success, and each probe family's ``[layer, head]``."""
+    """One record per probe: the answer, success, and each probe family's ``[layer, head]``,
+    on the one resumable loop (:class:`rhlens.distributed.Sweep`; split across the ranks of a
+    ``torchrun`` launch)."""
     detect = config.detect
-    log = None
-    if out is not None:
-        log = ProbeLog(Path(out), run_header(
-            model, probes, config,
-            kernel_policy=detect.generation().kernel_policy(model)), name=FAMILIES_LOG)
-    finished = log.done if log else {}
-    todo = [p for p in probes if p.key not in finished]
-    todo.sort(key=lambda p: (p.length, p.needle_id, p.meta.get("haystack", ""), -p.depth))
-    # Buffers are sized by the probes, never by the flag alone (as detection does): a batch
-    # holds at most the probes of one token count, so batch_size=10**12 allocates no 10**12 rows.
-    most = max(Counter(len(p.prompt_ids) for p in todo).values(), default=1)
-    if detect.batch_size > most:
-        detect = dataclasses.replace(detect, batch_size=most)
-    sink = Records(log, progress=progress, total=len(probes), desc="families", unit="probe",
-                   initial=len(probes) - len(todo), weights={p.key: p.n_tokens for p in probes})
+    generation = detect.generation
+    device = next(model.parameters()).device
+    header = None if out is None else run_header(
+        model, probes, config, kernel_policy=generation.kernel_policy(model))
+    sweep = Sweep(out, header, FAMILIES_LOG, total=len(probes), desc="families", unit="probe",
+                  weights={p.key: p.n_tokens for p in probes}, progress=progress, device=device)
+    # Probes of one length and haystack side by side, sorted by their tokens: each reuses the
+    # longest prefix there is (as detection orders them; rhlens.distributed.prefix_order).
+    todo = [p for p in probes if p.key not in sweep.done]
+    groups = [(p.length, str(p.meta.get("haystack_sha256", p.meta.get("haystack", "")))) for p in todo]
+    order = prefix_order([p.prompt_ids for p in todo], groups)
+    todo, groups = [todo[i] for i in order], [groups[i] for i in order]
     wants_query = "query" in config.probe_families
 
     def forced(probe: Probe, answer: list[int] | None) -> dict[str, torch.Tensor]:
         return forced_scores(model, probe, answer_ids=answer, tokenizer=tokenizer,
                              query_span=config.query_span if wants_query else None,
-                             mass_span=config.mass_span, prefill_chunk=detect.prefill_chunk)
+                             mass_span=config.mass_span, prefill_chunk=generation.prefill_chunk)
 
     def record(probe: Probe, scores: dict[str, torch.Tensor], **answer: Any) -> dict[str, Any]:
         rec = {"key": probe.key, "length": probe.length, "depth": probe.depth,
@@ -146,54 +147,65 @@ def _probe_records(model, tokenizer, probes: list[Probe], config: FamiliesConfig
         rec.update({f: _grid(scores[f]) for f in config.probe_families})
         return rec
 
-    if config.answers == "reference":
-        for probe in todo:
-            t = time.perf_counter()
-            answer = list(probe.prompt_ids[probe.needle_span[0]:probe.needle_span[1]])
-            scores = forced(probe, answer)
-            sink.add(record(probe, scores, response=probe.real_needle, response_ids=answer,
-                            rouge_recall=1.0, success=True, stop_reason="reference",
-                            seconds=round(time.perf_counter() - t, 3)))
-        sink.close()
-        return sink.done
+    keys = [p.key for p in todo]
+    if config.answers == "reference":  # one forward per probe: each its own unit
+        for unit in sweep.run(keys, [p.n_tokens for p in todo], [False] * len(todo)):
+            for probe in (todo[i] for i in unit):
+                t = time.perf_counter()
+                answer = list(probe.prompt_ids[probe.needle_span[0]:probe.needle_span[1]])
+                scores = forced(probe, answer)
+                sweep.add(record(probe, scores, response=probe.real_needle, response_ids=answer,
+                                 rouge_recall=1.0, success=True, stop_reason="reference",
+                                 seconds=round(time.perf_counter() - t, 3)))
+        return sweep.finish()
 
+    # Buffers are sized by the probes, never by the flag alone (as detection does): a batch
+    # holds at most the probes of one token count, so batch_size=10**12 allocates no 10**12 rows.
+    most = max(Counter(len(p.prompt_ids) for p in todo).values(), default=1)
+    if generation.batch_size > most:
+        generation = dataclasses.replace(generation, batch_size=most)
     n_layers, n_heads, _, _ = bridge_shape(model)
-    device = next(model.parameters()).device
     state = StepState()
-    recorder = AnswerRecorder(n_layers, n_heads, detect.max_new_tokens, state, device,
-                              max_batch=detect.batch_size)
-    mass_spans = [probe_span(p, config.mass_span) for p in todo]
+    recorder = AnswerRecorder(n_layers, n_heads, generation.max_new_tokens, state, device,
+                              max_batch=generation.batch_size)
+    costs, links = engine_plan([p.prompt_ids for p in todo], max_new_tokens=generation.max_new_tokens,
+                               batch_size=generation.batch_size, chunk=generation.chunk_for(device),
+                               groups=groups, world=sweep.world, step_tokens=decode_step_tokens(device))
+    for unit in sweep.run(keys, costs, links):
+        batch = [todo[i] for i in unit]
+        mass_spans = [probe_span(p, config.mass_span) for p in batch]
 
-    def start(i: int) -> None:
-        recorder.reset()
-        recorder.begin(mass_spans[i])
+        def start(i: int, mass_spans=mass_spans) -> None:
+            recorder.reset()
+            recorder.begin(mass_spans[i])
 
-    gens = generate_many(model, tokenizer, [p.prompt_ids for p in todo], config=detect.generation(),
-                         hooks=recorder.hooks(), state=state, on_start=start)
-    t_last = time.perf_counter()
-    try:
-        for probe, gen in zip(todo, gens):
-            row = gen.info.get("batch_row", 0)
-            steps = gen.n_steps
-            positions = recorder.positions(row)[:steps].cpu()
-            generated = torch.tensor(gen.response_ids)
-            prompt = torch.tensor(list(probe.prompt_ids))
-            span = (int(probe.needle_span[0]), int(probe.needle_span[1]))
-            scores = {"copy": copy_scores(positions, generated, prompt, span, "unique"),
-                      "copy-paper": copy_scores(positions, generated, prompt, span, "paper"),
-                      "mass": recorder.mass(row)[:steps].mean(0).cpu()}
-            if wants_query:
-                scores["query"] = forced(probe, None)["query"]
-            recall = rouge1_recall(probe.real_needle, gen.response)
-            now = time.perf_counter()
-            sink.add(record(probe, scores, response=gen.response, response_ids=gen.response_ids,
-                            rouge_recall=recall, success=recall > detect.success_threshold,
-                            stop_reason=gen.stop_reason, seconds=round(now - t_last, 3)))
-            t_last = now
-    finally:
-        gens.close()
-    sink.close()
-    return sink.done
+        state.spread(sum(p.n_tokens for p in batch), generation.max_new_tokens, sweep.advance)
+        gens = generate_many(model, tokenizer, [p.prompt_ids for p in batch], config=generation,
+                             hooks=recorder.hooks(), state=state, on_start=start)
+        t_last = time.perf_counter()
+        try:
+            for probe, gen in zip(batch, gens):
+                row = gen.info.get("batch_row", 0)
+                steps = gen.n_steps
+                positions = recorder.positions(row)[:steps].cpu()
+                generated = torch.tensor(gen.response_ids)
+                prompt = torch.tensor(list(probe.prompt_ids))
+                span = (int(probe.needle_span[0]), int(probe.needle_span[1]))
+                scores = {"copy": copy_scores(positions, generated, prompt, span, "unique"),
+                          "copy-paper": copy_scores(positions, generated, prompt, span, "paper"),
+                          "mass": recorder.mass(row)[:steps].mean(0).cpu()}
+                if wants_query:
+                    scores["query"] = forced(probe, None)["query"]
+                recall = rouge1_recall(probe.real_needle, gen.response)
+                now = time.perf_counter()
+                sweep.add(record(probe, scores, response=gen.response, response_ids=gen.response_ids,
+                                 rouge_recall=recall, success=recall > detect.success_threshold,
+                                 stop_reason=gen.stop_reason, seconds=round(now - t_last, 3)),
+                          generation=gen)
+                t_last = now
+        finally:
+            gens.close()
+    return sweep.finish()
 
 
 def needle_mass_scores(model, probes: Sequence[Probe], *, config: DetectConfig | None = None,

@@ -1,6 +1,7 @@
 """Models: loading into a ``TransformerBridge`` (:mod:`.load`), their files and hashes
 (:mod:`.files`) and the packaged-model registry (:mod:`.packaged`)."""
 
+from rhlens.deprecation import package_names
 from rhlens.models import files, load, packaged
 from rhlens.models.files import (
     cache_dir,
@@ -45,10 +46,5 @@ __all__ = [
 ]
 
 
-def __getattr__(attr: str):
-    """Every other name of the module ``rhlens.models`` was before it became a package (its
-    submodules' names, private ones included), so that older code keeps working."""
-    for module in (load, files, packaged,):
-        if hasattr(module, attr):
-            return getattr(module, attr)
-    raise AttributeError(f"module 'rhlens.models' has no attribute {attr!r}")
+# every other name the module rhlens.models had before it became a package
+__getattr__ = package_names("rhlens.models", (load, files, packaged))

@@ -1,6 +1,7 @@
 """Probes: the :class:`Probe` (:mod:`.probe`), haystacks (:mod:`.haystacks`), needles and
 building the grid (:mod:`.build`)."""
 
+from rhlens.deprecation import package_names
 from rhlens.probes import build, haystacks
 from rhlens.probes.build import (
     BUILTIN_NEEDLES,
@@ -48,10 +49,5 @@ __all__ = [
 ]
 
 
-def __getattr__(attr: str):
-    """Every other name of the module ``rhlens.probes`` was before it became a package (its
-    submodules' names, private ones included), so that older code keeps working."""
-    for module in (build, haystacks,):
-        if hasattr(module, attr):
-            return getattr(module, attr)
-    raise AttributeError(f"module 'rhlens.probes' has no attribute {attr!r}")
+# every other name the module rhlens.probes had before it became a package
+__getattr__ = package_names("rhlens.probes", (build, haystacks))

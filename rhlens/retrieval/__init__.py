@@ -9,6 +9,7 @@
 * :mod:`.official`: the per-head scores Wu et al. (2024) released.
 """
 
+from rhlens.deprecation import package_names
 from rhlens.retrieval import config, detect, official, scores
 from rhlens.retrieval.config import DetectConfig
 from rhlens.retrieval.detect import (
@@ -51,10 +52,5 @@ __all__ = [
 ]
 
 
-def __getattr__(attr: str):
-    """Every other name of the module ``rhlens.retrieval`` was before it became a package (its
-    submodules' names, private ones included), so that older code keeps working."""
-    for module in (detect, scores, config, official,):
-        if hasattr(module, attr):
-            return getattr(module, attr)
-    raise AttributeError(f"module 'rhlens.retrieval' has no attribute {attr!r}")
+# every other name the module rhlens.retrieval had before it became a package
+__getattr__ = package_names("rhlens.retrieval", (detect, scores, config, official))

@@ -452,24 +452,24 @@ def detect_retrieval_heads(model, probes: Sequence[Probe], *, config: DetectConf
     part = shard_of(probes)
     probes = list(probes)
     n_layers, n_heads, n_kv, n_ctx = bridge_shape(model)
-    check_probes(probes, n_ctx, config.max_new_tokens)
+    check_probes(probes, n_ctx, config.generation.max_new_tokens)
     name = getattr(model, "rhlens_name", None) or str(getattr(model.cfg, "model_name", "model"))
     # How many probes share a batch changes the cost, not the experiment; the kernels that
     # ran (which can round bf16 scores differently) are recorded as resolved.
     header = None if out is None else run_header(
-        model, probes, config, kernel_policy=config.generation().kernel_policy(model))
+        model, probes, config, kernel_policy=config.generation.kernel_policy(model))
     # Buffers are sized by the probes, never by the flag alone: a batch holds at most the
     # probes of one token count (a batch_size of 10**12 must not allocate 10**12 rows).
     most = max(Counter(len(p.prompt_ids) for p in probes).values())
-    if config.batch_size > most:
-        config = replace(config, batch_size=most)
+    if config.generation.batch_size > most:
+        config = replace(config, generation=replace(config.generation, batch_size=most))
     device = next(model.parameters()).device
     sweep = Sweep(out, header, "probes.jsonl", total=len(probes), desc="detect", unit="probe",
                   weights={p.key: p.n_tokens for p in probes}, progress=progress, shard=part,
                   device=device)
     state = StepState()
-    recorder = TopKeyRecorder(n_layers, n_heads, config.max_new_tokens, state, device,
-                              max_batch=config.batch_size)
+    recorder = TopKeyRecorder(n_layers, n_heads, config.generation.max_new_tokens, state, device,
+                              max_batch=config.generation.batch_size)
     # One length's probes of one haystack (every needle, every depth) sorted by their tokens:
     # each shares the longest prefix there is with the previous one, so the engine prefills
     # only what differs; probes of equal token count are decoded together, batch_size at a
@@ -479,17 +479,17 @@ def detect_retrieval_heads(model, probes: Sequence[Probe], *, config: DetectConf
               for p in todo]
     order = prefix_order([p.prompt_ids for p in todo], groups)
     todo, groups = [todo[i] for i in order], [groups[i] for i in order]
-    costs, links = engine_plan([p.prompt_ids for p in todo], max_new_tokens=config.max_new_tokens,
-                               batch_size=config.batch_size,
-                               chunk=config.generation().chunk_for(device), groups=groups,
+    costs, links = engine_plan([p.prompt_ids for p in todo], max_new_tokens=config.generation.max_new_tokens,
+                               batch_size=config.generation.batch_size,
+                               chunk=config.generation.chunk_for(device), groups=groups,
                                world=sweep.world, step_tokens=decode_step_tokens(device))
     records = sweep.sink.done
     for unit in sweep.run([p.key for p in todo], costs, links):
         batch = [todo[i] for i in unit]
         # The bar moves with every prefill chunk and decode step (StepState.spread).
-        state.spread(sum(p.n_tokens for p in batch), config.max_new_tokens, sweep.advance)
+        state.spread(sum(p.n_tokens for p in batch), config.generation.max_new_tokens, sweep.advance)
         gens = generate_many(model, tokenizer, [p.prompt_ids for p in batch],
-                             config=config.generation(), hooks=recorder.hooks(), state=state,
+                             config=config.generation, hooks=recorder.hooks(), state=state,
                              on_start=lambda i: recorder.reset())
         t_last = time.perf_counter()
         per_probe = 0.0

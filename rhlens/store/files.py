@@ -3,6 +3,7 @@ errors that name the file, append-only JSONL. The one ``write_json`` of rhlens."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import stat
@@ -14,7 +15,16 @@ from typing import Any
 from rhlens.errors import ConfigError, ResultError
 from rhlens.validate import input_file
 
-__all__ = ["atomic_write", "atomic_write_text", "read_json", "read_jsonl", "write_json"]
+__all__ = ["atomic_write", "atomic_write_text", "json_normal", "read_json", "read_jsonl", "write_json"]
+
+
+def json_normal(obj: Any) -> Any:
+    """``obj`` as JSON reads it back, leniently (a run's header, a log record): tuples as lists,
+    a dataclass as its ``to_dict()`` (else its fields), any other object as its ``str``. A
+    saved result is written strictly instead (:meth:`rhlens.store.results.Result.save`)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = obj.to_dict() if hasattr(obj, "to_dict") else dataclasses.asdict(obj)
+    return json.loads(json.dumps(obj, default=str))
 
 
 def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:

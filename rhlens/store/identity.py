@@ -12,13 +12,13 @@ beside it and never block a resume. :class:`rhlens.io.ProbeLog` writes the heade
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from rhlens.store.files import json_normal
 from rhlens.version import __version__
 
 __all__ = ["RunHeader", "diff_identity", "merge_identity", "model_identity", "run_header",
@@ -41,20 +41,13 @@ class RunHeader:
     recorded: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain({"identity": self.identity, "recorded": self.recorded,
+        return json_normal({"identity": self.identity, "recorded": self.recorded,
                        "rhlens_version": __version__})
-
-
-def _plain(obj: Any) -> Any:
-    """JSON-normal form (tuples as lists, dataclasses as dicts, other objects as strings)."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        obj = obj.to_dict() if hasattr(obj, "to_dict") else dataclasses.asdict(obj)
-    return json.loads(json.dumps(obj, default=str))
 
 
 def split_settings(settings: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(shaping, recorded)``: a config's fields that change results, and those that don't."""
-    settings = _plain(settings) if settings is not None else {}
+    settings = json_normal(settings) if settings is not None else {}
     shaping, recorded = {}, {}
     for key, value in settings.items():
         if key in RECORDED_ONLY:
@@ -116,13 +109,13 @@ def run_header(model: Any = None, probes: Sequence[Any] | None = None, config: A
         recorded["grid"] = probes_grid(probes)
     if config is not None:
         identity["config"], recorded["config"] = split_settings(config)
-    for key, value in _plain(extra).items():
+    for key, value in json_normal(extra).items():
         if key in _KERNEL_POLICY_KEYS and isinstance(value, dict):  # e.g. the resolved policy
             identity[key] = {k: v for k, v in value.items() if k in RESULT_SHAPING_KERNEL_KEYS}
             recorded[key] = value
         else:
             identity[key] = value
-    return RunHeader(_plain(identity), _plain(recorded))
+    return RunHeader(json_normal(identity), json_normal(recorded))
 
 
 def _device(model: Any) -> str | None:

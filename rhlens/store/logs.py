@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from rhlens.errors import ConfigError
-from rhlens.store.files import atomic_write_text, read_jsonl, write_json
+from rhlens.store.files import atomic_write_text, json_normal, read_jsonl, write_json
 from rhlens.store.identity import RunHeader, diff_identity, merge_identity
 from rhlens.store.layout import LOCK_FILE, PROBES_LOG, SHARDS, run_json_of
 from rhlens.validate import check_output_dir, own_file
@@ -190,7 +190,7 @@ def open_header(out: str | Path, header: RunHeader | Mapping[str, Any],
     file's content. The caller holds the folder (:func:`lock_output`)."""
     out = Path(out)
     if not isinstance(header, RunHeader):
-        header = RunHeader(json.loads(json.dumps(dict(header), default=str)))
+        header = RunHeader(json_normal(dict(header)))
     doc = header.to_dict()
     head_path = header_path(out, name)
     old = check_resume(out, header, name)

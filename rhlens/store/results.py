@@ -72,8 +72,14 @@ class Config:
         """``{"type": class name, field: value, ...}``, JSON-ready."""
         out: dict[str, Any] = {"type": type(self).__name__}
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            out[f.name] = _plain(getattr(self, f.name), f"{type(self).__name__}.{f.name}")
+            out[f.name] = _to_saved(getattr(self, f.name), f"{type(self).__name__}.{f.name}")
         return out
+
+    @classmethod
+    def saved_settings(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """A saved form of this config as its fields (a config whose fields moved reads its
+        older forms here; see :func:`rhlens.engine.holder.holds_generation`)."""
+        return data
 
     @classmethod
     def from_dict(cls: type[C], data: dict[str, Any]) -> C:
@@ -84,6 +90,7 @@ class Config:
         target = Config._configs.get(name)
         if target is None or not issubclass(target, cls):
             raise ConfigError(f"{name!r} is not a {cls.__name__}")
+        data = target.saved_settings(data)
         names = {f.name: f for f in dataclasses.fields(target)}  # type: ignore[arg-type]
         unknown = sorted(k for k in data if k != "type" and k not in names)
         if unknown:
@@ -132,7 +139,7 @@ class Result:
                     v.save(directory / f.name / str(i))
                 fields[f.name] = {"__results__": f.name, "n": len(value)}
             else:
-                fields[f.name] = _plain(value, f"{type(self).__name__}.{f.name}")
+                fields[f.name] = _to_saved(value, f"{type(self).__name__}.{f.name}")
         if tensors:
             atomic_write(directory / TENSOR_FILE, lambda tmp: save_file(tensors, tmp))
         doc = {"kind": self.kind, "schema_version": self.schema_version,
@@ -246,7 +253,7 @@ def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
 
 
 # ---- JSON values -----------------------------------------------------------------------------
-def _plain(value: Any, where: str) -> Any:
+def _to_saved(value: Any, where: str) -> Any:
     """``value`` as JSON can hold it; a Config is tagged so it loads back as one."""
     if isinstance(value, Config):
         return {"__config__": value.to_dict()}
@@ -255,15 +262,15 @@ def _plain(value: Any, where: str) -> Any:
     if isinstance(value, float):
         return value if math.isfinite(value) else {"__float__": repr(value)}
     if isinstance(value, (list, tuple)):
-        return [_plain(v, where) for v in value]
+        return [_to_saved(v, where) for v in value]
     if isinstance(value, dict):
-        return {str(k): _plain(v, where) for k, v in value.items()}
+        return {str(k): _to_saved(v, where) for k, v in value.items()}
     if isinstance(value, Path):
         return str(value)
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         return value.item()
     if hasattr(value, "item") and callable(value.item):  # numpy scalars
-        return _plain(value.item(), where)
+        return _to_saved(value.item(), where)
     raise ResultError(f"{where}: cannot save a {type(value).__name__} (not JSON-able)")
 
 
