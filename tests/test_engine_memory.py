@@ -100,3 +100,19 @@ def test_the_progress_of_a_batch_moves_with_its_prefill_and_never_past_its_cost(
     for _ in range(6):  # more decode steps than announced (several batches): nothing past the cost
         state.on_step()
     assert sum(moved) == pytest.approx(1000) and moved[3:7] == [58, 58, 58, 58]
+
+
+def test_a_prefix_is_reused_only_from_a_row_prefilled_in_the_same_chunks(toy_model):
+    """A long prompt may be prefilled in smaller chunks than a short one (Runner.chunk_of): its
+    keys must not start from a prefix computed in other chunks (other rounding than alone)."""
+    from rhlens.engine.kv import KVPool
+
+    model, _ = toy_model
+    pool = KVPool(hf_model(model), len(model.blocks))
+    vocab = model.cfg.d_vocab
+    body = tuple(3 + i % (vocab - 3) for i in range(300))
+    other = body[:256] + tuple(3 + (i * 7) % (vocab - 3) for i in range(44))
+    pool.ensure(1, 400, body, None, True, 64)
+    assert pool.fill(model, 0, body, None, True, 64) == 0
+    assert pool.fill(model, 0, other, None, True, 64) == 256  # same chunks: the prefix is reused
+    assert pool.fill(model, 0, body, None, True, 128) == 0  # other chunks: computed anew

@@ -172,6 +172,7 @@ class KVPool:
         self.body: list[tuple[int, ...] | None] = []
         self.last: int | None = None
         self.key: Hashable = None
+        self.chunk: int | None = None  # the prefill chunk the last filled row was computed in
         p = next(hf.parameters())
         self.device, self.dtype = p.device, p.dtype
         # each layer's keys and values live where the layer runs (a model split over devices)
@@ -297,6 +298,8 @@ class KVPool:
         last = self.body[self.last]
         if last == body:
             return len(body)
+        if self.chunk != chunk:  # its keys were computed in other chunks: other rounding
+            return 0
         return reusable(_common_prefix(last, body), chunk)
 
     def fill(self, model, row: int, body: tuple[int, ...], key: Hashable, reuse: bool,
@@ -319,7 +322,7 @@ class KVPool:
         cache = buffer_cache(self.hf, [k[row:row + 1] for k in self.k],
                              [v[row:row + 1] for v in self.v], keep)
         prefill(model, body[keep:], cache, chunk=chunk, attn=attn, on_chunk=on_chunk)
-        self.body[row], self.last = body, row
+        self.body[row], self.last, self.chunk = body, row, chunk
         return keep
 
     def decode_cache(self, rows: int, length: int):

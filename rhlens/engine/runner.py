@@ -27,6 +27,11 @@ from rhlens.engine.hooks import HookPair, StepState, phase
 from rhlens.engine.kv import done_with, forget_pool, kept_pool, plain_cache_layers
 from rhlens.engine.lean import DecodeStep, LeanDecoder, lean_ok
 from rhlens.engine.native import DEFAULT_PREFILL_CHUNK, default_prefill_chunk, prefill
+
+# On a GPU, prompts this long are prefilled in chunks of LONG_PROMPT_CHUNK unless a chunk is set
+# (Runner.chunk_of): their KV is most of the card, and what else grows is one chunk's activations.
+LONG_PROMPT = 262144
+LONG_PROMPT_CHUNK = 8192
 from rhlens.engine.policy import KernelPolicy
 from rhlens.errors import ConfigError
 from rhlens.store.results import Config
@@ -199,6 +204,7 @@ class Runner:
         self.device = input_device(self.hf)  # where token ids go (the first of a split model's)
         self.policy = config.policy.resolve(self.device, model)
         self.chunk = config.chunk_for(self.device)
+        self._fitted: dict[int, int] = {}  # prompt length -> the chunk that let one row fit
         n_layers = plain_cache_layers(self.hf)
         self.pool = kept_pool(self.hf, n_layers, self) if n_layers else None
         self.eos = _eos_ids(tokenizer) if config.stop_at_eos else set()
@@ -222,9 +228,24 @@ class Runner:
         if self.pool is None:
             return 1
         cap = n_tokens - 1 + self.config.max_new_tokens
-        # where not even one row fits, a smaller prefill chunk for the rest of the run
-        rows, self.chunk = self.pool.fit(self.config.batch_size, cap, self.chunk)
+        chunk = self.chunk_of(n_tokens)
+        rows, fitted = self.pool.fit(self.config.batch_size, cap, chunk)
+        if fitted != chunk:  # not even one row fitted with the usual chunk
+            self._fitted[n_tokens] = fitted
         return rows
+
+    def chunk_of(self, n_tokens: int) -> int:
+        """The prefill chunk of a prompt of ``n_tokens`` (a function of its length alone, so a
+        prompt is prefilled in the same chunks in any batch or run): the config's, except on a
+        GPU for prompts of :data:`LONG_PROMPT` tokens or more when none was set, whose KV is
+        most of the card: :data:`LONG_PROMPT_CHUNK` (a 512K-token probe on an H100: the same
+        prefill rate, peak memory 3.0% above weights + KV instead of 5.6%; BENCHMARKS.md);
+        or a smaller one that :meth:`KVPool.fit` found where not even one row fitted."""
+        if n_tokens in self._fitted:
+            return self._fitted[n_tokens]
+        if self.config.prefill_chunk is None and self.device.type == "cuda" and n_tokens >= LONG_PROMPT:
+            return min(self.chunk, LONG_PROMPT_CHUNK)
+        return self.chunk
 
     def _has_newline(self, tok: int) -> bool:
         hit = self._newline.get(tok)
@@ -239,7 +260,7 @@ class Runner:
         if self.config.reuse_prefix and self._last_body is not None and self._last_body[0] == (body, key):
             return copy.deepcopy(self._last_body[1]), [len(body)]
         cache = new_cache(self.hf)
-        prefill(self.model, body, cache, chunk=self.chunk, attn=self.policy.prefill_attn,
+        prefill(self.model, body, cache, chunk=self.chunk_of(len(body) + 1), attn=self.policy.prefill_attn,
                 on_chunk=self.state.on_prefill)
         self._last_body = ((body, key), copy.deepcopy(cache)) if self.config.reuse_prefix else None
         return cache, [0]
@@ -298,9 +319,10 @@ class Runner:
             if rows != 1:
                 raise RuntimeError("rhlens: batching needs a plain KV cache (engine bug)")
             return self._sliding_cache(bodies[0], items[0][2])
-        self.pool.ensure(rows, capacity, bodies[0], items[0][2], config.reuse_prefix, self.chunk)
+        chunk = self.chunk_of(n)
+        self.pool.ensure(rows, capacity, bodies[0], items[0][2], config.reuse_prefix, chunk)
         kept = [self.pool.fill(self.model, r, bodies[r], items[r][2], config.reuse_prefix,
-                               self.chunk, self.policy.prefill_attn, self.state.on_prefill)
+                               chunk, self.policy.prefill_attn, self.state.on_prefill)
                 for r in range(rows)]
         return (self.pool.decode_cache(rows, n - 1) if want_cache else None), kept
 
