@@ -334,7 +334,7 @@ class Runner:
         pool = self.pool
         with phase("decode", self.state):
             ran = decoder.decode(pool.k, pool.v, rows, n_prompt, last, self.config.max_new_tokens,
-                                 stops.add_steps, check)
+                                 stops.add_steps, check, on_step=self.state.on_step)
         decoder.crop(ran, [len(o) for o in stops.outs])
         return stops.result()
 
