@@ -324,7 +324,7 @@ results saved from Python) into one self-contained HTML file and a Markdown twin
 `rhlens report RUN_DIR ... --out report.html` on the command line."""),
     ("code", """\
 from rhlens.report import build_report
-from rhlens.runs import save_detection_run
+from rhlens.report.runs import save_detection_run
 
 save_detection_run(OUT / "detect", scores)
 sweep.save(OUT / "sweep")
