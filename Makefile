@@ -9,7 +9,7 @@ OUT ?= runs/demo
 # is reachable; where it is not, pip warns and falls back to its other indexes / find-links.
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: setup demo test lint clean browser notebooks
+.PHONY: setup demo test test-slow test-all lint clean browser notebooks
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,7 +30,15 @@ demo: $(STAMP)
 	$(BIN)/rhlens report $(OUT) --out $(OUT)/report.html
 	@echo "Results are in $(OUT)/: report.html and heads-*.html (open them in a browser), report.md, summary.json, head_scores.json, *.png"
 
+# make test leaves out the tests marked slow (the notebooks run top to bottom, the README's
+# Python blocks: each loads the default model in its own session); make test-slow runs them.
 test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+test-all: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 # The browser tests' needs (tests/test_browser.py skips without them): Playwright from PyPI and

@@ -189,7 +189,7 @@ It ends with a small masking curve and the one-file report. A few minutes on a C
 import os
 from pathlib import Path
 
-from rhlens.official import find_official_dir
+from rhlens.retrieval.official import find_official_dir
 
 LENGTHS = (450,)        # context lengths in tokens for detection
 DEPTHS = (20, 100)      # needle depths in percent (at 450 tokens, 20-90 all land at ~19%)
@@ -211,7 +211,7 @@ import torch
 
 import rhlens
 from rhlens.niah import NIAHConfig, mask_sweep
-from rhlens.official import load_official
+from rhlens.retrieval.official import load_official
 from rhlens.plotting import (
     plot_dynamic,
     plot_head_heatmap,
@@ -266,7 +266,7 @@ plot_stability(stab)"""),
 
 The per-probe scores Wu et al. released (`{"<layer>-<head>": [score, ...]}` per model) are
 read from `$RHLENS_OFFICIAL_SCORES` or `../shared/data/official_head_scores` next to this
-repository (`rhlens.official.fetch_official_scores(DIR)` downloads them, once, with network
+repository (`rhlens.retrieval.official.fetch_official_scores(DIR)` downloads them, once, with network
 access); without them these cells only say so."""),
     ("code", """\
 official = load_official(OFFICIAL) if OFFICIAL is not None else {}
@@ -324,7 +324,7 @@ results saved from Python) into one self-contained HTML file and a Markdown twin
 `rhlens report RUN_DIR ... --out report.html` on the command line."""),
     ("code", """\
 from rhlens.report import build_report
-from rhlens.runs import save_detection_run
+from rhlens.report.runs import save_detection_run
 
 save_detection_run(OUT / "detect", scores)
 sweep.save(OUT / "sweep")

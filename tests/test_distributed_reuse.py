@@ -291,20 +291,28 @@ def test_two_nodes_through_the_c10d_rendezvous(one_process, tmp_path):
     check_counts(one, out, 2, N_PROBES)
 
 
+DEFAULT_ARGS = ["detect", "--lengths", "400,500", "--depths", "0,100", "--n-needles", "2",
+                "--max-new-tokens", "16", "--prefill-chunk", "32", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def default_one(tmp_path_factory):
+    """The default model's grid below detected in this process (shared by both launches)."""
+    from rhlens.cli import main
+
+    one = tmp_path_factory.mktemp("default") / "one"
+    assert main([*DEFAULT_ARGS, "--out", str(one)]) == 0
+    return one
+
+
 @pytest.mark.parametrize("world", [2, 3])
-def test_ranks_prefill_what_one_process_prefills_on_the_default_model(world, tmp_path):
+def test_ranks_prefill_what_one_process_prefills_on_the_default_model(default_one, world, tmp_path):
     """``torchrun -m rhlens detect`` on the default model, 400 and 500 tokens x 2 depths x 2
     needles with 32-token prefill chunks (so that the haystack is reused on this CPU): per rank
     and in total in run.json; the sum over 2 or 3 ranks within 3% of one process's (a third
     rank may find no unit worth cutting for it); the same results."""
-    from rhlens.cli import main
-
-    args = ["detect", "--lengths", "400,500", "--depths", "0,100", "--n-needles", "2",
-            "--max-new-tokens", "16", "--prefill-chunk", "32", "--quiet"]
-    one = tmp_path / "one"
-    assert main([*args, "--out", str(one)]) == 0
     out = tmp_path / "ranks"
-    run = torchrun(world, "-m", "rhlens", *args, "--out", str(out))
+    run = torchrun(world, "-m", "rhlens", *DEFAULT_ARGS, "--out", str(out))
     assert run.returncode == 0, run.stderr[-3000:]
-    _same_as_one(one, out)
-    check_counts(one, out, world, 8, working=2)
+    _same_as_one(default_one, out)
+    check_counts(default_one, out, world, 8, working=2)

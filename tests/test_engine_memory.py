@@ -92,14 +92,20 @@ def test_a_row_too_long_for_the_default_chunk_fits_with_a_smaller_one(toy_model,
 def test_the_progress_of_a_batch_moves_with_its_prefill_and_never_past_its_cost():
     from rhlens.engine.hooks import StepState
 
-    state, moved = StepState(), []
-    state.spread(1000, 4, moved.append)
+    state, moved, calls = StepState(), [], []
+
+    def advance(amount, **kw):
+        moved.append(amount)
+        calls.append(kw)
+
+    state.spread(1000, 4, advance)
     for tokens in (256, 256, 256):  # three prefill chunks of a 768-token body
         state.on_prefill(tokens)
-    assert moved == [256, 256, 256]
+    assert moved == [256, 256, 256] and calls == [{"prefill": True}] * 3
     for _ in range(6):  # more decode steps than announced (several batches): nothing past the cost
         state.on_step()
     assert sum(moved) == pytest.approx(1000) and moved[3:7] == [58, 58, 58, 58]
+    assert calls[3:] == [{"share": 250.0}] * 4  # each step's even share, for the ETA
 
 
 def test_a_prefix_is_reused_only_from_a_row_prefilled_in_the_same_chunks(toy_model):

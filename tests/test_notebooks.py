@@ -70,6 +70,7 @@ def test_notebook_runs(path, monkeypatch):
     # tqdm's notebook bars have their widgets (no "IProgress not found" warning) ...
     stderr = "".join(o.get("text", "") for o in outputs if o.get("name") == "stderr")
     assert "IProgress" not in stderr
+    assert "DeprecationWarning" not in stderr  # the notebooks use rhlens' current import paths
     # ... and the quickstart draws the head view.
     if path.name.startswith("01"):
         html = "".join(o.get("data", {}).get("text/html", "") for o in outputs)

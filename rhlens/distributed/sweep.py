@@ -235,10 +235,11 @@ class Sweep:
             self.group.store.add(self._counter("items"), 1)
             self.group.store.add(self._counter("weight"), int(weight))
 
-    def advance(self, amount: int | float) -> None:
+    def advance(self, amount: int | float, **kwargs) -> None:
         """Move this process' bar by ``amount`` of the running unit's cost (e.g. one decode
-        step's share of its probes' prompt tokens), before its records arrive."""
-        self.sink.advance(amount)
+        step's share of its probes' prompt tokens), before its records arrive
+        (``kwargs``: :meth:`~rhlens.store.logs.Records.advance`'s)."""
+        self.sink.advance(amount, **kwargs)
 
     def _counter(self, what: str) -> str:
         return f"rhlens/{self.group.launch}/{self._seq}/{what}"

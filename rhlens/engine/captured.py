@@ -480,9 +480,12 @@ class CapturedDecoder:
     @torch.no_grad()
     def decode(self, k_bufs: Sequence[Tensor], v_bufs: Sequence[Tensor], rows: int, n_prompt: int,
                last: Sequence[int], max_new: int, on_tokens: Callable[[list[list[int]]], bool],
-               check_every: int | None = SYNC_EVERY) -> int:
+               check_every: int | None = SYNC_EVERY,
+               on_step: Callable[[], None] | None = None) -> int:
         """Decode; returns the number of steps run (``check_every=None``: no stop to check,
-        one read-back at the end)."""
+        one read-back at the end). ``on_step()``: called on the host after each step is
+        launched (a progress bar), with no sync: it runs ahead of the device by at most
+        ``check_every`` steps."""
         keys = -(-(n_prompt - 1 + max_new) // self.policy.bucket) * self.policy.bucket
         if keys > k_bufs[0].shape[2]:
             raise RuntimeError("rhlens: the KV buffers are shorter than the captured step's keys "
@@ -508,6 +511,8 @@ class CapturedDecoder:
             n = max_new - done if check_every is None else min(check_every, max_new - done)
             for _ in range(n):
                 self._advance(st, k_bufs, v_bufs)
+                if on_step is not None:
+                    on_step()
             new = st.out[done:done + n].tolist()  # the one host sync of these n steps
             done += n
             if on_tokens(new):

@@ -63,23 +63,26 @@ class StepState:
         self.on_step = None  # called with no argument after every decode step (a progress bar)
         self.on_prefill = None  # called with the tokens of every prefill chunk once it is done
 
-    def spread(self, cost: int | float, steps: int, advance: Callable[[float], None]) -> None:
+    def spread(self, cost: int | float, steps: int, advance: Callable[..., None]) -> None:
         """Report a batch's ``cost`` (its prompt tokens) through ``advance`` as it runs: each
-        prefill chunk by its tokens, then what is left in equal parts over the ``steps``
-        decode steps, so a bar moves during a prefill of minutes and never past the batch."""
+        prefill chunk by its tokens (``advance(tokens, prefill=True)``), then what is left in
+        equal parts over the ``steps`` decode steps (``advance(part, share=cost / steps)``: a
+        decode step's even share, for an ETA), so a bar moves during a prefill of minutes and
+        never past the batch."""
         left = {"cost": float(cost), "steps": max(1, steps)}
+        share = float(cost) / max(1, steps)
 
         def on_prefill(tokens: int) -> None:
             done = min(float(tokens), left["cost"])
             left["cost"] -= done
-            advance(done)
+            advance(done, prefill=True)
 
         def on_step() -> None:
             if left["steps"] > 0:
                 part = left["cost"] / left["steps"]
                 left["cost"] -= part
                 left["steps"] -= 1
-                advance(part)
+                advance(part, share=share)
 
         self.on_prefill, self.on_step = on_prefill, on_step
 

@@ -27,15 +27,15 @@ from rhlens.engine.hooks import HookPair, StepState, phase
 from rhlens.engine.kv import done_with, forget_pool, kept_pool, plain_cache_layers
 from rhlens.engine.lean import DecodeStep, LeanDecoder, lean_ok
 from rhlens.engine.native import DEFAULT_PREFILL_CHUNK, default_prefill_chunk, prefill
+from rhlens.engine.policy import KernelPolicy
+from rhlens.errors import ConfigError
+from rhlens.store.results import Config
+from rhlens.validate import check_token_ids
 
 # On a GPU, prompts this long are prefilled in chunks of LONG_PROMPT_CHUNK unless a chunk is set
 # (Runner.chunk_of): their KV is most of the card, and what else grows is one chunk's activations.
 LONG_PROMPT = 262144
 LONG_PROMPT_CHUNK = 8192
-from rhlens.engine.policy import KernelPolicy
-from rhlens.errors import ConfigError
-from rhlens.store.results import Config
-from rhlens.validate import check_token_ids
 
 __all__ = ["Generation", "GenerationConfig", "Runner", "as_ids", "chat_prompt", "check_count", "decode_step",
            "generate", "generate_many", "model_tokenizer", "release_buffers"]
@@ -360,7 +360,7 @@ class Runner:
         pool = self.pool
         with phase("decode", self.state):
             ran = decoder.decode(pool.k, pool.v, rows, n_prompt, last, self.config.max_new_tokens,
-                                 stops.add_steps, check)
+                                 stops.add_steps, check, on_step=self.state.on_step)
         decoder.crop(ran, [len(o) for o in stops.outs])
         return stops.result()
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from rhlens.errors import ConfigError
+from rhlens.store.eta import Eta
 from rhlens.store.files import atomic_write_text, json_normal, read_jsonl, write_json
 from rhlens.store.identity import RunHeader, diff_identity, merge_identity
 from rhlens.store.layout import LOCK_FILE, PROBES_LOG, SHARDS, run_json_of
@@ -371,6 +372,27 @@ def _prune_shards(out: Path) -> None:
             folder.rmdir()  # only when empty
 
 
+def _clock(clock: Callable[[], float] | None) -> dict[str, Any]:
+    return {} if clock is None else {"clock": clock}
+
+
+def _eta_bar(eta: Eta, **kwargs):
+    """A tqdm bar (a notebook's in Jupyter) whose remaining time is ``eta``'s."""
+    from tqdm.auto import tqdm
+
+    class EtaBar(tqdm):
+        @property
+        def format_dict(self):
+            d = super().format_dict
+            left = d.get("total") and d["total"] - d["n"]
+            if left and left > 0:  # tqdm shows (total - n) / rate as the remaining time
+                seconds = eta.remaining()
+                d["rate"] = 0 if seconds is None else left / max(seconds, 1e-9)  # 0: "?"
+            return d
+
+    return EtaBar(**kwargs, smoothing=0)
+
+
 class Records:
     """A sweep's finished records: kept by key, appended to the run's log when there is one,
     counted on a progress bar when asked. ``done`` starts with what a resumed log holds.
@@ -378,13 +400,15 @@ class Records:
     ``weights`` (key -> cost, e.g. the item's prompt tokens) makes the bar advance by each
     item's cost instead of by one, so its rate and ETA follow the work actually left: probes
     of a grid differ in length by 10x or more, and the short ones come first. The bar's ETA
-    is the average rate since the start (no smoothing), since batched items arrive in bursts.
+    is :class:`rhlens.store.eta.Eta`'s: prefill and decode timed apart, shown from the end of
+    the first batch (``clock``: its seconds, for tests).
     """
 
     def __init__(self, log: ProbeLog | None, *, progress: bool, total: int, desc: str,
                  unit: str = "answer", initial: int | None = None,
                  weights: Mapping[str, int | float] | None = None,
-                 done: Mapping[str, dict[str, Any]] | None = None) -> None:
+                 done: Mapping[str, dict[str, Any]] | None = None,
+                 clock: Callable[[], float] | None = None) -> None:
         self.log = log
         self.done: dict[str, dict[str, Any]] = dict(log.done) if log else {}
         self.done.update(done or {})  # records found elsewhere (shards of the run)
@@ -393,19 +417,25 @@ class Records:
         self.elsewhere = 0  # items finished by other processes (see tick)
         self.ahead = 0.0  # advanced before its items finished (see advance)
         self.bar = None
+        self.eta: Eta | None = None
         if progress:
-            from tqdm.auto import tqdm
-
+            # The bar's ETA is rhlens.store.eta's (prefill and decode timed apart), not tqdm's
+            # average rate; no rate is shown, since it would be the ETA's.
             if self.weights is None:
+                first = len(self.done) if initial is None else initial
+                self.eta = Eta(total - first, total - first, **_clock(clock))
                 # whole items shown whole, though advance() moves the bar by parts of one
-                self.bar = tqdm(total=total, initial=len(self.done) if initial is None else initial,
-                                desc=desc, unit=unit, smoothing=0,
-                                bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, "
-                                           "{rate_fmt}{postfix}]")
+                self.bar = _eta_bar(self.eta, total=total, initial=first, desc=desc, unit=unit,
+                                    bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} "
+                                               "[{elapsed}<{remaining}{postfix}]")
             else:
                 done = sum(self.weights.get(k, 0) for k in self.done)
-                self.bar = tqdm(total=sum(self.weights.values()), initial=done, desc=desc,
-                                unit="tok", unit_scale=True, smoothing=0)
+                left = sum(1 for k in self.weights if k not in self.done)
+                self.eta = Eta(sum(self.weights.values()) - done, left, **_clock(clock))
+                self.bar = _eta_bar(self.eta, total=sum(self.weights.values()), initial=done,
+                                    desc=desc, unit="tok", unit_scale=True,
+                                    bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} "
+                                               "[{elapsed}<{remaining}{postfix}]")
                 self.bar.set_postfix_str(self._count(), refresh=False)
 
     def _count(self) -> str:
@@ -419,6 +449,7 @@ class Records:
             self.log.append(record)
         if self.bar:
             cost = 1 if self.weights is None else self.weights.get(record["key"], 0)
+            self.eta.finish(cost)
             credit = min(self.ahead, cost)  # the part already shown by advance()
             self.ahead -= credit
             self.bar.update(cost - credit)
@@ -429,9 +460,15 @@ class Records:
             elif extra:
                 self.bar.set_postfix(**extra)
 
-    def advance(self, amount: int | float) -> None:
-        """Move the bar by ``amount`` of the cost of items still running (a decode step's
-        share), so it moves while a batch runs; finished items are then counted net of it."""
+    def advance(self, amount: int | float, *, share: int | float | None = None,
+                prefill: bool = False) -> None:
+        """Move the bar by ``amount`` of the cost of items still running (a prefill chunk's
+        tokens, a decode step's share), so it moves while a batch runs; finished items are
+        then counted net of it. A decode step is timed for the ETA with ``share`` (its even
+        share of the batch's cost; default ``amount``); ``prefill``: no step is timed."""
+        share = amount if share is None else share
+        if self.eta is not None and share > 0 and not prefill:
+            self.eta.step(share)
         if self.bar and self.bar.total is not None:  # never past the end: the records finish it
             amount = min(amount, self.bar.total - self.bar.n)
         if self.bar and amount > 0:
@@ -442,6 +479,8 @@ class Records:
         """Count ``items`` finished elsewhere (other ranks of a launch), of summed cost
         ``weight``, on the bar (their records are not kept here)."""
         self.elsewhere += items
+        if self.eta is not None and (items or weight):
+            self.eta.elsewhere(items, items if self.weights is None else weight)
         if self.bar and (items or weight):
             self.bar.update(items if self.weights is None else weight)
             if self.weights is not None:
