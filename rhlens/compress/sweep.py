@@ -49,6 +49,7 @@ from rhlens.store.display import Displayed
 from rhlens.store.identity import run_header
 from rhlens.store.layout import COMPRESS_LOG
 from rhlens.store.results import Config, Result
+from rhlens.validate import check_resumed, niah_record_problem
 
 __all__ = ["CompressSweepResult", "compress_sweep", "needle_attention_mass", "sweep_policies"]
 
@@ -268,6 +269,7 @@ def compress_sweep(model, probes: Sequence[Probe], rankings: Mapping[str, Any], 
     sweep = Sweep(out, header, COMPRESS_LOG, total=len(probes) * len(policies), desc="compress",
                   weights={f"{p.label}|{q.key}": q.n_tokens for q in probes for p in policies},
                   progress=progress, device=device)
+    check_resumed(sweep.done, niah_record_problem, f"{out}/{COMPRESS_LOG}", "NIAH record")
     order = sorted(probes, key=lambda p: (p.length, p.needle_id, -p.depth))
     work = [(p, i) for p in order for i in range(len(distinct))
             if any(f"{label}|{p.key}" not in sweep.done for label in labels_of[i])]

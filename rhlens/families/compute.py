@@ -42,6 +42,7 @@ from rhlens.probes.probe import Probe
 from rhlens.retrieval import DetectConfig, bridge_shape, check_probes, copy_scores
 from rhlens.stats import rouge1_recall
 from rhlens.store.identity import run_header
+from rhlens.validate import check_resumed, families_record_problem
 
 __all__ = ["FAMILIES_LOG", "layer_types", "needle_mass_scores", "score_families"]
 
@@ -125,6 +126,10 @@ def _probe_records(model, tokenizer, probes: list[Probe], config: FamiliesConfig
         model, probes, config, kernel_policy=generation.kernel_policy(model))
     sweep = Sweep(out, header, FAMILIES_LOG, total=len(probes), desc="families", unit="probe",
                   weights={p.key: p.n_tokens for p in probes}, progress=progress, device=device)
+    n_layers, n_heads, _, _ = bridge_shape(model)
+    check_resumed(sweep.done, lambda rec: families_record_problem(rec, (n_layers, n_heads),
+                                                                  tuple(config.probe_families)),
+                  f"{out}/{FAMILIES_LOG}", "score-families record")
     # Probes of one length and haystack side by side, sorted by their tokens: each reuses the
     # longest prefix there is (as detection orders them; rhlens.distributed.prefix_order).
     todo = [p for p in probes if p.key not in sweep.done]
@@ -164,7 +169,6 @@ def _probe_records(model, tokenizer, probes: list[Probe], config: FamiliesConfig
     most = max(Counter(len(p.prompt_ids) for p in todo).values(), default=1)
     if generation.batch_size > most:
         generation = dataclasses.replace(generation, batch_size=most)
-    n_layers, n_heads, _, _ = bridge_shape(model)
     state = StepState()
     recorder = AnswerRecorder(n_layers, n_heads, generation.max_new_tokens, state, device,
                               max_batch=generation.batch_size)
