@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rhlens.engine.attention import LeanAttention, pad_rows, row_linear, slab_linear
+from rhlens.engine.attention import LeanAttention, batch_products
 from rhlens.engine.bridge import hf_model, layer_devices, linear_weights, native
 
 __all__ = ["Adapter", "family_of"]
@@ -249,23 +249,12 @@ def step(dec: Any, input_ids: Tensor, cache, position: int) -> Tensor:
     """One decode step of an adapted family: ``[batch, 1]`` ids -> ``[batch, 1, vocab]`` logits
     (the weight products as the policy's rows mode says, as in ``LeanDecoder.__call__``)."""
     B = input_ids.shape[0]
-    mode = dec.policy.batch_mode(B)
     h = dec.embed(input_ids)  # [B, 1, d_model]
     if dec.embed_scale is not None:  # Granite
         h = h * dec.embed_scale
     pos = torch.full((1, 1), position, dtype=torch.long, device=input_ids.device)
     cos, sin = dec.rotary(h, pos)
-    rows = None
-    if mode == "slab":  # the residual stream padded to whole slabs; zero rows stay finite
-        slab = dec.policy.slab
-
-        def lin(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-            return slab_linear(x, w, b, slab)
-
-        rows = B
-        h = pad_rows(h, -(-B // slab) * slab)
-    else:
-        lin = row_linear if mode == "row" else F.linear
+    h, rows, lin = batch_products(dec.policy, h)
     for parts in dec.layers:
         h = dec.family.layer(parts, h, cos, sin, cache, rows, lin)
     logits = lin(dec.norm(h), dec.lm_w, dec.lm_b)[:B]

@@ -56,6 +56,23 @@ def slab_linear(x: Tensor, w: Tensor, b: Tensor | None, slab: int) -> Tensor:
     return torch.cat([F.linear(x[i:i + slab], w, b) for i in range(0, x.shape[0], slab)])
 
 
+def batch_products(policy, h: Tensor) -> tuple[Tensor, int | None, Callable]:
+    """``(h, rows, lin)`` for a decode step of ``h`` ``[B, 1, d_model]`` as ``policy``'s rows
+    mode says: the residual stream (padded to whole slabs in ``"slab"`` mode, whose zero rows
+    stay finite), the real row count where it was padded (else ``None``), and the weight
+    product ``lin(x, w, b)`` (slab, row by row, or one ``F.linear``)."""
+    B = h.shape[0]
+    mode = policy.batch_mode(B)
+    if mode == "slab":
+        slab = policy.slab
+
+        def lin(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+            return slab_linear(x, w, b, slab)
+
+        return pad_rows(h, -(-B // slab) * slab), B, lin
+    return h, None, (row_linear if mode == "row" else torch.nn.functional.linear)
+
+
 def split_av(weights: Tensor, v: Tensor, block: int) -> Tensor:
     """``[b, kv, g, n] @ [b, kv, n, d]`` in blocks of ``block`` keys, partial sums in float32."""
     b, kv, g, n = weights.shape

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from rhlens.engine import adapters
-from rhlens.engine.attention import LeanAttention, pad_rows, row_linear, slab_linear
+from rhlens.engine.attention import LeanAttention, batch_products, pad_rows
 from rhlens.engine.bridge import hf_model, layer_devices, linear_weights, native
 from rhlens.engine.hooks import has_torch_hooks, internal_handles
 from rhlens.engine.kv import plain_cache_layers
@@ -178,17 +178,7 @@ class LeanDecoder:
             cos, sin = tables[self.layer_types[0]]
         else:
             cos, sin = self.rotary(h, pos)
-        rows = None
-        if mode == "slab":  # the residual stream padded to whole slabs; zero rows stay finite
-            slab = self.policy.slab
-
-            def lin(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-                return slab_linear(x, w, b, slab)
-
-            rows = B
-            h = pad_rows(h, -(-B // slab) * slab)
-        else:
-            lin = row_linear if mode == "row" else torch.nn.functional.linear
+        h, rows, lin = batch_products(self.policy, h)
         rope = {cos.device: (cos, sin)}  # a split model: the rotary tables on each layer's device
         for i, (ln1, attn, ln2, gate, up, down, act) in enumerate(self.layers):
             c, s = cos, sin
