@@ -305,6 +305,7 @@ def default_one(tmp_path_factory):
     return one
 
 
+@pytest.mark.slow  # the toy-model tests above check the same in make test; this runs in make test-slow
 @pytest.mark.parametrize("world", [2, 3])
 def test_ranks_prefill_what_one_process_prefills_on_the_default_model(default_one, world, tmp_path):
     """``torchrun -m rhlens detect`` on the default model, 400 and 500 tokens x 2 depths x 2
