@@ -108,6 +108,7 @@ def test_a_killed_rank_then_a_rerun_with_three_or_one_processes(one_process_toy,
         assert not (out / "shards").exists()
 
 
+@pytest.mark.slow  # the toy-model launches above check the same in make test
 def test_the_cli_under_torchrun_on_the_default_model(tmp_path):
     """``torchrun -m rhlens detect`` on a few default-model probes: the same head_scores.json
     and probe records as ``rhlens detect`` in one process, figures and summary written once."""

@@ -52,6 +52,7 @@ def reuse_model(default_model):
         yield
 
 
+@pytest.mark.slow  # the default model end to end; tests/test_cli_families.py runs the CLI on tiny models
 def test_scores_runs_resumes_and_reports(reuse_model, tmp_path, capsys):
     from rhlens.families import DamageResult, FamilySet
     from rhlens.report import build_report
